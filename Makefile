@@ -1,0 +1,56 @@
+# qatflow: every target works as the very first command on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+TENSORRT_STUBS := tensorrt-stubs==10.13.0.35.1
+# Keep TensorFlow on the CPU and quiet in every target.
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export CUDA_VISIBLE_DEVICES ?=
+
+.PHONY: setup test lint run bench mlflow-ui images compile clean data
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# The stubs declare a dependency on TensorRT itself, which cannot be installed here.
+	$(BIN)/pip install --quiet --no-deps '$(TENSORRT_STUBS)'
+	touch $(STAMP)
+
+data: $(FASHION_MNIST)
+
+$(FASHION_MNIST):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist
+
+test: setup
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check src tests components pipelines bench
+	$(BIN)/ruff format --check src tests components pipelines bench
+	$(BIN)/mypy
+
+run: setup
+	$(BIN)/qatflow run --output runs/local
+
+bench: setup
+	$(BIN)/python -m bench
+
+mlflow-ui: setup
+	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db
+
+compile: setup
+	$(BIN)/qatflow compile --output pipeline.yaml
+
+images:
+	docker build -f images/tensorflow.Dockerfile -t qatflow-tf:cpu --build-arg VARIANT=cpu .
+	docker build -f images/tensorflow.Dockerfile -t qatflow-tf:gpu --build-arg VARIANT=gpu .
+	docker build -f images/tensorrt.Dockerfile -t qatflow-trt .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
