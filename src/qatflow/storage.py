@@ -28,6 +28,7 @@ from botocore.exceptions import (
 from tqdm import tqdm
 
 from qatflow.errors import StorageError
+from qatflow.progress import progress_enabled
 
 log = logging.getLogger("qatflow.storage")
 
@@ -287,12 +288,13 @@ def _storage_error(exc: Exception, bucket: str, key: str) -> StorageError:
 
 
 def _progress(total: int, desc: str) -> tqdm[Any]:
-    """A byte progress bar on stderr, off when ``QATFLOW_NO_PROGRESS=1``."""
+    """A byte progress bar on stderr for transfers (a callback-driven sibling of ``progress``)."""
     return tqdm(
         total=total,
         desc=desc,
         unit="B",
         unit_scale=True,
         file=sys.stderr,
-        disable=os.environ.get("QATFLOW_NO_PROGRESS") == "1",
+        leave=False,
+        disable=not progress_enabled(),
     )
