@@ -1,0 +1,213 @@
+"""One calling convention over Keras models and runtime engines: ``run(batch) -> logits``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from qatflow.errors import ModelError
+
+log = logging.getLogger("qatflow.evaluation")
+
+Shape = tuple[int | None, ...]
+
+
+@runtime_checkable
+class EngineLike(Protocol):
+    """What evaluation needs from a ``qatflow.runtimes`` engine."""
+
+    @property
+    def runtime(self) -> str: ...
+    @property
+    def runtime_version(self) -> str: ...
+    @property
+    def path(self) -> str | os.PathLike[str]: ...
+    @property
+    def input_shape(self) -> Sequence[int | None]: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def threads(self) -> int | None: ...
+    @property
+    def size_bytes(self) -> int | None: ...
+    def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A model ready to run, with what the result must record about where it ran.
+
+    ``input_shape`` is NHWC with ``None`` for free dimensions; ``fixed_batch`` is set when the
+    engine only accepts one batch size, and ``run`` then pads or splits batches to that size.
+    """
+
+    run: Callable[[np.ndarray], np.ndarray]
+    source: str
+    input_shape: Shape | None
+    fixed_batch: int | None
+    runtime: str
+    runtime_version: str
+    device: str
+    threads: int | None
+    size_bytes: int | None
+
+
+def make_predictor(
+    model_or_engine: Any, *, threads: int | None, model_file: str | os.PathLike[str] | None
+) -> Predictor:
+    """Wrap a Keras model, an engine, or an engine file path (opened with ``load_engine``)."""
+    import keras
+
+    if isinstance(model_or_engine, keras.Model):
+        return keras_predictor(model_or_engine, threads=threads, model_file=model_file)
+    if isinstance(model_or_engine, str | os.PathLike):
+        from qatflow.runtimes import load_engine
+
+        model_or_engine = load_engine(model_or_engine, threads=threads)
+    if isinstance(model_or_engine, EngineLike):
+        return engine_predictor(model_or_engine, threads=threads)
+    raise ModelError(
+        f"evaluate: expected a Keras model, an engine or an engine file path, "
+        f"got {type(model_or_engine).__name__}"
+    )
+
+
+def keras_predictor(
+    model: Any, *, threads: int | None, model_file: str | os.PathLike[str] | None
+) -> Predictor:
+    """Run ``model(x, training=False)`` in a traced ``tf.function``."""
+    import keras
+    import tensorflow as tf
+
+    input_shape = _keras_input_shape(model)
+    signature = None
+    if input_shape is not None:
+        signature = [tf.TensorSpec((None, *input_shape[1:]), tf.float32)]
+
+    @tf.function(input_signature=signature, reduce_retracing=True)
+    def forward(x: tf.Tensor) -> tf.Tensor:
+        outputs = model(x, training=False)
+        if isinstance(outputs, dict | list | tuple):
+            raise ModelError(f"model {model.name!r} has several outputs; evaluation needs one")
+        return tf.cast(outputs, tf.float32)
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return np.asarray(forward(tf.convert_to_tensor(batch)))
+
+    return Predictor(
+        run=run,
+        source=str(model_file) if model_file is not None else f"keras model {model.name!r}",
+        input_shape=input_shape,
+        fixed_batch=None,
+        runtime="tensorflow",
+        runtime_version=f"{tf.__version__} (keras {keras.__version__})",
+        device=_tensorflow_device(),
+        threads=_set_tensorflow_threads(threads),
+        size_bytes=_file_size(model_file),
+    )
+
+
+def engine_predictor(engine: EngineLike, *, threads: int | None) -> Predictor:
+    """Wrap a runtime engine; batches are fitted to a fixed batch size when it has one."""
+    shape: Shape = tuple(None if d is None or int(d) <= 0 else int(d) for d in engine.input_shape)
+    fixed = shape[0] if shape else None
+    if threads is not None and threads != engine.threads:
+        log.warning(
+            "engine %s runs with %s threads, not threads=%d; load it with the thread count "
+            "you want to measure",
+            engine.path,
+            engine.threads,
+            threads,
+        )
+    run = engine.run if fixed is None else _fixed_batch_runner(engine.run, fixed)
+    return Predictor(
+        run=run,
+        source=str(engine.path),
+        input_shape=shape,
+        fixed_batch=fixed,
+        runtime=engine.runtime,
+        runtime_version=engine.runtime_version,
+        device=engine.device,
+        threads=engine.threads,
+        size_bytes=engine.size_bytes,
+    )
+
+
+def _fixed_batch_runner(
+    run: Callable[[np.ndarray], np.ndarray], size: int
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Split ``batch`` into chunks of ``size``, zero-padding the last one, and drop padded rows."""
+
+    def fitted(batch: np.ndarray) -> np.ndarray:
+        outputs = []
+        for start in range(0, batch.shape[0], size):
+            chunk = batch[start : start + size]
+            real = chunk.shape[0]
+            if real < size:
+                pad = np.zeros((size - real, *chunk.shape[1:]), dtype=chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
+            outputs.append(np.asarray(run(chunk))[:real])
+        return np.concatenate(outputs)
+
+    return fitted
+
+
+def _keras_input_shape(model: Any) -> Shape | None:
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        return None
+    if not inputs:
+        return None
+    if len(inputs) != 1:
+        raise ModelError(f"model {model.name!r} has {len(inputs)} inputs; evaluation needs one")
+    return tuple(None if d is None else int(d) for d in inputs[0].shape)
+
+
+def _set_tensorflow_threads(threads: int | None) -> int:
+    """Apply ``threads`` as TF's intra-op thread count if TF still allows it; return the count."""
+    import tensorflow as tf
+
+    if threads is not None:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+        except RuntimeError:
+            log.warning(
+                "threads=%d not applied: TensorFlow is already initialised in this process "
+                "(set it before any TensorFlow op runs)",
+                threads,
+            )
+    return tf.config.threading.get_intra_op_parallelism_threads() or _available_cpus()
+
+
+def _tensorflow_device() -> str:
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    if gpus:
+        return f"gpu ({gpus[0].name})"
+    return f"cpu ({platform.machine()})"
+
+
+def _available_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _file_size(path: str | os.PathLike[str] | None) -> int | None:
+    if path is None:
+        return None
+    target = Path(path)
+    if target.is_dir():
+        return sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    if not target.exists():
+        raise ModelError(f"model_file {target} does not exist")
+    return target.stat().st_size

@@ -1,0 +1,149 @@
+"""``EvaluationResult``: everything measured about one model variant, saved as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qatflow.errors import DataError, StorageError
+from qatflow.evaluation.latency import LatencyStats, ThroughputStats
+from qatflow.evaluation.metrics import ClassificationMetrics
+from qatflow.storage import atomic_output
+
+FORMAT = "qatflow.evaluation_result"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """Accuracy, latency, throughput and size of one model on one test set.
+
+    ``predictions`` holds this model's top-1 class per evaluated image, in dataset order, so an
+    FP32 result can serve as ``reference_predictions`` for the INT8 variants. ``agreement`` is
+    the fraction of images where it matches that reference (``None`` without one).
+    """
+
+    source: str
+    runtime: str
+    runtime_version: str
+    device: str
+    threads: int | None
+    class_names: list[str]
+    metrics: ClassificationMetrics
+    latency: LatencyStats
+    throughput: ThroughputStats
+    size_bytes: int | None
+    agreement: float | None
+    created_at: str
+    predictions: np.ndarray = field(compare=False, repr=False)
+
+    @property
+    def top1(self) -> float:
+        """Top-1 accuracy in [0, 1]."""
+        return self.metrics.top1
+
+    @property
+    def top5(self) -> float | None:
+        """Top-5 accuracy in [0, 1]; ``None`` with five classes or fewer."""
+        return self.metrics.top5
+
+    @property
+    def num_samples(self) -> int:
+        """Number of images evaluated."""
+        return self.metrics.num_samples
+
+    @property
+    def size_mb(self) -> float | None:
+        """Size on disk in MB (10^6 bytes), if the model came from a file."""
+        return None if self.size_bytes is None else self.size_bytes / 1e6
+
+    def summary_metrics(self) -> dict[str, float]:
+        """Flat scalar metrics (MLflow-style keys); metrics that do not apply are left out."""
+        values: dict[str, float | None] = {
+            "accuracy": self.top1,
+            "top5_accuracy": self.top5,
+            "agreement": self.agreement,
+            "latency_ms_p50": self.latency.p50_ms,
+            "latency_ms_p90": self.latency.p90_ms,
+            "latency_ms_p99": self.latency.p99_ms,
+            "throughput": self.throughput.images_per_second,
+            "model_size_mb": self.size_mb,
+        }
+        return {key: value for key, value in values.items() if value is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (strict JSON: no NaN)."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "source": self.source,
+            "runtime": self.runtime,
+            "runtime_version": self.runtime_version,
+            "device": self.device,
+            "threads": self.threads,
+            "class_names": list(self.class_names),
+            "metrics": self.metrics.to_dict(),
+            "latency": self.latency.to_dict(),
+            "throughput": self.throughput.to_dict(),
+            "size_bytes": self.size_bytes,
+            "agreement": self.agreement,
+            "created_at": self.created_at,
+            "predictions": self.predictions.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvaluationResult:
+        """Inverse of :meth:`to_dict`; raises ``DataError`` for anything else."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise DataError(f"not a {FORMAT} document")
+        if data.get("version") != VERSION:
+            raise DataError(f"{FORMAT} version {data.get('version')!r} is not {VERSION}")
+        try:
+            return cls(
+                source=str(data["source"]),
+                runtime=str(data["runtime"]),
+                runtime_version=str(data["runtime_version"]),
+                device=str(data["device"]),
+                threads=None if data["threads"] is None else int(data["threads"]),
+                class_names=[str(name) for name in data["class_names"]],
+                metrics=ClassificationMetrics.from_dict(data["metrics"]),
+                latency=LatencyStats.from_dict(data["latency"]),
+                throughput=ThroughputStats.from_dict(data["throughput"]),
+                size_bytes=None if data["size_bytes"] is None else int(data["size_bytes"]),
+                agreement=None if data["agreement"] is None else float(data["agreement"]),
+                created_at=str(data["created_at"]),
+                predictions=frozen_array(data["predictions"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"malformed {FORMAT}: {type(exc).__name__}: {exc}") from exc
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the result as JSON, atomically; return the path."""
+        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
+        with atomic_output(path) as tmp:
+            tmp.write_text(text + "\n", encoding="utf-8")
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> EvaluationResult:
+        """Read a result written by :meth:`save`."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise StorageError(f"cannot read evaluation result {path}: {exc.strerror}") from exc
+        try:
+            return cls.from_dict(json.loads(text))
+        except (json.JSONDecodeError, DataError) as exc:
+            raise DataError(f"{path}: {exc}") from exc
+
+
+def frozen_array(values: Any) -> np.ndarray:
+    """Read-only int64 copy of ``values`` (a 1-D sequence of class ids)."""
+    array = np.array(values, dtype=np.int64).reshape(-1)
+    array.setflags(write=False)
+    return array
