@@ -1,0 +1,96 @@
+"""Per-layer quantize configs: which Keras layers get Q/DQ, on what, and along which axis.
+
+The defaults follow TensorRT's Q/DQ placement recommendations: quantize the inputs and
+weights of weighted layers and the inputs of average pooling; never outputs; leave
+BatchNormalization for TensorRT to fold into the preceding convolution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import keras
+
+
+@dataclass(frozen=True)
+class LayerQuantizeConfig:
+    """How one Keras layer class is quantized by default.
+
+    Attributes:
+        weight_axes: weight attribute name -> per-channel (output-channel) axis.
+        quantize_input: whether the layer's inputs get Q/DQ by default.
+        quantize_weight: whether the weights get Q/DQ by default.
+        note: why, shown in the placement summary.
+    """
+
+    weight_axes: dict[str, int] = field(default_factory=dict)
+    quantize_input: bool = False
+    quantize_weight: bool = False
+    note: str = ""
+
+
+_WEIGHTED = "weighted layer: TensorRT runs it in INT8 when input and weights are quantized"
+_POOL = "average pooling does not commute with Q/DQ: quantize its input"
+
+_REGISTRY: dict[type, LayerQuantizeConfig] = {
+    keras.layers.Conv1D: LayerQuantizeConfig({"kernel": -1}, True, True, _WEIGHTED),
+    keras.layers.Conv2D: LayerQuantizeConfig({"kernel": -1}, True, True, _WEIGHTED),
+    keras.layers.Conv3D: LayerQuantizeConfig({"kernel": -1}, True, True, _WEIGHTED),
+    # Transposed kernels are (h, w, out, in): the output channel is axis -2.
+    keras.layers.Conv2DTranspose: LayerQuantizeConfig({"kernel": -2}, True, True, _WEIGHTED),
+    # Depthwise kernels are (h, w, in, multiplier): channels are axis 2.
+    keras.layers.DepthwiseConv2D: LayerQuantizeConfig({"kernel": 2}, True, True, _WEIGHTED),
+    keras.layers.SeparableConv2D: LayerQuantizeConfig(
+        {"depthwise_kernel": 2, "pointwise_kernel": -1}, True, True, _WEIGHTED
+    ),
+    keras.layers.Dense: LayerQuantizeConfig({"kernel": -1}, True, True, _WEIGHTED),
+    keras.layers.AveragePooling2D: LayerQuantizeConfig(quantize_input=True, note=_POOL),
+    keras.layers.GlobalAveragePooling2D: LayerQuantizeConfig(quantize_input=True, note=_POOL),
+    keras.layers.MaxPooling2D: LayerQuantizeConfig(
+        note="commutes with Q/DQ: left in float unless a case needs it"
+    ),
+    keras.layers.BatchNormalization: LayerQuantizeConfig(
+        note="TensorRT folds it into the preceding convolution"
+    ),
+    keras.layers.Add: LayerQuantizeConfig(note="residual Add: placed by the residual case"),
+    keras.layers.Concatenate: LayerQuantizeConfig(note="left to TensorRT unless a case needs it"),
+    keras.layers.Multiply: LayerQuantizeConfig(note="left in float unless a case needs it"),
+}
+
+# Layers that TensorRT fuses or that carry no arithmetic worth quantizing.
+_PASSIVE = (
+    keras.layers.InputLayer,
+    keras.layers.Activation,
+    keras.layers.ReLU,
+    keras.layers.Dropout,
+    keras.layers.Reshape,
+    keras.layers.Flatten,
+    keras.layers.ZeroPadding2D,
+    keras.layers.Rescaling,
+    keras.layers.Normalization,
+    keras.layers.Softmax,
+    keras.layers.Identity,
+    keras.layers.Cropping2D,
+    keras.layers.UpSampling2D,
+    keras.layers.Permute,
+)
+
+
+def register_layer_config(layer_class: type, config: LayerQuantizeConfig) -> None:
+    """Register (or replace) the quantize config of a Keras layer class, custom ones included."""
+    if not (isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)):
+        raise TypeError(f"register_layer_config: {layer_class!r} is not a Keras layer class")
+    _REGISTRY[layer_class] = config
+
+
+def config_for(layer: keras.layers.Layer) -> LayerQuantizeConfig | None:
+    """The config registered for ``layer``'s class (the most specific one), or None."""
+    for cls in type(layer).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls]
+    return None
+
+
+def is_known(layer: keras.layers.Layer) -> bool:
+    """True when qatflow knows how to treat ``layer`` (a config or a passive layer)."""
+    return config_for(layer) is not None or isinstance(layer, _PASSIVE)

@@ -1,0 +1,101 @@
+"""quantize_model: clone a Keras model with QuantizeWrapper layers where the plan says so."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import keras
+
+from qatflow.errors import ModelError
+from qatflow.quantization import graph
+from qatflow.quantization.cases import QDQCase
+from qatflow.quantization.placement import Mode, Placement, plan_placement
+from qatflow.quantization.spec import QuantizationSpec
+from qatflow.quantization.wrapper import QuantizeWrapper
+
+
+def check_quantizable(model: Any) -> None:
+    """Raise ModelError unless ``model`` is a built Functional/Sequential model of fixed input rank."""
+    if not isinstance(model, keras.Model):
+        raise ModelError(f"expected a keras.Model, got {type(model).__name__}")
+    if not graph.is_graph_model(model):
+        raise ModelError(
+            f"model {model.name!r} is a subclassed keras.Model ({type(model).__name__}); "
+            "qatflow rewrites models layer by layer and needs a Functional or Sequential "
+            "model. Rebuild it with keras.Input(...) and the functional API."
+        )
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        inputs = None
+    if not inputs:
+        raise ModelError(
+            f"model {model.name!r} has no defined inputs (a Sequential model without an Input "
+            "layer?): build it with keras.Input(shape=...) so the input rank is fixed"
+        )
+    for tensor in inputs:
+        if tensor.shape is None or len(tensor.shape) < 2:
+            raise ModelError(
+                f"model {model.name!r} input {tensor.name!r} has no fixed rank "
+                f"(shape {tensor.shape}); declare keras.Input(shape=(H, W, C))"
+            )
+    for sub in graph.iter_models(model):
+        for layer in sub.layers:
+            if isinstance(layer, keras.Model) and not graph.is_graph_model(layer):
+                raise ModelError(
+                    f"nested model {layer.name!r} inside {sub.name!r} is subclassed "
+                    f"({type(layer).__name__}); only Functional/Sequential sub-models can be "
+                    "quantized"
+                )
+
+
+def _copy_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
+    return layer.__class__.from_config(layer.get_config())
+
+
+def quantize_model(
+    model: keras.Model,
+    mode: Mode = "full",
+    spec: QuantizationSpec | None = None,
+    cases: Iterable[QDQCase] | None = None,
+    strict: bool = False,
+    *,
+    activation_range: str = "frozen",
+) -> keras.Model:
+    """Return a copy of ``model`` with TensorRT-style Q/DQ; ``model`` itself is left untouched.
+
+    Args:
+        model: a Functional or Sequential Keras 3 model (nested sub-models allowed).
+        mode: ``"full"`` applies the default placement, the automatic pattern cases for
+            known architectures, then ``cases`` and ``spec``; ``"partial"`` quantizes only
+            what ``spec`` (and ``cases``) name.
+        spec: placement overrides by layer name or Keras class.
+        cases: extra pattern cases (``QDQCase`` instances), user-written ones included.
+        strict: raise on layer classes qatflow does not know instead of leaving them float.
+        activation_range: ``"frozen"`` (calibrated ranges kept during QAT) or ``"ema"``.
+
+    Activation ranges start uncalibrated: run ``qatflow.calibrate`` before use.
+    """
+    check_quantizable(model)
+    plan = plan_placement(model, mode=mode, spec=spec, cases=cases, strict=strict)
+    copies: list[tuple[keras.layers.Layer, keras.layers.Layer]] = []
+
+    def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
+        copy = _copy_layer(layer)
+        copies.append((layer, copy))
+        placement: Placement | None = plan.get(id(layer))
+        if placement is None or not placement.quantized:
+            return copy
+        return QuantizeWrapper(
+            copy,
+            input_indices=placement.input_indices,
+            weight_axes=placement.weight_axes,
+            reason=placement.reason,
+            activation_range=activation_range,
+        )
+
+    quantized = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    for original, copy in copies:
+        copy.set_weights(original.get_weights())
+    return quantized

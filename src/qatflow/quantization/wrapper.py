@@ -1,0 +1,120 @@
+"""QuantizeWrapper: Q/DQ on a layer's selected inputs and on its weights, never its outputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+from keras.src.backend.common.stateless_scope import StatelessScope
+
+from qatflow.quantization import observer
+from qatflow.quantization.quantizers import fake_quant_per_channel, fake_quant_per_tensor
+
+ACTIVATION_RANGE_MODES = ("frozen", "ema")
+
+
+@keras.saving.register_keras_serializable(package="qatflow")
+class QuantizeWrapper(keras.layers.Wrapper):
+    """Wraps a Keras layer with TensorRT-style fake quantization.
+
+    Args:
+        layer: the float layer; its weights stay trainable float variables.
+        input_indices: which inputs get per-tensor Q/DQ (``[0]`` for a single-input layer).
+        weight_axes: weight attribute -> output-channel axis, for per-channel weight Q/DQ
+            from the weights' current abs-max at every call.
+        reason: why the layer is quantized (shown in the placement summary).
+        activation_range: how input ranges evolve in training: ``"frozen"`` keeps the
+            calibrated ranges; ``"ema"`` follows an exponential moving average of each
+            batch's abs-max (initialised from the first batch when uncalibrated).
+        ema_momentum: the moving-average momentum for ``"ema"``.
+    """
+
+    def __init__(
+        self,
+        layer: keras.layers.Layer,
+        input_indices: list[int] | tuple[int, ...] = (0,),
+        weight_axes: dict[str, int] | None = None,
+        reason: str = "default",
+        activation_range: str = "frozen",
+        ema_momentum: float = 0.99,
+        **kwargs: Any,
+    ) -> None:
+        if activation_range not in ACTIVATION_RANGE_MODES:
+            raise ValueError(
+                f"activation_range must be one of {ACTIVATION_RANGE_MODES}, got {activation_range!r}"
+            )
+        kwargs.setdefault("name", f"quant_{layer.name}")
+        super().__init__(layer, **kwargs)
+        self.input_indices = tuple(int(i) for i in input_indices)
+        self.weight_axes = dict(weight_axes or {})
+        self.reason = reason
+        self.activation_range = activation_range
+        self.ema_momentum = float(ema_momentum)
+        self.input_amax: list[keras.Variable] = []
+
+    def build(self, input_shape: Any) -> None:
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        self.input_amax = [
+            self.add_weight(
+                name=f"input_amax_{i}",
+                shape=(),
+                initializer="zeros",
+                trainable=False,
+            )
+            for i in self.input_indices
+        ]
+        self.built = True
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return self.layer.compute_output_shape(input_shape)
+
+    def _quantize_input(self, x: tf.Tensor, slot: int, training: bool) -> tf.Tensor:
+        watcher = observer.current()
+        if watcher is not None:
+            watcher(self, slot, x)
+            return x
+        amax = self.input_amax[slot]
+        if training and self.activation_range == "ema":
+            batch_amax = tf.reduce_max(tf.abs(tf.stop_gradient(x)))
+            current = tf.convert_to_tensor(amax.value)
+            updated = tf.where(
+                current > 0,
+                self.ema_momentum * current + (1.0 - self.ema_momentum) * batch_amax,
+                batch_amax,
+            )
+            amax.assign(updated)
+            return fake_quant_per_tensor(x, updated)
+        return fake_quant_per_tensor(x, amax.value)
+
+    def call(self, inputs: Any, training: bool | None = None, **kwargs: Any) -> Any:
+        training = bool(training)
+        if isinstance(inputs, list | tuple):
+            quantized = list(inputs)
+            for slot, index in enumerate(self.input_indices):
+                quantized[index] = self._quantize_input(quantized[index], slot, training)
+            inputs = quantized
+        elif self.input_indices:
+            inputs = self._quantize_input(inputs, 0, training)
+        if not self.weight_axes:
+            return self.layer(inputs, training=training, **kwargs)
+        mapping = []
+        for attr, axis in self.weight_axes.items():
+            variable = getattr(self.layer, attr)
+            mapping.append(
+                (variable, fake_quant_per_channel(tf.convert_to_tensor(variable.value), axis))
+            )
+        with StatelessScope(state_mapping=mapping):
+            return self.layer(inputs, training=training, **kwargs)
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            input_indices=list(self.input_indices),
+            weight_axes=dict(self.weight_axes),
+            reason=self.reason,
+            activation_range=self.activation_range,
+            ema_momentum=self.ema_momentum,
+        )
+        return config
