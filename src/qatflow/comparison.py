@@ -1,0 +1,238 @@
+"""FP32 vs PTQ-INT8 vs QAT-INT8: one table row per evaluated variant, deltas against a baseline."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qatflow.errors import DataError, PipelineError
+from qatflow.evaluation import EvaluationResult
+from qatflow.storage import atomic_output
+
+FORMAT = "qatflow.comparison"
+VERSION = 1
+_GATE_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class ComparisonRow:
+    """One variant's numbers; deltas, agreement and speedup are relative to the baseline."""
+
+    variant: str
+    top1: float
+    top5: float | None
+    delta_top1_points: float
+    agreement: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    speedup: float
+    throughput: float
+    size_mb: float | None
+    runtime: str
+
+
+HEADERS = (
+    "Variant",
+    "Top-1 (%)",
+    "Top-5 (%)",
+    "Delta top-1 (pts)",
+    "Agreement (%)",
+    "p50 (ms)",
+    "p99 (ms)",
+    "Speedup (p50)",
+    "Throughput (img/s)",
+    "Size (MB)",
+)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The comparison table; ``notes`` warn about numbers that are not like for like."""
+
+    baseline: str
+    rows: tuple[ComparisonRow, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def variants(self) -> list[str]:
+        """Variant names in table order (baseline first)."""
+        return [row.variant for row in self.rows]
+
+    def row(self, variant: str) -> ComparisonRow:
+        """The row of ``variant``; ``DataError`` if it was not compared."""
+        for row in self.rows:
+            if row.variant == variant:
+                return row
+        raise DataError(f"variant {variant!r} is not in the comparison (have {self.variants})")
+
+    def passes_gate(self, variant: str, max_drop_points: float) -> bool:
+        """True if ``variant`` loses at most ``max_drop_points`` top-1 points vs the baseline."""
+        if max_drop_points < 0:
+            raise PipelineError(f"max_drop_points must be 0 or more, got {max_drop_points}")
+        return -self.row(variant).delta_top1_points <= max_drop_points + _GATE_TOLERANCE
+
+    def table(self) -> tuple[tuple[str, ...], list[list[str]]]:
+        """Column headers and formatted cells, shared by the Markdown, text and HTML views."""
+        headers = tuple(h.replace("Delta", f"Delta vs {self.baseline}") for h in HEADERS)
+        headers = tuple(h.replace("Agreement", f"Agreement w/ {self.baseline}") for h in headers)
+        return headers, [self._cells(row) for row in self.rows]
+
+    def _cells(self, row: ComparisonRow) -> list[str]:
+        is_base = row.variant == self.baseline
+        return [
+            row.variant,
+            f"{100 * row.top1:.2f}",
+            _optional(row.top5, lambda v: f"{100 * v:.2f}"),
+            "baseline" if is_base else f"{row.delta_top1_points:+.2f}",
+            "baseline" if is_base else f"{100 * row.agreement:.2f}",
+            f"{row.latency_p50_ms:.3f}",
+            f"{row.latency_p99_ms:.3f}",
+            "baseline" if is_base else f"{row.speedup:.2f}x",
+            f"{row.throughput:.1f}",
+            _optional(row.size_mb, lambda v: f"{v:.3f}"),
+        ]
+
+    def to_markdown(self) -> str:
+        """GitHub-flavoured Markdown table, followed by the notes as a list."""
+        headers, rows = self.table()
+        lines = [
+            "| " + " | ".join(headers) + " |",
+            "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|",
+            *("| " + " | ".join(cells) + " |" for cells in rows),
+        ]
+        if self.notes:
+            lines += ["", *(f"- {note}" for note in self.notes)]
+        return "\n".join(lines) + "\n"
+
+    def to_text(self) -> str:
+        """Fixed-width table for the terminal, followed by the notes."""
+        headers, rows = self.table()
+        widths = [max(len(line[i]) for line in (headers, *rows)) for i in range(len(headers))]
+
+        def line(cells: tuple[str, ...] | list[str]) -> str:
+            first = cells[0].ljust(widths[0])
+            rest = (cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True))
+            return "  ".join([first, *rest]).rstrip()
+
+        out = [line(headers), "  ".join("-" * width for width in widths)]
+        out += [line(cells) for cells in rows]
+        out += [f"note: {note}" for note in self.notes]
+        return "\n".join(out) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "baseline": self.baseline,
+            "rows": [dataclasses.asdict(row) for row in self.rows],
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Comparison:
+        """Inverse of :meth:`to_dict`."""
+        if data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise DataError(f"not a {FORMAT} version {VERSION} document")
+        try:
+            rows = tuple(ComparisonRow(**row) for row in data["rows"])
+            return cls(baseline=str(data["baseline"]), rows=rows, notes=tuple(data["notes"]))
+        except (KeyError, TypeError) as exc:
+            raise DataError(f"malformed {FORMAT}: {exc}") from exc
+
+    def save_json(self, path: str | os.PathLike[str]) -> Path:
+        """Write :meth:`to_dict` as JSON, atomically; return the path."""
+        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
+        with atomic_output(path) as tmp:
+            tmp.write_text(text + "\n", encoding="utf-8")
+        return Path(path)
+
+    @classmethod
+    def load_json(cls, path: str | os.PathLike[str]) -> Comparison:
+        """Read a comparison written by :meth:`save_json`."""
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError, DataError) as exc:
+            raise DataError(f"cannot read comparison {path}: {exc}") from exc
+
+
+def compare(results: Mapping[str, EvaluationResult], *, baseline: str = "fp32") -> Comparison:
+    """Tabulate ``results`` (e.g. ``fp32``, ``ptq_int8``, ``qat_int8``) against ``baseline``.
+
+    Any subset of variants works as long as the baseline is there. All results must come
+    from the same test images (same count and classes); agreement is recomputed from the
+    stored top-1 predictions.
+    """
+    if baseline not in results:
+        raise DataError(
+            f"baseline {baseline!r} is not among the results {list(results)}; "
+            f"evaluate it or pass baseline= one of them"
+        )
+    base = results[baseline]
+    order = [baseline, *(name for name in results if name != baseline)]
+    for name in order:
+        _check_comparable(name, results[name], baseline, base)
+    rows = tuple(_row(name, results[name], base) for name in order)
+    return Comparison(baseline=baseline, rows=rows, notes=_notes(results, order))
+
+
+def _row(name: str, result: EvaluationResult, base: EvaluationResult) -> ComparisonRow:
+    return ComparisonRow(
+        variant=name,
+        top1=result.top1,
+        top5=result.top5,
+        delta_top1_points=100 * (result.top1 - base.top1),
+        agreement=float(np.mean(result.predictions == base.predictions)),
+        latency_p50_ms=result.latency.p50_ms,
+        latency_p99_ms=result.latency.p99_ms,
+        speedup=base.latency.p50_ms / result.latency.p50_ms,
+        throughput=result.throughput.images_per_second,
+        size_mb=result.size_mb,
+        runtime=result.runtime,
+    )
+
+
+def _check_comparable(
+    name: str, result: EvaluationResult, baseline: str, base: EvaluationResult
+) -> None:
+    if not name:
+        raise DataError("results: variant names must be non-empty")
+    if result.num_samples != base.num_samples or len(result.predictions) != len(base.predictions):
+        raise DataError(
+            f"results[{name!r}] covers {result.num_samples} images but the baseline "
+            f"{baseline!r} covers {base.num_samples}: evaluate both on the same test set"
+        )
+    if result.class_names != base.class_names:
+        raise DataError(
+            f"results[{name!r}] has classes {result.class_names[:5]}... but the baseline "
+            f"{baseline!r} has {base.class_names[:5]}...: evaluate both on the same test set"
+        )
+
+
+def _notes(results: Mapping[str, EvaluationResult], order: list[str]) -> tuple[str, ...]:
+    """Warn when latency numbers were not measured under the same conditions."""
+    conditions: dict[str, Callable[[EvaluationResult], str]] = {
+        "runtime": lambda r: f"{r.runtime} {r.runtime_version}",
+        "device": lambda r: r.device,
+        "threads": lambda r: str(r.threads),
+        "latency batch size": lambda r: str(r.latency.batch_size),
+        "throughput batch size": lambda r: str(r.throughput.batch_size),
+    }
+    notes = []
+    for label, describe in conditions.items():
+        values = {name: describe(results[name]) for name in order}
+        if len(set(values.values())) > 1:
+            listed = ", ".join(f"{name}: {value}" for name, value in values.items())
+            notes.append(f"Speed numbers are not like for like: {label} differs ({listed}).")
+    return tuple(notes)
+
+
+def _optional(value: float | None, fmt: Callable[[float], str]) -> str:
+    return "n/a" if value is None else fmt(value)

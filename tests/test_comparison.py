@@ -1,0 +1,180 @@
+"""compare(): rows, deltas, agreement, speedup, gate, Markdown/text/JSON views, errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qatflow.comparison import Comparison, compare
+from qatflow.errors import DataError, PipelineError
+from qatflow.evaluation import (
+    ClassificationMetrics,
+    EvaluationResult,
+    LatencyStats,
+    ThroughputStats,
+)
+from qatflow.evaluation.result import frozen_array
+
+LABELS = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 5])  # 10 images, 6 classes
+
+
+def make_result(
+    predictions: Sequence[int],
+    labels: np.ndarray = LABELS,
+    *,
+    latency_ms: Sequence[float] = (2.0, 2.0, 2.0, 4.0),
+    images_per_second: float = 100.0,
+    size_bytes: int | None = 4_000_000,
+    runtime: str = "onnxruntime",
+    threads: int | None = 2,
+    num_classes: int = 6,
+) -> EvaluationResult:
+    """A result as ``evaluate`` would build it from these top-1 predictions and timings."""
+    top1 = np.asarray(predictions)
+    top_k = np.stack([(top1 + j) % num_classes for j in range(5)], axis=1)
+    return EvaluationResult(
+        source=f"{runtime}-model",
+        runtime=runtime,
+        runtime_version="1.0",
+        device="cpu",
+        threads=threads,
+        class_names=[f"c{i}" for i in range(num_classes)],
+        metrics=ClassificationMetrics.from_top_k(top_k, labels, num_classes),
+        latency=LatencyStats(
+            batch_size=1, iterations=len(latency_ms), warmup=1, samples_ms=list(latency_ms)
+        ),
+        throughput=ThroughputStats(
+            batch_size=10, iterations=5, warmup=1, total_seconds=50 / images_per_second
+        ),
+        size_bytes=size_bytes,
+        agreement=None,
+        created_at="2026-01-01T00:00:00+00:00",
+        predictions=frozen_array(top1),
+    )
+
+
+FP32 = [0, 0, 1, 1, 2, 2, 3, 3, 4, 0]  # 9/10 correct
+PTQ = [0, 1, 1, 1, 2, 0, 3, 3, 4, 0]  # 7/10, agrees with FP32 on 8
+QAT = [0, 0, 1, 1, 2, 2, 3, 3, 4, 5]  # 10/10, agrees with FP32 on 9
+
+
+@pytest.fixture
+def results() -> dict[str, EvaluationResult]:
+    return {
+        "qat_int8": make_result(QAT, latency_ms=[1.0, 1.0, 1.0, 3.0], size_bytes=1_000_000),
+        "fp32": make_result(FP32, images_per_second=50.0),
+        "ptq_int8": make_result(PTQ, latency_ms=[0.5, 0.5, 0.5, 0.5]),
+    }
+
+
+def test_rows_deltas_agreement_and_speedup(results: dict[str, EvaluationResult]) -> None:
+    comparison = compare(results)
+    assert comparison.variants == ["fp32", "qat_int8", "ptq_int8"]  # baseline first
+    fp32, qat, ptq = comparison.rows
+    assert (fp32.delta_top1_points, fp32.agreement, fp32.speedup) == (0.0, 1.0, 1.0)
+    assert ptq.top1 == pytest.approx(0.7)
+    assert ptq.delta_top1_points == pytest.approx(-20.0)
+    assert ptq.agreement == pytest.approx(0.8)
+    assert ptq.speedup == pytest.approx(4.0)  # p50 2.0 / 0.5
+    assert qat.delta_top1_points == pytest.approx(10.0)
+    assert qat.agreement == pytest.approx(0.9)
+    assert qat.speedup == pytest.approx(2.0)
+    assert qat.latency_p99_ms == pytest.approx(np.percentile([1, 1, 1, 3], 99))
+    assert qat.size_mb == pytest.approx(1.0)
+    assert fp32.throughput == pytest.approx(50.0)
+    assert (fp32.top5, qat.top5, ptq.top5) == (pytest.approx(0.9), 1.0, pytest.approx(0.8))
+    assert comparison.notes == ()
+
+
+def test_accuracy_gate(results: dict[str, EvaluationResult]) -> None:
+    comparison = compare(results)
+    assert comparison.passes_gate("qat_int8", 0.0)
+    assert comparison.passes_gate("fp32", 0.0)
+    assert not comparison.passes_gate("ptq_int8", 19.9)
+    assert comparison.passes_gate("ptq_int8", 20.0)
+    with pytest.raises(DataError, match="'int4'"):
+        comparison.passes_gate("int4", 1.0)
+    with pytest.raises(PipelineError, match="max_drop_points"):
+        comparison.passes_gate("qat_int8", -1.0)
+
+
+def test_missing_variants_are_fine_but_baseline_is_required(
+    results: dict[str, EvaluationResult],
+) -> None:
+    comparison = compare({"fp32": results["fp32"], "qat_int8": results["qat_int8"]})
+    assert comparison.variants == ["fp32", "qat_int8"]
+    with pytest.raises(DataError, match=r"baseline 'fp32' is not among.*ptq_int8"):
+        compare({"ptq_int8": results["ptq_int8"]})
+    other = compare(results, baseline="ptq_int8")
+    assert other.row("fp32").delta_top1_points == pytest.approx(20.0)
+
+
+def test_results_from_different_test_sets_are_rejected(
+    results: dict[str, EvaluationResult],
+) -> None:
+    short = make_result(FP32[:8], LABELS[:8])
+    with pytest.raises(DataError, match=r"results\['short'\] covers 8 images.*'fp32' covers 10"):
+        compare({"fp32": results["fp32"], "short": short})
+    other_classes = make_result(FP32, num_classes=7)
+    with pytest.raises(DataError, match="classes"):
+        compare({"fp32": results["fp32"], "seven": other_classes})
+
+
+def test_notes_flag_speed_numbers_that_are_not_like_for_like(
+    results: dict[str, EvaluationResult],
+) -> None:
+    results["fp32"] = make_result(FP32, runtime="tensorflow", threads=None)
+    notes = compare(results).notes
+    assert any("runtime differs" in n and "fp32: tensorflow 1.0" in n for n in notes)
+    assert any("threads differs" in n and "fp32: None" in n for n in notes)
+
+
+def test_markdown_and_text_views(results: dict[str, EvaluationResult]) -> None:
+    results["ptq_int8"] = make_result(PTQ, size_bytes=None, runtime="tensorrt")
+    comparison = compare(results)
+    markdown = comparison.to_markdown()
+    lines = markdown.splitlines()
+    assert lines[0].startswith("| Variant | Top-1 (%) | Top-5 (%) | Delta vs fp32 top-1 (pts)")
+    assert lines[1].startswith("|---|---:|")
+    assert lines[2] == (
+        "| fp32 | 90.00 | 90.00 | baseline | baseline | 2.000 | 3.940 | baseline | 50.0 | 4.000 |"
+    )
+    assert lines[3].startswith("| qat_int8 | 100.00 | 100.00 | +10.00 | 90.00 | 1.000 |")
+    assert lines[4].startswith("| ptq_int8 | 70.00 | 80.00 | -20.00 | 80.00 | 2.000 |")
+    assert lines[4].endswith("| 1.00x | 100.0 | n/a |")
+    assert "- Speed numbers are not like for like: runtime differs" in markdown
+
+    text = comparison.to_text().splitlines()
+    assert text[0].split()[0] == "Variant"
+    assert set(text[1]) <= {"-", " "}
+    assert text[2].split() == [
+        "fp32", "90.00", "90.00", "baseline", "baseline", "2.000", "3.940", "baseline",
+        "50.0", "4.000",
+    ]  # fmt: skip
+    assert len({len(line) for line in text[:2]}) == 1  # header and rule aligned
+    assert text[-1].startswith("note: Speed numbers are not like for like")
+
+
+def test_top5_not_applicable_is_shown_as_na() -> None:
+    labels = np.array([0, 1, 2, 3])
+    fp32 = make_result([0, 1, 2, 2], labels, num_classes=4)
+    comparison = compare({"fp32": fp32})
+    assert fp32.top5 is None
+    assert "| fp32 | 75.00 | n/a |" in comparison.to_markdown()
+
+
+def test_json_round_trip(results: dict[str, EvaluationResult], tmp_path: Path) -> None:
+    comparison = compare(results)
+    path = comparison.save_json(tmp_path / "comparison.json")
+    data = json.loads(path.read_text())
+    assert data["baseline"] == "fp32"
+    assert [row["variant"] for row in data["rows"]] == ["fp32", "qat_int8", "ptq_int8"]
+    assert Comparison.load_json(path) == comparison
+    assert Comparison.from_dict(comparison.to_dict()) == comparison
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(DataError, match=r"bad\.json"):
+        Comparison.load_json(tmp_path / "bad.json")
