@@ -1,0 +1,381 @@
+"""ONNX Runtime (CPU) engines: an offline-optimized ONNX model with qatflow metadata.
+
+Build: ONNX graph passes (the int8 rewrite hook) -> ORT offline optimization at the
+``extended`` level (QDQ pairs fused into integer kernels, no hardware-specific layout
+transforms) -> metadata_props -> atomic save, checked to load in a plain InferenceSession.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+
+from qatflow.errors import QatflowError, RuntimeBackendError
+from qatflow.runtimes.base import (
+    BatchProfile,
+    Engine,
+    EngineMetadata,
+    check_batch,
+    check_same_version,
+    engine_input_shape,
+    file_sha256,
+    has_qdq,
+    onnx_io,
+    physical_cores,
+    profile_shapes,
+    sidecar_path,
+    version_tuple,
+)
+from qatflow.storage import atomic_output
+
+logger = logging.getLogger("qatflow.runtimes.onnxruntime")
+
+GraphPass = Callable[[onnx.ModelProto], onnx.ModelProto]
+OptimizationLevel = Literal["basic", "extended", "all"]
+ExecutionMode = Literal["sequential", "parallel"]
+
+_LEVELS: dict[str, str] = {
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+_MODES: dict[str, str] = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}
+_DTYPES: dict[str, type[np.generic]] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+}
+_INT8_REWRITE_MODULE = "qatflow.runtimes.ort_int8"
+_METADATA_PREFIX = "qatflow."
+_STRING_FIELDS = frozenset(
+    {
+        "format",
+        "runtime",
+        "runtime_version",
+        "source_onnx",
+        "source_sha256",
+        "input_name",
+        "output_name",
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class OrtBuildOptions:
+    """ONNX Runtime build options (``build_engine(..., runtime="onnxruntime", **options)``).
+
+    threads: intra-op threads recorded as the engine's default (None: physical cores at load).
+    execution_mode: ``"sequential"`` or ``"parallel"`` (inter-op parallelism of branches).
+    optimization_level: ORT level baked into the saved model; ``"extended"`` (default) fuses
+        QDQ pairs into integer kernels and stays portable; ``"all"`` adds layout transforms
+        that ORT marks as valid only on the machine that built them.
+    int8_rewrite: apply ``qatflow.runtimes.ort_int8.rewrite_for_ort_int8`` when available.
+    """
+
+    threads: int | None = None
+    execution_mode: ExecutionMode = "sequential"
+    optimization_level: OptimizationLevel = "extended"
+    int8_rewrite: bool = True
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise RuntimeBackendError(f"threads must be a positive integer, got {self.threads!r}")
+        if self.execution_mode not in _MODES:
+            raise RuntimeBackendError(
+                f"execution_mode must be one of {sorted(_MODES)}, got {self.execution_mode!r}"
+            )
+        if self.optimization_level not in _LEVELS:
+            raise RuntimeBackendError(
+                f"optimization_level must be one of {sorted(_LEVELS)}, "
+                f"got {self.optimization_level!r}"
+            )
+
+
+# --------------------------------------------------------------------------- graph passes
+
+
+def ort_graph_passes(model: onnx.ModelProto, *, int8_rewrite: bool) -> list[tuple[str, GraphPass]]:
+    """Ordered ONNX graph passes applied before ORT optimizes and saves the model.
+
+    Holds ``rewrite_for_ort_int8`` when ``int8_rewrite`` is on, the graph has QuantizeLinear
+    nodes and ``qatflow.runtimes.ort_int8`` is importable.
+    """
+    passes: list[tuple[str, GraphPass]] = []
+    if int8_rewrite and has_qdq(model):
+        rewrite = _int8_rewrite_pass()
+        if rewrite is not None:
+            passes.append((f"{_INT8_REWRITE_MODULE}.rewrite_for_ort_int8", rewrite))
+    return passes
+
+
+def _int8_rewrite_pass() -> GraphPass | None:
+    try:
+        from qatflow.runtimes.ort_int8 import rewrite_for_ort_int8
+    except ModuleNotFoundError as exc:
+        if exc.name != _INT8_REWRITE_MODULE:
+            raise
+        logger.info("%s is not available; QDQ graph left as exported", _INT8_REWRITE_MODULE)
+        return None
+    rewrite: GraphPass = rewrite_for_ort_int8
+    return rewrite
+
+
+def _apply_passes(
+    model: onnx.ModelProto, passes: list[tuple[str, GraphPass]], source: Path
+) -> onnx.ModelProto:
+    for name, graph_pass in passes:
+        try:
+            model = graph_pass(model)
+        except QatflowError:
+            raise
+        except Exception as exc:
+            raise RuntimeBackendError(f"{source}: graph pass {name} failed: {exc!r}") from exc
+        logger.info("applied graph pass %s to %s", name, source)
+    return model
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def write_ort_metadata(model: onnx.ModelProto, metadata: EngineMetadata) -> None:
+    """Store ``metadata`` as ``qatflow.<field>`` entries of ``model.metadata_props``."""
+    keep = [p for p in model.metadata_props if not p.key.startswith(_METADATA_PREFIX)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in metadata.to_dict().items():
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        model.metadata_props.add(key=_METADATA_PREFIX + key, value=text)
+
+
+def read_ort_metadata(model: onnx.ModelProto, path: Path) -> EngineMetadata | None:
+    """qatflow metadata of an ORT engine, or None for a plain ONNX model."""
+    raw = {
+        p.key[len(_METADATA_PREFIX) :]: p.value
+        for p in model.metadata_props
+        if p.key.startswith(_METADATA_PREFIX)
+    }
+    if not raw:
+        return None
+    data: dict[str, Any] = {}
+    for key, text in raw.items():
+        try:
+            data[key] = text if key in _STRING_FIELDS else json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RuntimeBackendError(f"{path}: metadata entry qatflow.{key} is not JSON") from exc
+    return EngineMetadata.from_dict(data, path)
+
+
+# --------------------------------------------------------------------------- build
+
+
+def build_ort_engine(
+    source: Path, output: Path, batch_profile: BatchProfile, options: OrtBuildOptions
+) -> Path:
+    """Optimize ``source`` offline with ONNX Runtime and save it, with metadata, at ``output``."""
+    import onnxruntime as ort
+
+    model = _read_onnx(source)
+    input_name, dims, output_name = onnx_io(model, source)
+    profile_shapes(input_name, dims, batch_profile, source)
+    passes = ort_graph_passes(model, int8_rewrite=options.int8_rewrite)
+    model = _apply_passes(model, passes, source)
+    with tempfile.TemporaryDirectory(prefix="qatflow-ort-") as tmp:
+        prepared = source
+        if passes:
+            prepared = Path(tmp) / "prepared.onnx"
+            onnx.save(model, prepared)
+        optimized_path = Path(tmp) / "optimized.onnx"
+        session_options = _session_options(
+            options.threads or physical_cores(), options.execution_mode, options.optimization_level
+        )
+        session_options.optimized_model_filepath = str(optimized_path)
+        try:
+            ort.InferenceSession(str(prepared), session_options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise RuntimeBackendError(
+                f"{source}: ONNX Runtime {ort.__version__} cannot optimize this model: {exc}"
+            ) from exc
+        optimized = onnx.load(optimized_path)
+    ops = collections.Counter(node.op_type for node in optimized.graph.node)
+    metadata = EngineMetadata(
+        runtime="onnxruntime",
+        runtime_version=ort.__version__,
+        source_onnx=str(source.resolve()),
+        source_sha256=file_sha256(source),
+        input_name=input_name,
+        input_shape=engine_input_shape(dims),
+        output_name=output_name,
+        batch_profile=batch_profile,
+        build_options={
+            **dataclasses.asdict(options),
+            "graph_passes": [name for name, _ in passes],
+            "optimized_ops": dict(sorted(ops.items())),
+        },
+    )
+    write_ort_metadata(optimized, metadata)
+    with atomic_output(output) as tmp_output:
+        onnx.save(optimized, tmp_output)
+        _check_plain_session(tmp_output, output)
+    logger.info("ONNX Runtime engine %s built from %s (ops %s)", output, source, dict(ops))
+    return output
+
+
+def _check_plain_session(path: Path, final: Path) -> None:
+    """The saved engine must load in a default ``InferenceSession`` (default optimization)."""
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise RuntimeBackendError(
+            f"{final}: the optimized model does not load in a plain ONNX Runtime session: {exc}"
+        ) from exc
+
+
+def _session_options(threads: int, execution_mode: str, level: str) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.execution_mode = getattr(ort.ExecutionMode, _MODES[execution_mode])
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
+    return options
+
+
+def _read_onnx(path: Path) -> onnx.ModelProto:
+    try:
+        model = onnx.load(path)
+    except Exception as exc:
+        raise RuntimeBackendError(
+            f"{path} is neither an ONNX model nor a TensorRT engine with a "
+            f"{sidecar_path(path).name} sidecar ({type(exc).__name__}: {exc})"
+        ) from exc
+    if model.ir_version < 1 or not model.graph.node:
+        raise RuntimeBackendError(
+            f"{path} is neither an ONNX model nor a TensorRT engine with a "
+            f"{sidecar_path(path).name} sidecar (no ONNX graph in it)"
+        )
+    return model
+
+
+# --------------------------------------------------------------------------- load and run
+
+
+class OnnxRuntimeEngine(Engine):
+    """An ONNX model run by an ONNX Runtime CPU session."""
+
+    def __init__(self, path: Path, metadata: EngineMetadata, session: Any, threads: int) -> None:
+        super().__init__(path, metadata)
+        self._session = session
+        self._threads = threads
+        input_type = session.get_inputs()[0].type
+        if input_type not in _DTYPES:
+            raise RuntimeBackendError(
+                f"{path}: input {metadata.input_name!r} has unsupported type {input_type}"
+            )
+        self._dtype = _DTYPES[input_type]
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Run a batch of any size and return the first model output (logits)."""
+        array = np.ascontiguousarray(batch, dtype=self._dtype)
+        check_batch(array, self.input_name, self.input_shape)
+        outputs = self._session.run([self._metadata.output_name], {self.input_name: array})
+        return np.asarray(outputs[0])
+
+    @property
+    def runtime_version(self) -> str:
+        """Installed onnxruntime version."""
+        import onnxruntime as ort
+
+        return str(ort.__version__)
+
+    @property
+    def device(self) -> str:
+        """Always ``"cpu"``."""
+        return "cpu"
+
+    @property
+    def threads(self) -> int:
+        """Intra-op threads of the session."""
+        return self._threads
+
+    @property
+    def session(self) -> Any:
+        """The underlying ``onnxruntime.InferenceSession``."""
+        return self._session
+
+
+def load_ort_engine(path: Path, *, threads: int | None = None) -> OnnxRuntimeEngine:
+    """Load an ORT engine (or a plain ONNX model without qatflow metadata)."""
+    import onnxruntime as ort
+
+    model = _read_onnx(path)
+    metadata = read_ort_metadata(model, path)
+    if metadata is None:
+        logger.info("%s has no qatflow metadata; loading it as a plain ONNX model", path)
+        metadata = _plain_model_metadata(model, path)
+    elif metadata.runtime != "onnxruntime":
+        raise RuntimeBackendError(
+            f"{path} was built for runtime {metadata.runtime!r}, not onnxruntime"
+        )
+    else:
+        check_same_version(path, "onnxruntime", metadata.runtime_version, ort.__version__, 1)
+        if version_tuple(metadata.runtime_version)[:2] != version_tuple(ort.__version__)[:2]:
+            logger.warning(
+                "%s was built with onnxruntime %s and is loaded by %s; rebuild it if loading fails",
+                path,
+                metadata.runtime_version,
+                ort.__version__,
+            )
+    options = metadata.build_options
+    chosen = threads or options.get("threads") or physical_cores()
+    session_options = _session_options(chosen, options.get("execution_mode", "sequential"), "all")
+    try:
+        session = ort.InferenceSession(
+            str(path), session_options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:
+        built = metadata.runtime_version or "an unknown version"
+        raise RuntimeBackendError(
+            f"{path}: onnxruntime {ort.__version__} cannot load this model (built with "
+            f"{built}): {exc}"
+        ) from exc
+    return OnnxRuntimeEngine(path, metadata, session, chosen)
+
+
+def _plain_model_metadata(model: onnx.ModelProto, path: Path) -> EngineMetadata:
+    input_name, dims, output_name = onnx_io(model, path)
+    batch = dims[0] if dims and isinstance(dims[0], int) else 1
+    return EngineMetadata(
+        runtime="onnxruntime",
+        runtime_version="",
+        source_onnx=str(path.resolve()),
+        source_sha256=file_sha256(path),
+        input_name=input_name,
+        input_shape=engine_input_shape(dims),
+        output_name=output_name,
+        batch_profile=(batch, batch, batch),
+    )
+
+
+__all__ = [
+    "GraphPass",
+    "OnnxRuntimeEngine",
+    "OrtBuildOptions",
+    "build_ort_engine",
+    "load_ort_engine",
+    "ort_graph_passes",
+    "read_ort_metadata",
+    "write_ort_metadata",
+]

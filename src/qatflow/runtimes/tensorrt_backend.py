@@ -1,0 +1,403 @@
+"""TensorRT engine builder: ONNX -> serialized plan, sidecar metadata and build log.
+
+Every precision decision comes from :func:`plan_build` (pure, keyed by the TensorRT major
+version), so it is unit-tested without TensorRT:
+
+* TensorRT 10 is weakly typed: ``BuilderFlag.INT8`` when the graph has Q/DQ (explicit
+  quantization; no calibrator), ``BuilderFlag.FP16`` on request for the float layers.
+* TensorRT 11 is strongly typed only: no precision flags; FP16 float layers come from
+  converting the ONNX to mixed precision (Q/DQ kept in FP32) before parsing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import onnx
+
+from qatflow.errors import RuntimeBackendError
+from qatflow.runtimes.base import (
+    BatchProfile,
+    EngineMetadata,
+    engine_input_shape,
+    file_sha256,
+    has_qdq,
+    onnx_io,
+    profile_shapes,
+    sidecar_path,
+    version_tuple,
+)
+from qatflow.storage import atomic_output
+
+if TYPE_CHECKING:
+    import tensorrt as trt_t
+
+logger = logging.getLogger("qatflow.runtimes.tensorrt")
+
+SUPPORTED_MAJORS = (10, 11)
+# Kept in FP32 by the TensorRT 11 mixed-precision conversion: opset-17 Q/DQ take FP32 scales.
+FP16_KEEP_FLOAT32_OPS = ("QuantizeLinear", "DequantizeLinear")
+BUILD_LOG_FORMAT = "qatflow-trt-build-log/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRTBuildOptions:
+    """TensorRT build options (``build_engine(..., runtime="tensorrt", **options)``).
+
+    fp16: let float (non-Q/DQ) layers run in FP16 (TRT 10: builder flag; TRT 11: ONNX
+        mixed-precision conversion before the build).
+    workspace_bytes: workspace memory pool limit (None: TensorRT default, the device memory).
+    builder_optimization_level: 0-5, TensorRT's default is 3.
+    timing_cache: ``"auto"`` (``tensorrt.timing-cache`` beside the engine), a path, or None.
+    layer_info: build with detailed profiling verbosity and put per-layer info in the log.
+    """
+
+    fp16: bool = False
+    workspace_bytes: int | None = None
+    builder_optimization_level: int = 3
+    timing_cache: str | os.PathLike[str] | None = "auto"
+    layer_info: bool = True
+
+    def __post_init__(self) -> None:
+        level = self.builder_optimization_level
+        if not isinstance(level, int) or not 0 <= level <= 5:
+            raise RuntimeBackendError(
+                f"builder_optimization_level must be an integer 0-5, got {level!r}"
+            )
+        workspace = self.workspace_bytes
+        if workspace is not None and (not isinstance(workspace, int) or workspace < 1):
+            raise RuntimeBackendError(
+                f"workspace_bytes must be a positive integer, got {workspace!r}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildPlan:
+    """Precision decisions for one build."""
+
+    trt_version: str
+    major: int
+    strongly_typed: bool
+    builder_flags: tuple[str, ...]
+    fp16_onnx_conversion: bool
+    notes: tuple[str, ...]
+
+
+def plan_build(trt_version: str, has_qdq: bool, fp16: bool) -> BuildPlan:
+    """Decide typing mode, builder flags and ONNX conversion for a TensorRT version."""
+    major = version_tuple(trt_version)[0]
+    if major not in SUPPORTED_MAJORS:
+        raise RuntimeBackendError(
+            f"TensorRT {trt_version} is not supported; qatflow builds with TensorRT "
+            f"{' or '.join(str(m) for m in SUPPORTED_MAJORS)}"
+        )
+    notes: list[str] = []
+    if major == 10:
+        flags: list[str] = []
+        notes.append("TensorRT 10: weakly typed network")
+        if has_qdq:
+            flags.append("INT8")
+            notes.append("Q/DQ graph: INT8 flag set (explicit quantization, no calibrator)")
+        else:
+            notes.append("no Q/DQ: float engine (implicit INT8 calibration is not used)")
+        if fp16:
+            flags.append("FP16")
+            notes.append("FP16 flag set: layers outside Q/DQ may run in FP16")
+        return BuildPlan(trt_version, major, False, tuple(flags), False, tuple(notes))
+    notes.append("TensorRT 11: strongly typed network; precision comes from the graph")
+    notes.append("Q/DQ layers run in INT8" if has_qdq else "no Q/DQ: no INT8 layers")
+    if fp16:
+        notes.append("FP16: ONNX converted to mixed precision, Q/DQ and graph I/O kept FP32")
+    return BuildPlan(trt_version, major, True, (), fp16, tuple(notes))
+
+
+def network_flags(trt: ModuleType, plan: BuildPlan) -> int:
+    """``create_network`` flags: STRONGLY_TYPED for strongly typed plans (if still defined)."""
+    if not plan.strongly_typed:
+        return 0
+    # TensorRT 11 deprecates STRONGLY_TYPED (always on, ignored); a later release may drop it.
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
+def resolve_timing_cache(option: str | os.PathLike[str] | None, output: Path) -> Path | None:
+    """Timing cache file for ``output``: ``"auto"`` means ``tensorrt.timing-cache`` beside it."""
+    if option is None:
+        return None
+    if option == "auto":
+        return output.parent / "tensorrt.timing-cache"
+    return Path(option)
+
+
+def convert_to_mixed_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """FP16 float layers for strongly typed TensorRT; I/O and Q/DQ nodes stay FP32."""
+    try:
+        from onnxconverter_common import float16
+    except ImportError as exc:
+        raise RuntimeBackendError(
+            "fp16=True with TensorRT 11 needs onnxconverter-common "
+            "(pip install 'qatflow[tensorrt]')"
+        ) from exc
+    blocked = [*float16.DEFAULT_OP_BLOCK_LIST, *FP16_KEEP_FLOAT32_OPS]
+    converted: onnx.ModelProto = float16.convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=blocked
+    )
+    return converted
+
+
+def import_tensorrt() -> ModuleType:
+    """The TensorRT Python module, or RuntimeBackendError if only stubs (or nothing) exist."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise RuntimeBackendError(
+            "TensorRT is not installed; build and run TensorRT engines on a GPU node with "
+            "pip install 'qatflow[tensorrt]'"
+        ) from exc
+    if not hasattr(trt, "Builder"):
+        # tensorrt-stubs installs a bare 'tensorrt' namespace package that imports fine.
+        raise RuntimeBackendError(
+            "the installed 'tensorrt' package has no TensorRT runtime (type stubs only); "
+            "build and run TensorRT engines on a GPU node with pip install 'qatflow[tensorrt]'"
+        )
+    return trt
+
+
+def gpu_info() -> dict[str, Any]:
+    """Name and compute capability of CUDA device 0 via pycuda ({} if pycuda is missing)."""
+    try:
+        import pycuda.driver as cuda
+    except ImportError:
+        return {}
+    cuda.init()
+    device = cuda.Device(0)
+    return {"name": str(device.name()), "compute_capability": list(device.compute_capability())}
+
+
+def format_parser_error(error: Any) -> str:
+    """One line per ONNX parser error: node index, name, operator, description, code."""
+    name = _call_or(error, "node_name", "")
+    operator = _call_or(error, "node_operator", "")
+    where = (
+        f"node {error.node()}"
+        + (f" {name!r}" if name else "")
+        + (f" ({operator})" if operator else "")
+    )
+    return f"{where}: {error.desc()} [{error.code()}]"
+
+
+def _call_or(obj: Any, method: str, default: str) -> str:
+    # node_name/node_operator exist from TensorRT 10.x on; older 10.0 builds lack them.
+    func = getattr(obj, method, None)
+    return str(func()) if callable(func) else default
+
+
+def _make_logger(trt: ModuleType, messages: list[str]) -> trt_t.ILogger:
+    """A TensorRT logger that keeps warnings and errors for the build log."""
+    warning = int(trt.ILogger.Severity.WARNING)
+
+    def log(self: Any, severity: Any, msg: str) -> None:
+        if int(severity) <= warning:
+            messages.append(f"{getattr(severity, 'name', severity)}: {msg}")
+            logger.warning("TensorRT: %s", msg)
+        else:
+            logger.debug("TensorRT: %s", msg)
+
+    logger_class = type("QatflowTensorRTLogger", (trt.ILogger,), {"log": log})
+    trt_logger: trt_t.ILogger = logger_class()
+    return trt_logger
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Any:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.perf_counter() - start, 3)
+
+
+def build_tensorrt_engine(
+    source: Path, output: Path, batch_profile: BatchProfile, options: TensorRTBuildOptions
+) -> Path:
+    """Build a TensorRT plan from ``source``; write it, its sidecar and its build log."""
+    trt = import_tensorrt()
+    started = time.perf_counter()
+    clock = _Stopwatch()
+    model = onnx.load(source)
+    input_name, dims, output_name = onnx_io(model, source)
+    shapes = profile_shapes(input_name, dims, batch_profile, source)
+    plan = plan_build(str(trt.__version__), has_qdq(model), options.fp16)
+    logger.info("TensorRT build plan for %s: %s", source, "; ".join(plan.notes))
+    if plan.fp16_onnx_conversion:
+        with clock.phase("fp16_conversion"):
+            model = convert_to_mixed_fp16(model)
+    messages: list[str] = []
+    trt_logger = _make_logger(trt, messages)
+    builder: trt_t.Builder = trt.Builder(trt_logger)
+    network: trt_t.INetworkDefinition = builder.create_network(network_flags(trt, plan))
+    with clock.phase("parse"):
+        _parse(trt, network, trt_logger, model, source)
+    config: trt_t.IBuilderConfig = builder.create_builder_config()
+    for flag in plan.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    config.builder_optimization_level = options.builder_optimization_level
+    if options.workspace_bytes is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
+    if options.layer_info:
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    profile: trt_t.IOptimizationProfile = builder.create_optimization_profile()
+    profile.set_shape(input_name, *(trt.Dims(list(shape)) for shape in shapes))
+    config.add_optimization_profile(profile)
+    cache_path = resolve_timing_cache(options.timing_cache, output)
+    cache_loaded = _attach_timing_cache(config, cache_path)
+    with clock.phase("build"):
+        serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        detail = "; ".join(messages[-5:]) or "no message from TensorRT"
+        raise RuntimeBackendError(f"{source}: TensorRT could not build an engine: {detail}")
+    plan_bytes = bytes(serialized)
+    with clock.phase("inspect"):
+        layers, layer_error = _layer_info(trt, trt_logger, plan_bytes, options.layer_info)
+    gpu = gpu_info()
+    metadata = EngineMetadata(
+        runtime="tensorrt",
+        runtime_version=str(trt.__version__),
+        source_onnx=str(source.resolve()),
+        source_sha256=file_sha256(source),
+        input_name=input_name,
+        input_shape=engine_input_shape(dims),
+        output_name=output_name,
+        batch_profile=batch_profile,
+        build_options=_options_dict(options, cache_path),
+        device=gpu,
+    )
+    clock.timings["total"] = round(time.perf_counter() - started, 3)
+    log = {
+        "format": BUILD_LOG_FORMAT,
+        "engine": str(output),
+        "source_onnx": metadata.source_onnx,
+        "tensorrt_version": metadata.runtime_version,
+        "plan": dataclasses.asdict(plan),
+        "options": metadata.build_options,
+        "profile": {
+            "input": input_name,
+            "min": list(shapes[0]),
+            "opt": list(shapes[1]),
+            "max": list(shapes[2]),
+        },
+        "gpu": gpu,
+        "timing_cache": {
+            "path": None if cache_path is None else str(cache_path),
+            "loaded": cache_loaded,
+            "saved": cache_path is not None,
+        },
+        "timings_s": clock.timings,
+        "messages": messages,
+        "layers": layers,
+        "layer_info_error": layer_error,
+    }
+    _write_outputs(output, plan_bytes, metadata, log, config, cache_path)
+    logger.info(
+        "TensorRT engine %s built from %s in %.1f s", output, source, clock.timings["total"]
+    )
+    return output
+
+
+def _parse(
+    trt: ModuleType,
+    network: trt_t.INetworkDefinition,
+    trt_logger: trt_t.ILogger,
+    model: onnx.ModelProto,
+    source: Path,
+) -> None:
+    parser: trt_t.OnnxParser = trt.OnnxParser(network, trt_logger)
+    if not parser.parse(model.SerializeToString(), str(source)):
+        errors = [format_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise RuntimeBackendError(
+            f"{source}: the TensorRT ONNX parser rejected the model:\n  " + "\n  ".join(errors)
+        )
+
+
+def _attach_timing_cache(config: trt_t.IBuilderConfig, path: Path | None) -> bool:
+    """Attach a timing cache (from ``path`` if readable and compatible); True if reused."""
+    if path is None:
+        return False
+    data = path.read_bytes() if path.is_file() else b""
+    if data:
+        try:
+            cache = config.create_timing_cache(data)
+            if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+                logger.info("reusing TensorRT timing cache %s", path)
+                return True
+        except Exception as exc:  # a corrupt cache file must not fail the build
+            logger.warning("ignoring unreadable timing cache %s: %s", path, exc)
+        logger.warning("timing cache %s does not match this GPU/TensorRT; starting anew", path)
+    config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    return False
+
+
+def _layer_info(
+    trt: ModuleType, trt_logger: trt_t.ILogger, plan_bytes: bytes, wanted: bool
+) -> tuple[Any, str | None]:
+    """Per-layer engine information from the engine inspector, or the reason it is missing."""
+    if not wanted:
+        return None, "layer_info=False"
+    try:
+        runtime: trt_t.Runtime = trt.Runtime(trt_logger)
+        engine: trt_t.ICudaEngine = runtime.deserialize_cuda_engine(plan_bytes)
+        inspector = engine.create_engine_inspector()
+        text = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
+        return json.loads(text), None
+    except Exception as exc:  # informational only: never fail a good build over it
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _options_dict(options: TensorRTBuildOptions, cache_path: Path | None) -> dict[str, Any]:
+    values = dataclasses.asdict(options)
+    values["timing_cache"] = None if cache_path is None else str(cache_path)
+    return values
+
+
+def _write_outputs(
+    output: Path,
+    plan_bytes: bytes,
+    metadata: EngineMetadata,
+    log: dict[str, Any],
+    config: trt_t.IBuilderConfig,
+    cache_path: Path | None,
+) -> None:
+    """Write engine, sidecar, build log and timing cache; all renamed only if all succeed."""
+    writers: list[tuple[Path, Callable[[Path], object]]] = [
+        (output, lambda tmp: tmp.write_bytes(plan_bytes)),
+        (sidecar_path(output), lambda tmp: _write_json(tmp, metadata.to_dict())),
+        (build_log_path(output), lambda tmp: _write_json(tmp, log)),
+    ]
+    if cache_path is not None:
+        cache_bytes = bytes(config.get_timing_cache().serialize())
+        writers.append((cache_path, lambda tmp: tmp.write_bytes(cache_bytes)))
+    with contextlib.ExitStack() as stack:
+        for final, write in writers:
+            write(stack.enter_context(atomic_output(final)))
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def build_log_path(engine_path: Path) -> Path:
+    """``<engine>.build-log.json`` beside the engine."""
+    return engine_path.with_name(engine_path.name + ".build-log.json")

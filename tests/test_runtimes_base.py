@@ -1,0 +1,282 @@
+"""Runtime-independent engine logic: shapes, profiles, versions, metadata, options, dispatch.
+
+Also holds the small ONNX test models shared by the runtime test files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qatflow.errors import RuntimeBackendError
+from qatflow.runtimes import EngineMetadata, build_engine, load_engine
+from qatflow.runtimes.base import (
+    check_batch,
+    check_same_version,
+    engine_input_shape,
+    has_qdq,
+    onnx_io,
+    options_from_kwargs,
+    physical_cores,
+    profile_shapes,
+    sidecar_path,
+    validate_batch_profile,
+    version_tuple,
+)
+from qatflow.runtimes.onnxruntime_backend import OrtBuildOptions
+
+HEIGHT, WIDTH, CHANNELS, FILTERS, CLASSES = 8, 8, 3, 4, 5
+
+
+def make_model(
+    *, qdq: bool = False, output_q: bool = False, batch: int | str = "N", seed: int = 0
+) -> onnx.ModelProto:
+    """NHWC input -> Conv -> Relu -> GlobalAveragePool -> Flatten -> MatMul + bias (logits).
+
+    With ``qdq``: TensorRT-style signed int8 Q/DQ (zero point 0) on the Conv and MatMul
+    inputs, per-channel weights (Conv axis 0, MatMul axis 1). ``output_q`` also quantizes the
+    Conv output, the pattern ONNX Runtime fuses into QLinearConv.
+    """
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(0, 0.3, (FILTERS, CHANNELS, 3, 3)).astype(np.float32)
+    dense = rng.normal(0, 0.3, (FILTERS, CLASSES)).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.1, FILTERS).astype(np.float32), "conv_b"),
+        numpy_helper.from_array(np.zeros(CLASSES, np.float32) + 0.1, "dense_b"),
+    ]
+    nodes = [helper.make_node("Transpose", ["input"], ["x"], perm=[0, 3, 1, 2], name="nchw")]
+    x, w, feat, d = "x", "conv_w", "flat", "dense_w"
+    if qdq:
+        w_scale = (np.abs(weight).reshape(FILTERS, -1).max(1) / 127).astype(np.float32)
+        d_scale = (np.abs(dense).max(0) / 127).astype(np.float32)
+        inits += [
+            numpy_helper.from_array(_int8(weight / w_scale[:, None, None, None]), "conv_wq"),
+            numpy_helper.from_array(w_scale, "conv_ws"),
+            numpy_helper.from_array(np.zeros(FILTERS, np.int8), "conv_wz"),
+            numpy_helper.from_array(_int8(dense / d_scale[None, :]), "dense_wq"),
+            numpy_helper.from_array(d_scale, "dense_ws"),
+            numpy_helper.from_array(np.zeros(CLASSES, np.int8), "dense_wz"),
+            numpy_helper.from_array(np.array(0.03, np.float32), "act_s"),
+            numpy_helper.from_array(np.array(0, np.int8), "act_z"),
+        ]
+        nodes += [
+            *_qdq("x", "x_dq", "in"),
+            helper.make_node(
+                "DequantizeLinear", ["conv_wq", "conv_ws", "conv_wz"], ["conv_w"], axis=0
+            ),
+            helper.make_node(
+                "DequantizeLinear", ["dense_wq", "dense_ws", "dense_wz"], ["dense_w"], axis=1
+            ),
+        ]
+        x, feat = "x_dq", "flat_dq"
+    else:
+        inits += [numpy_helper.from_array(weight, w), numpy_helper.from_array(dense, d)]
+    conv_out = "conv_raw" if output_q else "conv"
+    nodes.append(helper.make_node("Conv", [x, w, "conv_b"], [conv_out], pads=[1] * 4, name="conv"))
+    if output_q:
+        nodes += _qdq("conv_raw", "conv", "conv_out")
+    nodes += [
+        helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["relu"], ["pool"], name="pool"),
+        helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"),
+    ]
+    if qdq:
+        nodes += _qdq("flat", "flat_dq", "dense_in")
+    nodes += [
+        helper.make_node("MatMul", [feat, d], ["mm"], name="dense"),
+        helper.make_node("Add", ["mm", "dense_b"], ["logits"], name="dense_bias"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_qdq" if qdq else "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, HEIGHT, WIDTH, 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, CLASSES])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _int8(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(values), -127, 127).astype(np.int8)
+
+
+def _qdq(src: str, dst: str, name: str) -> list[onnx.NodeProto]:
+    return [
+        helper.make_node(
+            "QuantizeLinear", [src, "act_s", "act_z"], [f"{name}_q"], name=f"{name}_q"
+        ),
+        helper.make_node(
+            "DequantizeLinear", [f"{name}_q", "act_s", "act_z"], [dst], name=f"{name}_dq"
+        ),
+    ]
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> Path:
+    """Save and return ``path``."""
+    onnx.save(model, path)
+    return path
+
+
+def sample_batch(size: int, seed: int = 1) -> np.ndarray:
+    """Random NHWC float32 batch for the test models."""
+    return np.random.default_rng(seed).normal(size=(size, HEIGHT, WIDTH, 3)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_test_models_have_the_intended_structure() -> None:
+    plain, quantized = make_model(), make_model(qdq=True)
+    assert not has_qdq(plain) and has_qdq(quantized)
+    dq_axes = {
+        n.input[0]: helper.get_attribute_value(n.attribute[0])
+        for n in quantized.graph.node
+        if n.op_type == "DequantizeLinear" and n.attribute
+    }
+    assert dq_axes == {"conv_wq": 0, "dense_wq": 1}
+    zero_points = [numpy_helper.to_array(i) for i in quantized.graph.initializer if "z" in i.name]
+    assert all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    assert onnx_io(quantized, Path("m.onnx")) == ("input", ("N", HEIGHT, WIDTH, 3), "logits")
+
+
+def test_onnx_io_rejects_several_inputs(tmp_path: Path) -> None:
+    model = make_model()
+    model.graph.input.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, [1]))
+    with pytest.raises(RuntimeBackendError, match=r"m\.onnx.*exactly one.*extra"):
+        onnx_io(model, Path("m.onnx"))
+
+
+@pytest.mark.parametrize("profile", [(1, 8, 64), (4, 4, 4), [2, 3, 5]])
+def test_valid_batch_profiles(profile: list[int]) -> None:
+    assert validate_batch_profile(profile) == tuple(profile)
+
+
+@pytest.mark.parametrize("profile", [(0, 8, 64), (8, 4, 64), (1, 8), (1.0, 2, 3), (1, 9, 8)])
+def test_invalid_batch_profiles(profile: tuple[int, ...]) -> None:
+    with pytest.raises(RuntimeBackendError, match="batch_profile"):
+        validate_batch_profile(profile)
+
+
+def test_profile_shapes_for_dynamic_batch() -> None:
+    shapes = profile_shapes("input", ("N", 8, 8, 3), (1, 8, 64), Path("m.onnx"))
+    assert shapes == ((1, 8, 8, 3), (8, 8, 8, 3), (64, 8, 8, 3))
+
+
+def test_fixed_batch_must_match_the_profile() -> None:
+    with pytest.raises(
+        RuntimeBackendError, match=r"m\.onnx.*'input'.*fixed batch of 1.*\(1, 8, 64\)"
+    ):
+        profile_shapes("input", (1, 8, 8, 3), (1, 8, 64), Path("m.onnx"))
+    assert profile_shapes("input", (4, 8, 8, 3), (4, 4, 4), Path("m.onnx"))[2] == (4, 8, 8, 3)
+
+
+def test_dynamic_non_batch_dimension_is_rejected() -> None:
+    with pytest.raises(RuntimeBackendError, match=r"dynamic non-batch dimension\(s\) \[1, 2\]"):
+        profile_shapes("input", ("N", "h", None, 3), (1, 8, 64), Path("m.onnx"))
+
+
+def test_engine_input_shape_keeps_fixed_dims() -> None:
+    assert engine_input_shape(("N", 8, 8, 3)) == (None, 8, 8, 3)
+    assert engine_input_shape((2, 8)) == (2, 8)
+
+
+def test_check_batch() -> None:
+    check_batch(np.zeros((5, 8, 8, 3)), "input", (None, 8, 8, 3))
+    with pytest.raises(RuntimeBackendError, match=r"'input' expects 4 dimensions \(N, 8, 8, 3\)"):
+        check_batch(np.zeros((8, 8, 3)), "input", (None, 8, 8, 3))
+    with pytest.raises(RuntimeBackendError, match="dimension 3 is 1, expected 3"):
+        check_batch(np.zeros((2, 8, 8, 1)), "input", (None, 8, 8, 3))
+    with pytest.raises(RuntimeBackendError, match="empty"):
+        check_batch(np.zeros((0, 8, 8, 3)), "input", (None, 8, 8, 3))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("10.13.0.35", (10, 13, 0, 35)), ("1.23.0rc1", (1, 23, 0)), ("11.0", (11, 0)), ("2", (2,))],
+)
+def test_version_tuple(text: str, expected: tuple[int, ...]) -> None:
+    assert version_tuple(text) == expected
+
+
+def test_version_tuple_rejects_garbage() -> None:
+    with pytest.raises(RuntimeBackendError, match="cannot parse"):
+        version_tuple("unknown")
+
+
+def test_check_same_version() -> None:
+    check_same_version(Path("e"), "TensorRT", "10.13.0.35", "10.13.0.40", 3)
+    with pytest.raises(RuntimeBackendError, match=r"built with TensorRT 10\.3\.0.*11\.0\.1.*major"):
+        check_same_version(Path("e"), "TensorRT", "10.3.0", "11.0.1", 1)
+    with pytest.raises(RuntimeBackendError, match=r"major\.minor\.patch"):
+        check_same_version(Path("e"), "TensorRT", "10.3.0", "10.4.0", 3)
+
+
+def test_metadata_round_trip_and_validation() -> None:
+    meta = EngineMetadata(
+        runtime="tensorrt",
+        runtime_version="10.13.0",
+        source_onnx="/m.onnx",
+        source_sha256="ab",
+        input_name="input",
+        input_shape=(None, 8, 8, 3),
+        output_name="logits",
+        batch_profile=(1, 8, 64),
+        build_options={"fp16": True},
+        device={"name": "GPU"},
+    )
+    assert EngineMetadata.from_dict(json.loads(json.dumps(meta.to_dict())), Path("x")) == meta
+    broken = meta.to_dict()
+    del broken["input_name"]
+    with pytest.raises(RuntimeBackendError, match=r"x\.json: malformed engine metadata"):
+        EngineMetadata.from_dict(broken, Path("x.json"))
+    with pytest.raises(RuntimeBackendError, match="format"):
+        EngineMetadata.from_dict({**meta.to_dict(), "format": "other/9"}, Path("x.json"))
+
+
+def test_unknown_runtime_options_are_rejected() -> None:
+    with pytest.raises(
+        RuntimeBackendError, match=r"unknown onnxruntime runtime option\(s\) \['thread'\]"
+    ):
+        options_from_kwargs(OrtBuildOptions, "onnxruntime", {"thread": 2})
+
+
+def test_physical_cores_is_positive() -> None:
+    assert physical_cores() >= 1
+
+
+def test_build_engine_argument_errors(tmp_path: Path) -> None:
+    model = save_model(make_model(), tmp_path / "m.onnx")
+    with pytest.raises(RuntimeBackendError, match="runtime must be one of"):
+        build_engine(model, tmp_path / "e", runtime="tvm")  # type: ignore[arg-type]
+    with pytest.raises(RuntimeBackendError, match=r"ONNX file .*missing\.onnx does not exist"):
+        build_engine(tmp_path / "missing.onnx", tmp_path / "e.onnx")
+    with pytest.raises(RuntimeBackendError, match="batch_profile"):
+        build_engine(model, tmp_path / "e.onnx", batch_profile=(8, 1, 64))
+    assert not (tmp_path / "e.onnx").exists()
+
+
+def test_load_engine_errors(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeBackendError, match=r"nope\.plan does not exist"):
+        load_engine(tmp_path / "nope.plan")
+    junk = tmp_path / "junk.plan"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(
+        RuntimeBackendError, match=r"junk\.plan is neither an ONNX model nor a TensorRT engine"
+    ):
+        load_engine(junk)
+    sidecar_path(junk).write_text("{not json")
+    with pytest.raises(RuntimeBackendError, match=r"junk\.plan\.json: unreadable engine metadata"):
+        load_engine(junk)
+    sidecar_path(junk).write_text(json.dumps({"format": "qatflow-engine/1", "runtime": "x"}))
+    with pytest.raises(RuntimeBackendError, match="malformed"):
+        load_engine(junk)
+    with pytest.raises(RuntimeBackendError, match="threads must be a positive integer"):
+        load_engine(junk, threads=0)
