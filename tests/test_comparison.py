@@ -23,7 +23,7 @@ LABELS = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 5])  # 10 images, 6 classes
 
 
 def make_result(
-    predictions: Sequence[int],
+    predictions: Sequence[int] | np.ndarray,
     labels: np.ndarray = LABELS,
     *,
     latency_ms: Sequence[float] = (2.0, 2.0, 2.0, 4.0),
@@ -138,7 +138,10 @@ def test_markdown_and_text_views(results: dict[str, EvaluationResult]) -> None:
     comparison = compare(results)
     markdown = comparison.to_markdown()
     lines = markdown.splitlines()
-    assert lines[0].startswith("| Variant | Top-1 (%) | Top-5 (%) | Delta vs fp32 top-1 (pts)")
+    assert lines[0] == (
+        "| Variant | Top-1 (%) | Top-5 (%) | Delta top-1 (pts) | Agree (%) | p50 (ms) | p99 (ms) "
+        "| Speedup | Img/s | Size (MB) |"
+    )
     assert lines[1].startswith("|---|---:|")
     assert lines[2] == (
         "| fp32 | 90.00 | 90.00 | baseline | baseline | 2.000 | 3.940 | baseline | 50.0 | 4.000 |"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,11 +43,11 @@ HEADERS = (
     "Top-1 (%)",
     "Top-5 (%)",
     "Delta top-1 (pts)",
-    "Agreement (%)",
+    "Agree (%)",
     "p50 (ms)",
     "p99 (ms)",
-    "Speedup (p50)",
-    "Throughput (img/s)",
+    "Speedup",
+    "Img/s",
     "Size (MB)",
 )
 
@@ -80,9 +80,7 @@ class Comparison:
 
     def table(self) -> tuple[tuple[str, ...], list[list[str]]]:
         """Column headers and formatted cells, shared by the Markdown, text and HTML views."""
-        headers = tuple(h.replace("Delta", f"Delta vs {self.baseline}") for h in HEADERS)
-        headers = tuple(h.replace("Agreement", f"Agreement w/ {self.baseline}") for h in headers)
-        return headers, [self._cells(row) for row in self.rows]
+        return HEADERS, [self._cells(row) for row in self.rows]
 
     def _cells(self, row: ComparisonRow) -> list[str]:
         is_base = row.variant == self.baseline
@@ -102,14 +100,10 @@ class Comparison:
     def to_markdown(self) -> str:
         """GitHub-flavoured Markdown table, followed by the notes as a list."""
         headers, rows = self.table()
-        lines = [
-            "| " + " | ".join(headers) + " |",
-            "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|",
-            *("| " + " | ".join(cells) + " |" for cells in rows),
-        ]
+        text = markdown_table(headers, rows)
         if self.notes:
-            lines += ["", *(f"- {note}" for note in self.notes)]
-        return "\n".join(lines) + "\n"
+            text += "\n" + "".join(f"- {note}\n" for note in self.notes)
+        return text
 
     def to_text(self) -> str:
         """Fixed-width table for the terminal, followed by the notes."""
@@ -161,6 +155,19 @@ class Comparison:
             return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
         except (OSError, json.JSONDecodeError, DataError) as exc:
             raise DataError(f"cannot read comparison {path}: {exc}") from exc
+
+
+def markdown_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], *, numeric: bool = True
+) -> str:
+    """A Markdown pipe table; with ``numeric`` all columns but the first are right-aligned."""
+    rule = "---:" if numeric else "---"
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join(["---"] + [rule] * (len(headers) - 1)) + "|",
+        *("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |" for cells in rows),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def compare(results: Mapping[str, EvaluationResult], *, baseline: str = "fp32") -> Comparison:

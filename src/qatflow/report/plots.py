@@ -1,0 +1,157 @@
+"""Report plots as PNG bytes (matplotlib Agg, no pyplot state)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from qatflow.comparison import Comparison
+from qatflow.evaluation import EvaluationResult
+
+MAX_CLASS_BARS = 40
+_DPI = 120
+_LOG_SPREAD = 20.0
+
+
+def variant_colors(variants: list[str]) -> dict[str, str]:
+    """One fixed colour per variant, the same in every plot."""
+    palette = [f"C{i}" for i in range(10)]
+    return {name: palette[i % len(palette)] for i, name in enumerate(variants)}
+
+
+def accuracy_vs_latency(comparison: Comparison) -> bytes:
+    """Scatter of top-1 accuracy against batch-1 p50 latency, one point per variant."""
+    colors = variant_colors(comparison.variants)
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for row in comparison.rows:
+        tail = max(row.latency_p99_ms - row.latency_p50_ms, 0.0)
+        ax.errorbar(
+            row.latency_p50_ms,
+            100 * row.top1,
+            xerr=[[0.0], [tail]],
+            fmt="o",
+            markersize=9,
+            capsize=4,
+            color=colors[row.variant],
+            label=f"{row.variant} ({row.runtime})",
+        )
+        ax.annotate(
+            row.variant,
+            (row.latency_p50_ms, 100 * row.top1),
+            textcoords="offset points",
+            xytext=(8, 8),
+            fontsize=9,
+        )
+    base = comparison.row(comparison.baseline)
+    ax.axhline(
+        100 * base.top1,
+        color="grey",
+        linestyle="--",
+        linewidth=0.8,
+        label=f"{comparison.baseline} top-1",
+    )
+    latencies = [row.latency_p99_ms for row in comparison.rows]
+    latencies += [row.latency_p50_ms for row in comparison.rows]
+    if max(latencies) / max(min(latencies), 1e-9) > _LOG_SPREAD:
+        ax.set_xscale("log")
+    ax.margins(x=0.25, y=0.3)
+    ax.set_xlabel("batch-1 latency (ms): dot = p50, whisker = p99")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title("Accuracy vs latency (up and left is better)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _png(fig)
+
+
+def per_class_change(
+    comparison: Comparison, results: Mapping[str, EvaluationResult]
+) -> bytes | None:
+    """Bars of per-class top-1 change vs the baseline, one panel per other variant.
+
+    With more than ``MAX_CLASS_BARS`` classes only the largest changes are shown, worst
+    first. Returns
+    ``None`` when there is no variant besides the baseline.
+    """
+    others = [name for name in comparison.variants if name != comparison.baseline]
+    if not others:
+        return None
+    base = results[comparison.baseline]
+    names = base.class_names
+    fig = Figure(
+        figsize=(max(7.0, 0.28 * min(len(names), MAX_CLASS_BARS) + 2), 2.8 * len(others) + 0.6),
+        layout="constrained",
+    )
+    axes = fig.subplots(len(others), 1, squeeze=False, sharey=True)[:, 0]
+    for ax, name in zip(axes, others, strict=True):
+        deltas = [
+            (label, 100 * (new - old))
+            for label, new, old in zip(
+                names,
+                results[name].metrics.per_class_accuracy,
+                base.metrics.per_class_accuracy,
+                strict=True,
+            )
+            if new is not None and old is not None
+        ]
+        title = f"{name} vs {comparison.baseline}"
+        if len(deltas) > MAX_CLASS_BARS:
+            largest = sorted(deltas, key=lambda item: -abs(item[1]))[:MAX_CLASS_BARS]
+            deltas = sorted(largest, key=lambda item: item[1])
+            title += f" ({MAX_CLASS_BARS} largest changes of {len(names)} classes)"
+        labels = [label for label, _ in deltas]
+        values = [value for _, value in deltas]
+        colors = ["tab:red" if v < 0 else "tab:green" for v in values]
+        ax.bar(range(len(values)), values, color=colors)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(values)), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("change (points)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle("Per-class top-1 accuracy change")
+    return _png(fig)
+
+
+def latency_distribution(comparison: Comparison, results: Mapping[str, EvaluationResult]) -> bytes:
+    """Box plot of the raw batch-1 latency samples of every variant."""
+    variants = comparison.variants
+    colors = variant_colors(variants)
+    samples = [results[name].latency.samples_ms for name in variants]
+    fig = Figure(figsize=(7, 1.0 + 0.7 * len(variants)), layout="constrained")
+    ax = fig.add_subplot()
+    boxes = ax.boxplot(
+        samples,
+        orientation="horizontal",
+        tick_labels=variants,
+        patch_artist=True,
+        whis=(1, 99),
+        flierprops={"markersize": 3, "alpha": 0.5},
+        medianprops={"color": "black"},
+    )
+    for patch, name in zip(boxes["boxes"], variants, strict=True):
+        patch.set_facecolor(colors[name])
+        patch.set_alpha(0.6)
+    low = min(min(s) for s in samples)
+    high = max(max(s) for s in samples)
+    if high / max(low, 1e-9) > _LOG_SPREAD:
+        ax.set_xscale("log")
+    ax.invert_yaxis()
+    counts = sorted({len(s) for s in samples})
+    ax.set_xlabel(
+        "batch-1 latency (ms): box = quartiles, whiskers = p1-p99, "
+        f"{'/'.join(map(str, counts))} samples"
+    )
+    ax.set_title("Latency distribution")
+    ax.grid(True, axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def _png(fig: Figure) -> bytes:
+    """Render with the Agg canvas (no pyplot, no global backend switch)."""
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI)
+    return buffer.getvalue()

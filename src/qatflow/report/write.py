@@ -1,0 +1,151 @@
+"""``write_report``: the comparison as Markdown (plots as files) and self-contained HTML."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from qatflow.comparison import Comparison, markdown_table
+from qatflow.errors import DataError, PipelineError
+from qatflow.evaluation import EvaluationResult
+from qatflow.report import plots
+from qatflow.report.html import render_page
+from qatflow.storage import atomic_output
+
+PLOT_DIR = "plots"
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """Paths of the written report: Markdown, HTML, and each plot PNG by name."""
+
+    markdown: Path
+    html: Path
+    plots: dict[str, Path]
+
+
+def write_report(
+    comparison: Comparison,
+    results: Mapping[str, EvaluationResult],
+    output_dir: str | os.PathLike[str],
+    *,
+    title: str,
+    extra_sections: Mapping[str, str] | None = None,
+) -> ReportFiles:
+    """Write ``report.md``, ``report.html`` and ``plots/*.png`` into ``output_dir``.
+
+    ``results`` must hold every variant of ``comparison`` (the plots need per-class accuracy
+    and the raw latency samples). ``extra_sections`` maps a heading to Markdown, e.g. a
+    placement summary table. Everything is rendered before anything is written, and each
+    file is written atomically.
+    """
+    if not title.strip():
+        raise PipelineError("title must not be empty")
+    missing = [name for name in comparison.variants if name not in results]
+    if missing:
+        raise DataError(
+            f"results lacks {missing}, which the comparison has; pass the EvaluationResult "
+            f"of every compared variant"
+        )
+    images = _render_plots(comparison, results)
+    markdown = _markdown(comparison, results, title, images, extra_sections or {})
+    page = render_page(
+        markdown, title=title, images={_plot_ref(name): png for name, png in images.items()}
+    )
+
+    out = Path(output_dir)
+    plot_paths = {name: out / _plot_ref(name) for name in images}
+    for name, path in plot_paths.items():
+        with atomic_output(path) as tmp:
+            tmp.write_bytes(images[name])
+    files = ReportFiles(markdown=out / "report.md", html=out / "report.html", plots=plot_paths)
+    with atomic_output(files.markdown) as tmp:
+        tmp.write_text(markdown, encoding="utf-8")
+    with atomic_output(files.html) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return files
+
+
+def _render_plots(
+    comparison: Comparison, results: Mapping[str, EvaluationResult]
+) -> dict[str, bytes]:
+    images = {"accuracy_vs_latency": plots.accuracy_vs_latency(comparison)}
+    per_class = plots.per_class_change(comparison, results)
+    if per_class is not None:
+        images["per_class_change"] = per_class
+    images["latency_distribution"] = plots.latency_distribution(comparison, results)
+    return images
+
+
+_PLOT_SECTIONS = {
+    "accuracy_vs_latency": "Accuracy vs latency",
+    "per_class_change": "Per-class accuracy change",
+    "latency_distribution": "Latency distribution (batch 1)",
+}
+
+
+def _markdown(
+    comparison: Comparison,
+    results: Mapping[str, EvaluationResult],
+    title: str,
+    images: Mapping[str, bytes],
+    extra_sections: Mapping[str, str],
+) -> str:
+    base = comparison.baseline
+    reference = results[base]
+    throughput_batch = reference.throughput.batch_size
+    generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [
+        f"# {title}",
+        f"Generated {generated} by qatflow. Baseline: `{base}`; "
+        f"{reference.num_samples} test images, {len(reference.class_names)} classes.",
+        "## Comparison",
+        comparison.to_markdown(),
+        f"Top-1/Top-5 in %. *Delta top-1* is the change vs `{base}` in percentage points. "
+        f"*Agree* is the share of test images whose top-1 class equals `{base}`'s. "
+        f"*Speedup* is `{base}` p50 / variant p50 at batch 1. *Img/s* is throughput at "
+        f"batch {throughput_batch}. Top-5 is n/a with five classes or fewer.",
+    ]
+    for name in images:
+        parts += [f"## {_PLOT_SECTIONS[name]}", f"![{_PLOT_SECTIONS[name]}]({_plot_ref(name)})"]
+    for heading, body in extra_sections.items():
+        parts += [f"## {heading}", body.strip()]
+    parts += ["## Measurement details", _details(comparison, results)]
+    return "\n\n".join(part.strip("\n") for part in parts) + "\n"
+
+
+def _details(comparison: Comparison, results: Mapping[str, EvaluationResult]) -> str:
+    headers = (
+        "Variant",
+        "Model",
+        "Runtime",
+        "Device",
+        "Threads",
+        "Latency runs (warm-up)",
+        "Throughput batch x runs (warm-up)",
+        "Evaluated",
+    )
+    rows = []
+    for name in comparison.variants:
+        result = results[name]
+        latency, throughput = result.latency, result.throughput
+        rows.append(
+            [
+                name,
+                f"`{result.source}`",
+                f"{result.runtime} {result.runtime_version}",
+                result.device,
+                "n/a" if result.threads is None else str(result.threads),
+                f"{latency.iterations} at batch {latency.batch_size} ({latency.warmup})",
+                f"{throughput.batch_size} x {throughput.iterations} ({throughput.warmup})",
+                result.created_at,
+            ]
+        )
+    return markdown_table(headers, rows, numeric=False)
+
+
+def _plot_ref(name: str) -> str:
+    return f"{PLOT_DIR}/{name}.png"

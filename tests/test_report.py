@@ -1,0 +1,134 @@
+"""write_report(): Markdown + self-contained HTML with the table and plots, written atomically."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+from tests.test_comparison import FP32, PTQ, QAT, make_result
+
+from qatflow.comparison import compare
+from qatflow.errors import DataError, PipelineError
+from qatflow.evaluation import EvaluationResult
+from qatflow.report import write_report
+from qatflow.report.html import markdown_to_html
+
+PLACEMENT = "| Layer | Case |\n|---|---|\n| conv2d | conv+relu |\n| add | residual <b>add</b> |\n"
+
+
+@pytest.fixture
+def results() -> dict[str, EvaluationResult]:
+    rng = np.random.default_rng(0)
+    return {
+        "fp32": make_result(FP32, latency_ms=list(rng.gamma(20, 0.1, 50))),
+        "ptq_int8": make_result(PTQ, latency_ms=list(rng.gamma(20, 0.05, 50))),
+        "qat_int8": make_result(QAT, latency_ms=list(rng.gamma(20, 0.05, 50))),
+    }
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    height, width = imread(io.BytesIO(data), format="png").shape[:2]
+    return width, height
+
+
+def test_markdown_and_html_hold_table_plots_and_extra_sections(
+    results: dict[str, EvaluationResult], tmp_path: Path
+) -> None:
+    comparison = compare(results)
+    files = write_report(
+        comparison,
+        results,
+        tmp_path / "report",
+        title="FP32 vs PTQ vs QAT",
+        extra_sections={"Q/DQ placement": PLACEMENT},
+    )
+    assert files.markdown == tmp_path / "report" / "report.md"
+    assert set(files.plots) == {"accuracy_vs_latency", "per_class_change", "latency_distribution"}
+    for path in files.plots.values():
+        width, height = _png_size(path.read_bytes())
+        assert width >= 600 and height >= 200
+
+    markdown = files.markdown.read_text()
+    assert markdown.startswith("# FP32 vs PTQ vs QAT\n")
+    for line in comparison.to_markdown().splitlines():
+        assert line in markdown
+    for name in files.plots:
+        assert f"](plots/{name}.png)" in markdown
+    assert "## Q/DQ placement\n\n| Layer | Case |" in markdown
+    assert (
+        "| qat_int8 | `onnxruntime-model` | onnxruntime 1.0 | cpu | 2 | 50 at batch 1" in markdown
+    )
+
+    page = files.html.read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<title>FP32 vs PTQ vs QAT</title>" in page
+    for row in comparison.rows:
+        assert f"<tr><td>{row.variant}</td>" in page
+    assert '<td style="text-align:right">-20.00</td>' in page  # PTQ delta, right-aligned
+    assert "<td>residual &lt;b&gt;add&lt;/b&gt;</td>" in page  # extra section escaped
+    assert "plots/" not in page  # self-contained
+    embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert sorted(base64.b64decode(e) for e in embedded) == sorted(
+        p.read_bytes() for p in files.plots.values()
+    )
+
+
+def test_only_baseline_and_one_variant_and_rewrite(
+    results: dict[str, EvaluationResult], tmp_path: Path
+) -> None:
+    subset = {"fp32": results["fp32"], "qat_int8": results["qat_int8"]}
+    files = write_report(compare(subset), subset, tmp_path, title="two")
+    assert "| ptq_int8 |" not in files.markdown.read_text()
+    alone = {"fp32": results["fp32"]}
+    files = write_report(compare(alone), alone, tmp_path, title="baseline only")
+    assert set(files.plots) == {"accuracy_vs_latency", "latency_distribution"}
+    assert "per_class_change" not in files.markdown.read_text()
+    assert files.html.read_text().count("data:image/png;base64,") == 2
+
+
+def test_many_classes_show_only_the_largest_changes(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 100, 2000)
+    noisy = np.where(rng.random(2000) < 0.2, rng.integers(0, 100, 2000), labels)
+    many = {
+        "fp32": make_result(labels, labels, num_classes=100),
+        "qat_int8": make_result(noisy, labels, num_classes=100),
+    }
+    files = write_report(compare(many), many, tmp_path, title="100 classes")
+    width, _ = _png_size(files.plots["per_class_change"].read_bytes())
+    assert width < 2000  # 40 bars, not 100
+
+
+def test_errors_leave_nothing_behind(results: dict[str, EvaluationResult], tmp_path: Path) -> None:
+    comparison = compare(results)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"results lacks \['qat_int8'\]"):
+        write_report(
+            comparison, {k: v for k, v in results.items() if k != "qat_int8"}, out, title="x"
+        )
+    with pytest.raises(PipelineError, match="title"):
+        write_report(comparison, results, out, title=" ")
+    assert not out.exists()
+
+
+def test_markdown_subset_to_html() -> None:
+    text = (
+        "## Head *x*\n\nline one\nline two with `a*b*c` and **bold** and [link](https://x.org)\n\n"
+        "- item <1>\n* item 2\n\n```\n<raw> | code\n```\n"
+        "| a | b | c |\n|:---|:---:|---:|\n| 1 | x \\| y | 3 |\n"
+    )
+    html = markdown_to_html(text, images={})
+    assert "<h2>Head <em>x</em></h2>" in html
+    assert "<p>line one line two with <code>a*b*c</code> and <strong>bold</strong>" in html
+    assert '<a href="https://x.org">link</a>' in html
+    assert "<ul><li>item &lt;1&gt;</li><li>item 2</li></ul>" in html
+    assert "<pre><code>&lt;raw&gt; | code</code></pre>" in html
+    assert '<th style="text-align:left">a</th><th style="text-align:center">b</th>' in html
+    assert '<td style="text-align:center">x | y</td><td style="text-align:right">3</td>' in html
+    image = markdown_to_html("![plot](p.png) ![other](q.png)", images={"p.png": b"PNG"})
+    assert 'src="data:image/png;base64,UE5H"' in image and 'src="q.png"' in image
