@@ -1,0 +1,659 @@
+"""MLflow tracking: one parent run per pipeline run, one child run per variant, a champion gate.
+
+Runs are addressed by id through ``MlflowClient`` (no fluent "active run" state), so a KFP task
+in another process can add a child run given only the parent run id, and an inherited
+``MLFLOW_RUN_ID`` cannot hijack it. When MLflow cannot be reached, the tracker warns once and
+keeps everything it was asked to log in ``<output>/mlflow-offline/<run id>.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from qatflow.errors import QatflowError
+from qatflow.storage import atomic_output
+
+log = logging.getLogger("qatflow.tracking")
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "qatflow"
+VARIANTS = ("fp32", "ptq_int8", "qat_int8")
+PRECISION = {"fp32": "fp32", "ptq_int8": "int8", "qat_int8": "int8"}
+METRIC_KEYS = (
+    "accuracy_top1",
+    "accuracy_top5",
+    "latency_ms_p50",
+    "latency_ms_p99",
+    "throughput_ips",
+    "size_mb",
+    "speedup_vs_fp32",
+    "accuracy_delta_vs_fp32",
+)
+CHAMPION_ALIAS = "champion"
+ACCURACY_TAG = "qatflow.accuracy_top1"
+PARENT_TAG = "mlflow.parentRunId"
+OFFLINE_PREFIX = "offline-"
+REDACTED = "***"
+VERSIONED_PACKAGES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "tensorrt", "mlflow")
+
+_SECRET_KEY = re.compile(
+    r"password|passwd|secret|token|access_?key|credential|api_?key|private_?key", re.IGNORECASE
+)
+_URI_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+_SECRET_QUERY = re.compile(
+    r"(?P<name>[?&][^=&\s]*(?:token|signature|secret|password|credential|key)[^=&\s]*=)[^&\s]*",
+    re.IGNORECASE,
+)
+_ONNX_SERVING = ("onnx", "onnxruntime")
+_MAX_BATCH = 100
+_EPSILON = 1e-9
+
+
+class TrackingError(QatflowError):
+    """An MLflow call that failed while the server was reachable, or bad tracking input."""
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Outcome of the champion gate for one registered model version."""
+
+    promoted: bool
+    model_name: str
+    version: str
+    candidate_accuracy: float
+    fp32_accuracy: float
+    champion_version: str | None
+    champion_accuracy: float | None
+    reasons: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form of the decision."""
+        return {**asdict(self), "reasons": list(self.reasons)}
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    """The tracking URI: the parameter, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def redact_text(text: str) -> str:
+    """Strip ``user:pass@`` from URIs and blank secret-looking query parameters."""
+    text = _URI_USERINFO.sub(r"\g<scheme>", text)
+    return _SECRET_QUERY.sub(rf"\g<name>{REDACTED}", text)
+
+
+def redact(key: str, value: object) -> str:
+    """``value`` as a string, fully hidden when ``key`` looks secret, else with URIs cleaned."""
+    if _SECRET_KEY.search(key):
+        return REDACTED
+    return redact_text(str(value))
+
+
+def flatten_params(params: Mapping[str, object], prefix: str = "") -> dict[str, str]:
+    """Flatten nested mappings to dotted keys and redact every value."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            nested = flatten_params(value, f"{name}.")
+            flat.update(nested if not _SECRET_KEY.search(name) else dict.fromkeys(nested, REDACTED))
+        else:
+            flat[name] = redact(name, value)
+    return flat
+
+
+def package_versions(packages: tuple[str, ...] = VERSIONED_PACKAGES) -> dict[str, str]:
+    """Installed versions of ``packages`` (``"not installed"`` when missing), without importing."""
+    versions: dict[str, str] = {}
+    for name in packages:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Temporarily set environment variables (used for MLflow's HTTP retry settings)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (used by ``log_model``) at ``uri`` for the block only."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+class Tracker:
+    """Log a pipeline run and its variants to MLflow, or to offline JSON when MLflow is down.
+
+    Args:
+        output_dir: the run's output folder; offline records go to ``<output_dir>/mlflow-offline``.
+        tracking_uri: overrides ``MLFLOW_TRACKING_URI``; default ``sqlite:///mlflow.db``.
+        experiment: MLflow experiment name, created if missing.
+        probe_timeout: seconds the reachability probe may take (no retries).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike[str],
+        *,
+        tracking_uri: str | None = None,
+        experiment: str = DEFAULT_EXPERIMENT,
+        probe_timeout: float = 5.0,
+    ) -> None:
+        from mlflow import MlflowClient
+
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.experiment = experiment
+        self.offline_dir = Path(output_dir) / "mlflow-offline"
+        self.probe_timeout = probe_timeout
+        self.offline_reason: str | None = None
+        self._client = MlflowClient(self.tracking_uri)
+        self._experiment_id = ""
+        try:
+            with self._probe_env():
+                self._experiment_id = self._ensure_experiment()
+        except Exception as err:
+            self._go_offline(f"cannot reach MLflow: {err}")
+
+    @property
+    def offline(self) -> bool:
+        """True once MLflow was found unreachable; everything then goes to offline JSON."""
+        return self.offline_reason is not None
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    def start_pipeline_run(
+        self,
+        run_name: str | None = None,
+        *,
+        params: Mapping[str, object] | None = None,
+        tags: Mapping[str, object] | None = None,
+    ) -> str:
+        """Create the parent run of one pipeline run (left RUNNING) and return its id.
+
+        ``params`` (model, dataset, training and quantization settings) are flattened and
+        redacted; package versions are added as ``version.<package>``.
+        """
+        all_tags = {"qatflow.role": "pipeline", **(tags or {})}
+        run_id = self._create_run(run_name, self._experiment_id, all_tags, parent_run_id=None)
+        versions = {f"version.{name}": value for name, value in package_versions().items()}
+        self.log_params(run_id, {**(params or {}), **versions})
+        return run_id
+
+    def start_variant_run(
+        self,
+        parent_run_id: str,
+        variant: str,
+        *,
+        params: Mapping[str, object] | None = None,
+    ) -> str:
+        """Create the child run for ``variant`` under ``parent_run_id`` and return its id.
+
+        Works from any process: the parent is looked up by id and the child lands in the
+        parent's experiment, tagged ``variant`` and ``precision``.
+        """
+        if variant not in VARIANTS:
+            raise TrackingError(f"variant {variant!r} is not one of {', '.join(VARIANTS)}")
+        experiment_id = self._experiment_id
+        if not self.offline and not parent_run_id.startswith(OFFLINE_PREFIX):
+            try:
+                experiment_id = self._client.get_run(parent_run_id).info.experiment_id
+            except Exception as err:
+                if self._reachable():
+                    raise TrackingError(
+                        f"parent_run_id {parent_run_id!r} is not a run at "
+                        f"{redact_text(self.tracking_uri)}: {redact_text(str(err))}"
+                    ) from err
+                self._go_offline(f"looking up parent run failed: {err}")
+        tags = {"variant": variant, "precision": PRECISION[variant]}
+        run_id = self._create_run(variant, experiment_id, tags, parent_run_id=parent_run_id)
+        if params:
+            self.log_params(run_id, params)
+        return run_id
+
+    def end_run(self, run_id: str, *, failed: bool = False) -> None:
+        """Mark ``run_id`` FINISHED (or FAILED)."""
+        status = "FAILED" if failed else "FINISHED"
+        self._apply(
+            run_id,
+            f"ending run {run_id}",
+            lambda: self._client.set_terminated(run_id, status),
+            lambda doc: doc.update(status=status, end_time=_now_ms()),
+        )
+
+    @contextlib.contextmanager
+    def ending(self, run_id: str) -> Iterator[str]:
+        """Yield ``run_id`` and end it afterwards: FAILED if the block raised, else FINISHED."""
+        try:
+            yield run_id
+        except BaseException:
+            self.end_run(run_id, failed=True)
+            raise
+        self.end_run(run_id)
+
+    # -- params, metrics, tags, artifacts -------------------------------------------------------
+
+    def log_params(self, run_id: str, params: Mapping[str, object]) -> None:
+        """Log flattened, redacted params (nested mappings become dotted keys)."""
+        from mlflow.entities import Param
+
+        flat = flatten_params(params)
+        entities = [Param(key, value) for key, value in flat.items()]
+        self._apply(
+            run_id,
+            f"logging params to run {run_id}",
+            lambda: self._log_batch(run_id, params=entities),
+            lambda doc: doc["params"].update(flat),
+        )
+
+    def log_metrics(
+        self, run_id: str, metrics: Mapping[str, float], *, step: int | None = None
+    ) -> None:
+        """Log any metrics (use ``log_variant_metrics`` for the comparison set)."""
+        from mlflow.entities import Metric
+
+        values = {key: float(value) for key, value in metrics.items()}
+        stamp = _now_ms()
+        entities = [Metric(key, value, stamp, step or 0) for key, value in values.items()]
+        self._apply(
+            run_id,
+            f"logging metrics to run {run_id}",
+            lambda: self._log_batch(run_id, metrics=entities),
+            lambda doc: doc["metrics"].update(values),
+        )
+
+    def log_variant_metrics(self, run_id: str, metrics: Mapping[str, float]) -> None:
+        """Log exactly the ``METRIC_KEYS`` set, so every variant lines up in the compare view."""
+        missing = [key for key in METRIC_KEYS if key not in metrics]
+        unknown = sorted(set(metrics) - set(METRIC_KEYS))
+        if missing or unknown:
+            raise TrackingError(
+                f"variant metrics for run {run_id}: missing {missing}, unknown {unknown}; "
+                f"every variant logs exactly {list(METRIC_KEYS)} (extras go through log_metrics)"
+            )
+        self.log_metrics(run_id, metrics)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, object]) -> None:
+        """Set redacted tags on ``run_id``."""
+        from mlflow.entities import RunTag
+
+        clean = {key: redact(key, value) for key, value in tags.items()}
+        entities = [RunTag(key, value) for key, value in clean.items()]
+        self._apply(
+            run_id,
+            f"setting tags on run {run_id}",
+            lambda: self._log_batch(run_id, tags=entities),
+            lambda doc: doc["tags"].update(clean),
+        )
+
+    def log_artifact(
+        self, run_id: str, path: str | os.PathLike[str], artifact_path: str | None = None
+    ) -> None:
+        """Upload a file, or a folder under ``artifact_path`` (default: the folder's name)."""
+        local = Path(path)
+        if not local.exists():
+            raise TrackingError(f"artifact {local} for run {run_id} does not exist")
+        if local.is_dir():
+            target = artifact_path or local.name
+
+            def upload() -> None:
+                self._client.log_artifacts(run_id, str(local), target)
+
+        else:
+            target = artifact_path or ""
+
+            def upload() -> None:
+                self._client.log_artifact(run_id, str(local), artifact_path)
+
+        record = {"path": str(local.resolve()), "artifact_path": target}
+        self._apply(
+            run_id,
+            f"uploading {local} to run {run_id}",
+            upload,
+            lambda doc: doc["artifacts"].append(record),
+        )
+
+    # -- registry -------------------------------------------------------------------------------
+
+    def register_onnx_model(
+        self,
+        run_id: str,
+        onnx_path: str | os.PathLike[str],
+        model_name: str,
+        *,
+        accuracy_top1: float,
+    ) -> str | None:
+        """Log ``onnx_path`` with the ONNX flavor under ``run_id`` and register it.
+
+        Returns the new model version (``None`` when offline). The version is tagged with its
+        top-1 accuracy so the champion gate can compare later versions against it.
+        """
+        import mlflow.onnx
+        import onnx
+
+        source = Path(onnx_path)
+        if not source.is_file():
+            raise TrackingError(f"ONNX model {source} to register as {model_name!r} does not exist")
+        tags = {ACCURACY_TAG: str(accuracy_top1), "variant": "qat_int8", "precision": "int8"}
+        # Pinned here: MLflow would otherwise infer them in a subprocess (seconds per model).
+        requirements = [f"{name}=={v}" for name, v in package_versions(_ONNX_SERVING).items()]
+        registered: list[str] = []
+
+        def register() -> None:
+            with _global_tracking_uri(self.tracking_uri):
+                info = mlflow.onnx.log_model(
+                    onnx.load(str(source)),
+                    name="model",
+                    registered_model_name=model_name,
+                    run_id=run_id,
+                    pip_requirements=requirements,
+                )
+            version = str(info.registered_model_version)
+            for key, value in tags.items():
+                self._client.set_model_version_tag(model_name, version, key, value)
+            registered.append(version)
+
+        record = {"model_name": model_name, "path": str(source.resolve()), "tags": tags}
+        self._apply(
+            run_id,
+            f"registering {source} as {model_name!r}",
+            register,
+            lambda doc: doc["registered_models"].append(record),
+        )
+        return registered[0] if registered else None
+
+    def champion(self, model_name: str) -> tuple[str, float | None] | None:
+        """The current champion's version and recorded top-1 accuracy, or None if there is none."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            current = self._client.get_model_version_by_alias(model_name, CHAMPION_ALIAS)
+        except MlflowException as err:
+            if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
+        recorded: str | float | None = current.tags.get(ACCURACY_TAG)
+        if recorded is None and current.run_id:
+            recorded = self._client.get_run(current.run_id).data.metrics.get("accuracy_top1")
+        return str(current.version), None if recorded is None else float(recorded)
+
+    def promote_if_better(
+        self,
+        model_name: str,
+        version: str,
+        candidate_accuracy: float,
+        fp32_accuracy: float,
+        *,
+        max_fp32_gap: float,
+        min_improvement: float = 0.0,
+    ) -> GateDecision:
+        """Move the ``champion`` alias to ``version`` only if it passes both gates.
+
+        Gate 1: ``fp32_accuracy - candidate_accuracy <= max_fp32_gap``.
+        Gate 2: ``candidate_accuracy >= champion_accuracy + min_improvement`` (a negative
+        ``min_improvement`` tolerates a small regression); passes when there is no champion.
+        The decision is returned, logged, and tagged on the model version.
+        """
+        if max_fp32_gap < 0:
+            raise TrackingError(f"max_fp32_gap must be >= 0, got {max_fp32_gap}")
+        version = str(version)
+        decisions = [
+            GateDecision(
+                promoted=False,
+                model_name=model_name,
+                version=version,
+                candidate_accuracy=candidate_accuracy,
+                fp32_accuracy=fp32_accuracy,
+                champion_version=None,
+                champion_accuracy=None,
+                reasons=("MLflow unreachable: registry not updated",),
+            )
+        ]
+
+        def gate() -> None:
+            decision = self._decide(
+                model_name,
+                version,
+                candidate_accuracy,
+                fp32_accuracy,
+                max_fp32_gap,
+                min_improvement,
+            )
+            if decision.promoted:
+                self._client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version)
+            outcome = "promoted" if decision.promoted else "refused"
+            self._client.set_model_version_tag(model_name, version, "qatflow.gate", outcome)
+            self._client.set_model_version_tag(
+                model_name, version, "qatflow.gate_reasons", "; ".join(decision.reasons)
+            )
+            decisions.append(decision)
+
+        self._apply(
+            "registry",
+            f"champion gate for {model_name!r} version {version}",
+            gate,
+            lambda doc: doc["gate_decisions"].append(decisions[0].to_dict()),
+        )
+        decision = decisions[-1]
+        log.info(
+            "champion gate for %s v%s: %s (%s)",
+            model_name,
+            version,
+            "promoted" if decision.promoted else "refused",
+            "; ".join(decision.reasons),
+        )
+        return decision
+
+    def _decide(
+        self,
+        model_name: str,
+        version: str,
+        candidate: float,
+        fp32: float,
+        max_fp32_gap: float,
+        min_improvement: float,
+    ) -> GateDecision:
+        gap = fp32 - candidate
+        fp32_ok = gap <= max_fp32_gap + _EPSILON
+        verdict = "within" if fp32_ok else "exceeds"
+        reasons = [f"FP32 gap {gap:.4f} {verdict} max_fp32_gap {max_fp32_gap:.4f}"]
+        current = self.champion(model_name)
+        champion_version, champion_accuracy = current if current else (None, None)
+        if current is None:
+            champion_ok = True
+            reasons.append("no current champion")
+        elif champion_accuracy is None:
+            champion_ok = False
+            reasons.append(f"champion v{champion_version} has no recorded accuracy to compare")
+        else:
+            needed = champion_accuracy + min_improvement
+            champion_ok = candidate >= needed - _EPSILON
+            reasons.append(
+                f"accuracy {candidate:.4f} {'>=' if champion_ok else '<'} {needed:.4f} "
+                f"(champion v{champion_version} {champion_accuracy:.4f} "
+                f"+ min_improvement {min_improvement:.4f})"
+            )
+        return GateDecision(
+            promoted=fp32_ok and champion_ok,
+            model_name=model_name,
+            version=version,
+            candidate_accuracy=candidate,
+            fp32_accuracy=fp32,
+            champion_version=champion_version,
+            champion_accuracy=champion_accuracy,
+            reasons=tuple(reasons),
+        )
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _probe_env(self) -> contextlib.AbstractContextManager[None]:
+        return _environ(
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+            MLFLOW_HTTP_REQUEST_TIMEOUT=str(max(1, round(self.probe_timeout))),
+        )
+
+    def _ensure_experiment(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self._client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return str(found.experiment_id)
+        try:
+            return str(self._client.create_experiment(self.experiment))
+        except MlflowException:  # created meanwhile by a parallel task
+            found = self._client.get_experiment_by_name(self.experiment)
+            if found is None:
+                raise
+            return str(found.experiment_id)
+
+    def _reachable(self) -> bool:
+        try:
+            with self._probe_env():
+                self._client.search_experiments(max_results=1)
+        except Exception:
+            return False
+        return True
+
+    def _go_offline(self, reason: str) -> None:
+        first = self.offline_reason is None
+        self.offline_reason = redact_text(reason)
+        if first:
+            log.warning(
+                "MLflow at %s is unreachable (%s); tracking continues offline in %s",
+                redact_text(self.tracking_uri),
+                self.offline_reason,
+                self.offline_dir,
+            )
+
+    def _create_run(
+        self,
+        run_name: str | None,
+        experiment_id: str,
+        tags: Mapping[str, object],
+        *,
+        parent_run_id: str | None,
+    ) -> str:
+        clean = {key: redact(key, value) for key, value in tags.items()}
+        if parent_run_id:
+            clean[PARENT_TAG] = parent_run_id
+        offline_parent = bool(parent_run_id and parent_run_id.startswith(OFFLINE_PREFIX))
+        if not self.offline and not offline_parent:
+            try:
+                run = self._client.create_run(experiment_id, run_name=run_name, tags=clean)
+                return str(run.info.run_id)
+            except Exception as err:
+                if self._reachable():
+                    raise TrackingError(
+                        f"creating run {run_name!r} in experiment {self.experiment!r} failed: "
+                        f"{redact_text(str(err))}"
+                    ) from err
+                self._go_offline(f"creating run {run_name!r} failed: {err}")
+        run_id = f"{OFFLINE_PREFIX}{uuid.uuid4().hex}"
+        self._write(
+            run_id,
+            {
+                "run_id": run_id,
+                "run_name": run_name,
+                "parent_run_id": parent_run_id,
+                "experiment": self.experiment,
+                "tracking_uri": redact_text(self.tracking_uri),
+                "status": "RUNNING",
+                "start_time": _now_ms(),
+                "params": {},
+                "metrics": {},
+                "tags": clean,
+                "artifacts": [],
+                "registered_models": [],
+            },
+        )
+        return run_id
+
+    def _log_batch(
+        self,
+        run_id: str,
+        *,
+        metrics: Sequence[Any] = (),
+        params: Sequence[Any] = (),
+        tags: Sequence[Any] = (),
+    ) -> None:
+        for start in range(0, max(len(metrics), len(params), len(tags)), _MAX_BATCH):
+            window = slice(start, start + _MAX_BATCH)
+            self._client.log_batch(
+                run_id,
+                metrics=list(metrics[window]),
+                params=list(params[window]),
+                tags=list(tags[window]),
+            )
+
+    def _apply(
+        self,
+        doc_name: str,
+        what: str,
+        online: Callable[[], None],
+        offline: Callable[[dict[str, Any]], None],
+    ) -> None:
+        """Run ``online``; if MLflow is (or turns out to be) unreachable, record offline."""
+        if not self.offline and not doc_name.startswith(OFFLINE_PREFIX):
+            try:
+                online()
+                return
+            except Exception as err:
+                if self._reachable():
+                    raise TrackingError(f"{what} failed: {redact_text(str(err))}") from err
+                self._go_offline(f"{what} failed: {err}")
+        path = self.offline_dir / f"{doc_name}.json"
+        doc: dict[str, Any] = {
+            "params": {},
+            "metrics": {},
+            "tags": {},
+            "artifacts": [],
+            "registered_models": [],
+            "gate_decisions": [],
+        }
+        if path.exists():
+            doc.update(json.loads(path.read_text()))
+        offline(doc)
+        self._write(doc_name, doc)
+
+    def _write(self, doc_name: str, doc: Mapping[str, Any]) -> None:
+        with atomic_output(self.offline_dir / f"{doc_name}.json") as tmp:
+            tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,369 @@
+"""qatflow.tracking against a real `mlflow server` on 127.0.0.1 and a direct sqlite store."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import pytest
+from mlflow import MlflowClient
+from onnx import TensorProto, helper
+
+from qatflow.tracking import (
+    ACCURACY_TAG,
+    CHAMPION_ALIAS,
+    DEFAULT_TRACKING_URI,
+    METRIC_KEYS,
+    OFFLINE_PREFIX,
+    PARENT_TAG,
+    REDACTED,
+    VARIANTS,
+    Tracker,
+    TrackingError,
+    flatten_params,
+    redact_text,
+    resolve_tracking_uri,
+)
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An `mlflow server` subprocess with a sqlite backend and a local artifacts destination."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    log_file = (root / "server.log").open("w")
+    proc = subprocess.Popen(
+        [
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+        ],
+        cwd=root,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("mlflow server did not answer /health within 120 s")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log_file.close()
+
+
+@pytest.fixture
+def experiment() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def onnx_file(tmp_path: Path) -> Path:
+    """A one-node ONNX model, enough for the registry."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "tiny", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "qat_int8.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def _variant_metrics(accuracy: float) -> dict[str, float]:
+    return {key: accuracy if key.startswith("accuracy") else 1.0 for key in METRIC_KEYS}
+
+
+def _children(client: MlflowClient, parent: str) -> list:
+    experiment_id = client.get_run(parent).info.experiment_id
+    return client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent}'")
+
+
+def test_parent_and_variant_runs_line_up(
+    mlflow_server: str, experiment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tracker = Tracker(tmp_path, tracking_uri=mlflow_server, experiment=experiment)
+    assert not tracker.offline
+    parent = tracker.start_pipeline_run(
+        "nightly", params={"model": "resnet_tiny", "training": {"epochs": 2, "lr": 1e-3}}
+    )
+    # An inherited MLFLOW_RUN_ID (as KFP injects) must not turn children into the parent.
+    monkeypatch.setenv("MLFLOW_RUN_ID", parent)
+    for accuracy, variant in zip((0.91, 0.88, 0.90), VARIANTS, strict=True):
+        with tracker.ending(tracker.start_variant_run(parent, variant)) as child:
+            tracker.log_variant_metrics(child, _variant_metrics(accuracy))
+    tracker.end_run(parent)
+
+    client = MlflowClient(mlflow_server)
+    parent_run = client.get_run(parent)
+    assert parent_run.data.params["training.epochs"] == "2"
+    assert parent_run.data.params["version.tf2onnx"] != "not installed"
+    assert {"version.tensorflow", "version.onnxruntime", "version.tensorrt"} <= set(
+        parent_run.data.params
+    )
+    assert parent_run.info.status == "FINISHED"
+    children = _children(client, parent)
+    assert sorted(run.data.tags["variant"] for run in children) == sorted(VARIANTS)
+    assert {run.data.tags["variant"]: run.data.tags["precision"] for run in children} == {
+        "fp32": "fp32",
+        "ptq_int8": "int8",
+        "qat_int8": "int8",
+    }
+    for run in children:
+        assert set(run.data.metrics) == set(METRIC_KEYS)
+        assert run.info.status == "FINISHED"
+        assert run.info.experiment_id == parent_run.info.experiment_id
+
+
+def test_child_run_from_another_process(
+    mlflow_server: str, experiment: str, tmp_path: Path
+) -> None:
+    tracker = Tracker(tmp_path, tracking_uri=mlflow_server, experiment=experiment)
+    parent = tracker.start_pipeline_run("cross-process")
+    script = (
+        "import sys; from qatflow.tracking import Tracker\n"
+        "t = Tracker(sys.argv[1], tracking_uri=sys.argv[2], experiment='elsewhere')\n"
+        "with t.ending(t.start_variant_run(sys.argv[3], 'qat_int8')) as run:\n"
+        "    t.log_metrics(run, {'accuracy_top1': 0.5})\n"
+    )
+    env = {**os.environ, "MLFLOW_RUN_ID": parent}
+    subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path), mlflow_server, parent],
+        env=env,
+        check=True,
+        timeout=120,
+    )
+    (child,) = _children(MlflowClient(mlflow_server), parent)
+    assert child.data.tags["variant"] == "qat_int8"
+    assert child.data.metrics == {"accuracy_top1": 0.5}
+    # The child follows the parent's experiment, not the one named in the other process.
+    assert (
+        child.info.experiment_id == MlflowClient(mlflow_server).get_run(parent).info.experiment_id
+    )
+
+
+def test_credentials_are_redacted(mlflow_server: str, experiment: str, tmp_path: Path) -> None:
+    tracker = Tracker(tmp_path, tracking_uri=mlflow_server, experiment=experiment)
+    parent = tracker.start_pipeline_run(
+        params={
+            "s3": {"endpoint": "http://minio:hunter2@127.0.0.1:9000", "secret_access_key": "k3y"},
+            "db_password": "hunter2",
+            "api_token": "t0ken-value",
+            "credentials": {"user": "me", "pin": "1234"},
+            "dataset": "s3://bucket/data?X-Amz-Signature=abcdef&part=1",
+        },
+        tags={"MLFLOW_TRACKING_TOKEN": "t0ken-value", "source": "https://me:pw@git.example/repo"},
+    )
+    run = MlflowClient(mlflow_server).get_run(parent)
+    stored = json.dumps({**run.data.params, **run.data.tags})
+    for secret in ("hunter2", "k3y", "t0ken-value", "1234", "abcdef", ":pw@"):
+        assert secret not in stored
+    assert run.data.params["s3.endpoint"] == "http://127.0.0.1:9000"
+    assert run.data.params["credentials.user"] == REDACTED
+    assert run.data.params["dataset"] == f"s3://bucket/data?X-Amz-Signature={REDACTED}&part=1"
+    assert run.data.tags["source"] == "https://git.example/repo"
+
+
+def test_redaction_helpers() -> None:
+    assert (
+        redact_text("postgresql://u:p@db:5432/x and s3://b/k")
+        == "postgresql://db:5432/x and s3://b/k"
+    )
+    assert flatten_params({"a": {"b": 1, "access_key": "x"}}) == {
+        "a.b": "1",
+        "a.access_key": REDACTED,
+    }
+
+
+def test_artifacts_files_and_folders(mlflow_server: str, experiment: str, tmp_path: Path) -> None:
+    tracker = Tracker(tmp_path, tracking_uri=mlflow_server, experiment=experiment)
+    report = tmp_path / "report.md"
+    report.write_text("# report\n")
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (plots / "latency.png").write_bytes(b"\x89PNG")
+    with tracker.ending(tracker.start_pipeline_run()) as run:
+        tracker.log_artifact(run, report)
+        tracker.log_artifact(run, plots)
+        tracker.log_artifact(run, report, "reports")
+        with pytest.raises(TrackingError, match=r"missing\.onnx"):
+            tracker.log_artifact(run, tmp_path / "missing.onnx")
+    client = MlflowClient(mlflow_server)
+    assert {item.path for item in client.list_artifacts(run)} == {"report.md", "plots", "reports"}
+    assert [item.path for item in client.list_artifacts(run, "plots")] == ["plots/latency.png"]
+
+
+def test_registry_and_champion_gate(
+    mlflow_server: str, experiment: str, tmp_path: Path, onnx_file: Path
+) -> None:
+    tracker = Tracker(tmp_path, tracking_uri=mlflow_server, experiment=experiment)
+    name = f"qatflow-{experiment}"
+    client = MlflowClient(mlflow_server)
+    parent = tracker.start_pipeline_run()
+
+    def register(accuracy: float) -> str:
+        run = tracker.start_variant_run(parent, "qat_int8")
+        version = tracker.register_onnx_model(run, onnx_file, name, accuracy_top1=accuracy)
+        assert version is not None
+        return version
+
+    first = register(0.90)
+    decision = tracker.promote_if_better(name, first, 0.90, 0.91, max_fp32_gap=0.02)
+    assert decision.promoted
+    assert decision.champion_version is None
+    assert "no current champion" in decision.reasons
+    assert client.get_model_version_by_alias(name, CHAMPION_ALIAS).version == first
+    assert client.get_model_version(name, first).tags[ACCURACY_TAG] == "0.9"
+
+    worse = register(0.89)
+    decision = tracker.promote_if_better(name, worse, 0.89, 0.91, max_fp32_gap=0.05)
+    assert not decision.promoted
+    assert (decision.champion_version, decision.champion_accuracy) == (first, 0.90)
+    assert any("champion v" in reason and "<" in reason for reason in decision.reasons)
+    assert client.get_model_version_by_alias(name, CHAMPION_ALIAS).version == first
+    assert client.get_model_version(name, worse).tags["qatflow.gate"] == "refused"
+
+    # Within a negative min_improvement tolerance it passes the champion gate, but not the FP32 gap.
+    decision = tracker.promote_if_better(
+        name, worse, 0.89, 0.95, max_fp32_gap=0.05, min_improvement=-0.02
+    )
+    assert not decision.promoted
+    assert any("exceeds max_fp32_gap" in reason for reason in decision.reasons)
+
+    decision = tracker.promote_if_better(
+        name, worse, 0.89, 0.91, max_fp32_gap=0.05, min_improvement=-0.02
+    )
+    assert decision.promoted
+    assert client.get_model_version_by_alias(name, CHAMPION_ALIAS).version == worse
+    assert client.get_model_version(name, worse).tags["qatflow.gate"] == "promoted"
+
+    with pytest.raises(TrackingError, match="max_fp32_gap"):
+        tracker.promote_if_better(name, worse, 0.9, 0.9, max_fp32_gap=-1)
+
+
+def test_sqlite_store_directly(
+    tmp_path: Path, onnx_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the sqlite store puts artifacts under ./mlruns
+    uri = f"sqlite:///{tmp_path / 'direct.db'}"
+    tracker = Tracker(tmp_path / "out", tracking_uri=uri)
+    parent = tracker.start_pipeline_run(params={"dataset": "fashion_mnist"})
+    child = tracker.start_variant_run(parent, "qat_int8")
+    tracker.log_variant_metrics(child, _variant_metrics(0.8))
+    version = tracker.register_onnx_model(child, onnx_file, "qatflow-direct", accuracy_top1=0.8)
+    assert version == "1"
+    assert tracker.promote_if_better(
+        "qatflow-direct", version, 0.8, 0.81, max_fp32_gap=0.02
+    ).promoted
+    tracker.end_run(child)
+    tracker.end_run(parent)
+    client = MlflowClient(uri)
+    (run,) = _children(client, parent)
+    assert set(run.data.metrics) == set(METRIC_KEYS)
+    assert str(client.get_model_version_by_alias("qatflow-direct", CHAMPION_ALIAS).version) == "1"
+    assert not (tmp_path / "out" / "mlflow-offline").exists()
+
+
+def test_unreachable_server_falls_back_offline(
+    tmp_path: Path, onnx_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    closed = f"http://127.0.0.1:{_free_port()}"
+    with caplog.at_level(logging.WARNING, logger="qatflow.tracking"):
+        tracker = Tracker(tmp_path, tracking_uri=closed, probe_timeout=2)
+        parent = tracker.start_pipeline_run("offline", params={"db_password": "hunter2"})
+        child = tracker.start_variant_run(parent, "qat_int8")
+        tracker.log_variant_metrics(child, _variant_metrics(0.7))
+        tracker.log_artifact(child, onnx_file)
+        assert tracker.register_onnx_model(child, onnx_file, "m", accuracy_top1=0.7) is None
+        decision = tracker.promote_if_better("m", "1", 0.7, 0.71, max_fp32_gap=0.02)
+        tracker.end_run(child)
+        tracker.end_run(parent)
+    assert tracker.offline
+    assert not decision.promoted
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "127.0.0.1" in warnings[0].getMessage()
+
+    offline = tmp_path / "mlflow-offline"
+    assert parent.startswith(OFFLINE_PREFIX)
+    parent_doc = json.loads((offline / f"{parent}.json").read_text())
+    child_doc = json.loads((offline / f"{child}.json").read_text())
+    assert parent_doc["params"]["db_password"] == REDACTED
+    assert "hunter2" not in (offline / f"{parent}.json").read_text()
+    assert parent_doc["status"] == "FINISHED"
+    assert child_doc["parent_run_id"] == parent
+    assert child_doc["tags"]["variant"] == "qat_int8"
+    assert set(child_doc["metrics"]) == set(METRIC_KEYS)
+    assert child_doc["artifacts"][0]["path"] == str(onnx_file)
+    assert child_doc["registered_models"][0]["model_name"] == "m"
+    registry = json.loads((offline / "registry.json").read_text())
+    assert registry["gate_decisions"][0]["promoted"] is False
+
+
+def test_bad_input_is_named(mlflow_server: str, experiment: str, tmp_path: Path) -> None:
+    tracker = Tracker(tmp_path, tracking_uri=mlflow_server, experiment=experiment)
+    parent = tracker.start_pipeline_run()
+    with pytest.raises(TrackingError, match="int4"):
+        tracker.start_variant_run(parent, "int4")
+    with pytest.raises(TrackingError, match=f"parent_run_id '{'f' * 32}'"):
+        tracker.start_variant_run("f" * 32, "fp32")
+    child = tracker.start_variant_run(parent, "fp32")
+    with pytest.raises(TrackingError, match=r"missing \['accuracy_top5'"):
+        tracker.log_variant_metrics(child, {"accuracy_top1": 1.0})
+    with pytest.raises(TrackingError, match="unknown"):
+        tracker.log_variant_metrics(child, {**_variant_metrics(1.0), "accuracy": 1.0})
+    with pytest.raises(RuntimeError), tracker.ending(child):
+        raise RuntimeError("step failed")
+    assert MlflowClient(mlflow_server).get_run(child).info.status == "FAILED"
+
+
+def test_tracking_uri_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-env:5000")
+    assert resolve_tracking_uri("sqlite:///param.db") == "sqlite:///param.db"
+    assert resolve_tracking_uri() == "http://from-env:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert resolve_tracking_uri() == DEFAULT_TRACKING_URI
