@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import keras
@@ -14,39 +13,20 @@ import pytest
 import tensorflow as tf
 import tf2onnx
 
+from qatflow.data import DatasetBundle, load_dataset
 from qatflow.errors import DataError, ModelError, PipelineError, StorageError
-from qatflow.evaluation import ClassificationMetrics, EngineLike, EvaluationResult, evaluate
+from qatflow.evaluation import ClassificationMetrics, EvaluationResult, evaluate
 from qatflow.evaluation.metrics import agreement, confusion_matrix, top_k_indices
+from qatflow.runtimes import build_engine, load_engine
 
 SHAPE = (8, 8, 1)
 CLASSES = 7
 FAST: dict[str, Any] = {"latency_iterations": 6, "warmup": 2, "throughput_batch": 8}
 
 
-class OrtEngine:
-    """A minimal ONNX Runtime engine with the ``qatflow.runtimes`` engine properties."""
-
-    def __init__(self, path: Path, threads: int = 1) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        first = self._session.get_inputs()[0]
-        self.path = path
-        self.input_name = first.name
-        self.input_shape = tuple(d if isinstance(d, int) else None for d in first.shape)
-        self.runtime = "onnxruntime"
-        self.runtime_version = ort.__version__
-        self.device = "cpu"
-        self.threads = threads
-        self.size_bytes = path.stat().st_size
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self._session.run(None, {self.input_name: batch})[0])
-
-
-def _tiny_model(classes: int = CLASSES) -> keras.Model:
+def _tiny_model(classes: int = CLASSES, shape: tuple[int, ...] = SHAPE) -> keras.Model:
     keras.utils.set_random_seed(0)
-    inputs = keras.Input(SHAPE)
+    inputs = keras.Input(shape)
     x = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(classes)(x)
@@ -65,8 +45,16 @@ def model() -> keras.Model:
 
 
 @pytest.fixture(scope="module")
-def onnx_path(model: keras.Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _export(model, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+def engine_path(model: keras.Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("onnx")
+    onnx_path = _export(model, folder / "tiny.onnx")
+    return build_engine(onnx_path, folder / "tiny.ort.onnx", "onnxruntime", threads=1)
+
+
+@pytest.fixture(scope="module")
+def fashion() -> DatasetBundle:
+    """40 real Fashion-MNIST test images (28x28x1, 10 named classes) in batches of 16."""
+    return load_dataset("fashion-mnist", limit=40, batch_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -173,14 +161,12 @@ def test_keras_model_file_size_is_reported(
 
 
 def test_onnx_runtime_engine_agrees_with_keras_reference(
-    model: keras.Model, onnx_path: Path, data: tuple[np.ndarray, np.ndarray]
+    model: keras.Model, engine_path: Path, data: tuple[np.ndarray, np.ndarray]
 ) -> None:
     dataset = _dataset(*data)
     reference = evaluate(model, dataset, **FAST)
-    engine = OrtEngine(onnx_path)
-    assert isinstance(engine, EngineLike)
     result = evaluate(
-        engine,
+        load_engine(engine_path, threads=1),
         dataset,
         reference_predictions=reference.predictions,
         throughput_iterations=3,
@@ -190,16 +176,25 @@ def test_onnx_runtime_engine_agrees_with_keras_reference(
     assert result.top1 == pytest.approx(reference.top1)
     assert result.runtime == "onnxruntime" and result.runtime_version == ort.__version__
     assert result.threads == 1 and result.device == "cpu"
-    assert result.size_bytes == onnx_path.stat().st_size
-    assert result.source == str(onnx_path)
+    assert result.size_bytes == engine_path.stat().st_size
+    assert result.source == str(engine_path)
     assert result.throughput.iterations == 3 and result.throughput.warmup == 1
+
+
+def test_engine_path_is_loaded_with_the_requested_threads(
+    engine_path: Path, data: tuple[np.ndarray, np.ndarray]
+) -> None:
+    result = evaluate(str(engine_path), _dataset(*data), threads=2, max_batches=1, **FAST)
+    assert result.threads == 2
+    assert result.runtime == "onnxruntime"
+    assert result.num_samples == 16
 
 
 def test_engine_with_fixed_batch_is_fed_padded_batches(
     model: keras.Model, data: tuple[np.ndarray, np.ndarray], tmp_path: Path
 ) -> None:
     images, labels = data
-    engine = OrtEngine(_export(model, tmp_path / "fixed.onnx", batch=4))
+    engine = load_engine(_export(model, tmp_path / "fixed.onnx", batch=4), threads=1)
     assert engine.input_shape[0] == 4
     result = evaluate(engine, _dataset(images, labels, batch=16), **FAST)  # 50 = 3*16 + 2
     assert np.array_equal(result.predictions, np.argmax(model.predict(images, verbose=0), axis=1))
@@ -208,17 +203,16 @@ def test_engine_with_fixed_batch_is_fed_padded_batches(
 
 
 def test_dataset_bundle_supplies_class_names_and_max_batches_limits(
-    model: keras.Model, data: tuple[np.ndarray, np.ndarray]
+    fashion: DatasetBundle,
 ) -> None:
-    names = [f"class-{i}" for i in range(CLASSES)]
-    bundle = SimpleNamespace(
-        test=_dataset(*data),
-        info=SimpleNamespace(num_classes=CLASSES, class_names=names, input_shape=SHAPE),
-    )
-    result = evaluate(model, bundle, max_batches=2, **FAST)
-    assert result.class_names == names
-    assert result.num_samples == 32
-    assert len(result.predictions) == 32
+    model = _tiny_model(10, (28, 28, 1))
+    result = evaluate(model, fashion, **FAST)
+    assert result.class_names == list(fashion.info.class_names)
+    assert result.class_names[9] == "Ankle boot"
+    assert result.num_samples == 40
+    limited = evaluate(model, fashion, max_batches=2, **FAST)
+    assert limited.num_samples == 32
+    assert np.array_equal(limited.predictions, result.predictions[:32])
 
 
 def test_plain_numpy_batches_and_small_dataset_tiles_throughput_batch(
@@ -287,15 +281,15 @@ def test_image_shape_mismatch_is_reported_before_timing(model: keras.Model) -> N
     assert "batch 0" in message and "(9, 9, 1)" in message and "(8, 8, 1)" in message
 
 
-def test_class_count_mismatch(model: keras.Model, data: tuple[np.ndarray, np.ndarray]) -> None:
+def test_class_count_mismatch(
+    model: keras.Model, data: tuple[np.ndarray, np.ndarray], fashion: DatasetBundle
+) -> None:
     message = _error(model, _dataset(*data), class_names=["a", "b", "c"])
     assert "outputs 7 classes" in message and "3 classes" in message
-    bundle = SimpleNamespace(
-        test=_dataset(*data), info=SimpleNamespace(num_classes=10, class_names=[])
-    )
-    assert "outputs 7 classes but the dataset has 10" in _error(model, bundle)
-    bundle.info.num_classes = CLASSES
-    assert "class_names has 2 entries" in _error(model, bundle, class_names=["a", "b"])
+    seven = _tiny_model(CLASSES, (28, 28, 1))
+    assert "outputs 7 classes but the dataset has 10" in _error(seven, fashion)
+    assert "class_names has 2 entries" in _error(seven, fashion, class_names=["a", "b"])
+    assert "(28, 28, 1) does not match the model input shape (8, 8, 1)" in _error(model, fashion)
 
 
 def test_nan_inputs_name_the_batch(model: keras.Model, data: tuple[np.ndarray, np.ndarray]) -> None:

@@ -3,12 +3,10 @@
 from qatflow.evaluation.evaluate import evaluate
 from qatflow.evaluation.latency import LatencyStats, ThroughputStats
 from qatflow.evaluation.metrics import ClassificationMetrics
-from qatflow.evaluation.predictors import EngineLike
 from qatflow.evaluation.result import EvaluationResult
 
 __all__ = [
     "ClassificationMetrics",
-    "EngineLike",
     "EvaluationResult",
     "LatencyStats",
     "ThroughputStats",

@@ -5,39 +5,19 @@ from __future__ import annotations
 import logging
 import os
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
 from qatflow.errors import ModelError
+from qatflow.runtimes import Engine, load_engine
 
 log = logging.getLogger("qatflow.evaluation")
 
 Shape = tuple[int | None, ...]
-
-
-@runtime_checkable
-class EngineLike(Protocol):
-    """What evaluation needs from a ``qatflow.runtimes`` engine."""
-
-    @property
-    def runtime(self) -> str: ...
-    @property
-    def runtime_version(self) -> str: ...
-    @property
-    def path(self) -> str | os.PathLike[str]: ...
-    @property
-    def input_shape(self) -> Sequence[int | None]: ...
-    @property
-    def device(self) -> str: ...
-    @property
-    def threads(self) -> int | None: ...
-    @property
-    def size_bytes(self) -> int | None: ...
-    def run(self, batch: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -68,10 +48,8 @@ def make_predictor(
     if isinstance(model_or_engine, keras.Model):
         return keras_predictor(model_or_engine, threads=threads, model_file=model_file)
     if isinstance(model_or_engine, str | os.PathLike):
-        from qatflow.runtimes import load_engine
-
         model_or_engine = load_engine(model_or_engine, threads=threads)
-    if isinstance(model_or_engine, EngineLike):
+    if isinstance(model_or_engine, Engine):
         return engine_predictor(model_or_engine, threads=threads)
     raise ModelError(
         f"evaluate: expected a Keras model, an engine or an engine file path, "
@@ -114,7 +92,7 @@ def keras_predictor(
     )
 
 
-def engine_predictor(engine: EngineLike, *, threads: int | None) -> Predictor:
+def engine_predictor(engine: Engine, *, threads: int | None) -> Predictor:
     """Wrap a runtime engine; batches are fitted to a fixed batch size when it has one."""
     shape: Shape = tuple(None if d is None or int(d) <= 0 else int(d) for d in engine.input_shape)
     fixed = shape[0] if shape else None
