@@ -255,7 +255,7 @@ def test_physical_cores_is_positive() -> None:
 def test_build_engine_argument_errors(tmp_path: Path) -> None:
     model = save_model(make_model(), tmp_path / "m.onnx")
     with pytest.raises(RuntimeBackendError, match="runtime must be one of"):
-        build_engine(model, tmp_path / "e", runtime="tvm")  # type: ignore[arg-type]
+        build_engine(model, tmp_path / "e", runtime="tvm")
     with pytest.raises(RuntimeBackendError, match=r"ONNX file .*missing\.onnx does not exist"):
         build_engine(tmp_path / "missing.onnx", tmp_path / "e.onnx")
     with pytest.raises(RuntimeBackendError, match="batch_profile"):

@@ -149,9 +149,29 @@ def convert_to_mixed_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
         ) from exc
     blocked = [*float16.DEFAULT_OP_BLOCK_LIST, *FP16_KEEP_FLOAT32_OPS]
     converted: onnx.ModelProto = float16.convert_float_to_float16(
-        model, keep_io_types=True, op_block_list=blocked
+        with_unique_node_names(model), keep_io_types=True, op_block_list=blocked
     )
     return converted
+
+
+def with_unique_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of ``model`` whose nodes all have distinct names.
+
+    The float16 converter names its Cast tensors after the node, so unnamed or duplicate
+    node names would produce a graph that is not in SSA form.
+    """
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    seen: set[str] = set()
+    for index, node in enumerate(named.graph.node):
+        if not node.name or node.name in seen:
+            base = node.name or f"{node.op_type}_{index}"
+            node.name, suffix = base, 0
+            while node.name in seen:
+                suffix += 1
+                node.name = f"{base}_{suffix}"
+        seen.add(node.name)
+    return named
 
 
 def import_tensorrt() -> ModuleType:
