@@ -7,16 +7,20 @@ import io
 import re
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
+import tf2onnx
 from matplotlib.image import imread
 from tests.test_comparison import FP32, PTQ, QAT, make_result
 
 from qatflow.comparison import compare
 from qatflow.errors import DataError, PipelineError
-from qatflow.evaluation import EvaluationResult
+from qatflow.evaluation import EvaluationResult, evaluate
 from qatflow.report import write_report
 from qatflow.report.html import markdown_to_html
+from qatflow.runtimes import build_engine
 
 PLACEMENT = "| Layer | Case |\n|---|---|\n| conv2d | conv+relu |\n| add | residual <b>add</b> |\n"
 
@@ -114,6 +118,33 @@ def test_errors_leave_nothing_behind(results: dict[str, EvaluationResult], tmp_p
     with pytest.raises(PipelineError, match="title"):
         write_report(comparison, results, out, title=" ")
     assert not out.exists()
+
+
+def test_end_to_end_from_real_evaluations(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    hidden = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(6)(hidden))
+    spec = tf.TensorSpec((None, 8, 8, 1), tf.float32, name="input")
+    onnx_path = tmp_path / "model.onnx"
+    tf2onnx.convert.from_keras(model, input_signature=[spec], opset=17, output_path=str(onnx_path))
+    engine = build_engine(onnx_path, tmp_path / "model.ort.onnx", "onnxruntime", threads=1)
+    rng = np.random.default_rng(3)
+    batches = [
+        (rng.random((16, 8, 8, 1), dtype=np.float32), rng.integers(0, 6, 16)) for _ in range(3)
+    ]
+    options = {"latency_iterations": 20, "warmup": 2, "throughput_batch": 8}
+    fp32 = evaluate(model, batches, **options)
+    results = {"fp32": fp32, "fp32_ort": evaluate(engine, batches, threads=1, **options)}
+    comparison = compare(results)
+    assert comparison.row("fp32_ort").agreement == 1.0
+    assert comparison.passes_gate("fp32_ort", 0.0)
+    files = write_report(comparison, results, tmp_path / "report", title="Keras vs ORT")
+    markdown = files.markdown.read_text()
+    assert "| fp32_ort | " in markdown and "runtime differs" in markdown
+    assert f"`{engine}`" in markdown
+    for path in files.plots.values():
+        _png_size(path.read_bytes())
 
 
 def test_markdown_subset_to_html() -> None:
