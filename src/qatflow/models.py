@@ -1,0 +1,183 @@
+"""Load FP32 Keras models: ``.keras``, ``.h5``, SavedModel folders, or ``keras.applications``."""
+
+from __future__ import annotations
+
+import logging
+import re
+import zipfile
+from pathlib import Path
+
+import keras
+
+from qatflow import storage
+from qatflow.errors import ModelError
+
+log = logging.getLogger("qatflow.models")
+
+KERAS_SUFFIXES = (".keras",)
+H5_SUFFIXES = (".h5", ".hdf5")
+# keras.applications builders by normalised name: "mobilenet_v2" and "MobileNetV2" both match.
+APPLICATIONS = {
+    re.sub(r"[^a-z0-9]", "", name.lower()): name
+    for name in dir(keras.applications)
+    if name[:1].isupper() and callable(getattr(keras.applications, name))
+}
+
+
+def load_model(
+    uri: str,
+    *,
+    weights: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+) -> keras.Model:
+    """Load an FP32 model for quantization.
+
+    ``uri`` is a ``.keras`` or ``.h5`` file, a SavedModel folder (local or ``s3://``), or a
+    ``keras.applications`` name such as ``resnet50``, ``mobilenet_v2`` or ``EfficientNetB0``.
+    An application is built untrained (``weights=None``) with ``input_shape`` and
+    ``num_classes`` (default 1000); ``weights`` (a weights file, local or ``s3://``) is then
+    loaded into it. For model files, ``input_shape`` / ``num_classes`` are checked when given.
+    A SavedModel is wrapped in one ``keras.layers.TFSMLayer``: it runs, but its layers cannot be
+    quantized one by one (see ``check_layerwise``).
+    """
+    builder = _application(uri)
+    if builder is not None:
+        model = _build_application(builder, input_shape, num_classes)
+    else:
+        model = _load_file(storage.fetch(uri, storage.cache_dir("models")), uri)
+        _check_signature(model, input_shape, num_classes, uri)
+    if weights is not None:
+        _load_weights(model, weights)
+    log.info("loaded model %s from %s", model.name, uri)
+    return model
+
+
+def check_layerwise(model: keras.Model) -> None:
+    """Raise a ModelError if ``model`` hides its layers in a SavedModel (``TFSMLayer``)."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.TFSMLayer):
+            raise ModelError(
+                f"model {model.name} wraps the SavedModel {layer.filepath} in one TFSMLayer, so "
+                "its layers cannot be quantized one by one; save the original Keras model as "
+                ".keras or .h5 and load that instead"
+            )
+
+
+def _application(uri: str) -> str | None:
+    """The keras.applications builder named by ``uri``, None for paths; unknown names raise."""
+    if storage.is_s3_uri(uri) or Path(uri).expanduser().exists():
+        return None
+    key = re.sub(r"[^a-z0-9]", "", uri.lower())
+    if key in APPLICATIONS:
+        return APPLICATIONS[key]
+    if "/" in uri or Path(uri).suffix:
+        raise ModelError(f"model file not found: {uri}")
+    some = ", ".join(
+        ("resnet50", "mobilenet_v2", "efficientnet_b0", *sorted(APPLICATIONS.values())[:6])
+    )
+    raise ModelError(
+        f"unknown model {uri!r}: not a file and not a keras.applications name; known names "
+        f"include {some} ({len(APPLICATIONS)} in all)"
+    )
+
+
+def _build_application(
+    builder: str, input_shape: tuple[int, ...] | None, num_classes: int | None
+) -> keras.Model:
+    try:
+        model: keras.Model = getattr(keras.applications, builder)(
+            weights=None, input_shape=input_shape, classes=num_classes or 1000
+        )
+    except ValueError as exc:
+        raise ModelError(
+            f"cannot build keras.applications.{builder} with input_shape={input_shape}, "
+            f"num_classes={num_classes}: {exc}"
+        ) from exc
+    return model
+
+
+def _load_file(path: Path, uri: str) -> keras.Model:
+    if path.is_dir():
+        if not (path / "saved_model.pb").is_file():
+            raise ModelError(f"model folder {uri} is not a SavedModel (it has no saved_model.pb)")
+        return _load_saved_model(path, uri)
+    suffix = path.suffix.lower()
+    if suffix in KERAS_SUFFIXES and not zipfile.is_zipfile(path):
+        raise ModelError(f"{uri} is not a valid Keras (.keras) file: it is not a zip archive")
+    if suffix not in KERAS_SUFFIXES + H5_SUFFIXES:
+        raise ModelError(
+            f"unsupported model file {uri}: expected a .keras or .h5 file or a SavedModel folder"
+        )
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except OSError as exc:
+        raise ModelError(f"{uri} is not a valid Keras/H5 file: {exc}") from exc
+    except ValueError as exc:
+        if "No model config found" in str(exc):
+            raise ModelError(
+                f"{uri} holds weights only, no model; pass it as weights= together with the "
+                "model (e.g. a keras.applications name)"
+            ) from exc
+        raise ModelError(f"cannot load the Keras model {uri}: {exc}") from exc
+    except (TypeError, KeyError) as exc:
+        raise ModelError(
+            f"cannot load the Keras model {uri} ({exc}); if it uses custom layers or a "
+            "subclassed model, import the module that registers them first"
+        ) from exc
+    if not isinstance(model, keras.Model):
+        raise ModelError(f"{uri} holds a {type(model).__name__}, not a Keras model")
+    return model
+
+
+def _load_saved_model(path: Path, uri: str) -> keras.Model:
+    """Wrap a SavedModel's ``serving_default`` signature into a functional model."""
+    try:
+        layer = keras.layers.TFSMLayer(str(path), call_endpoint="serving_default")
+    except (ValueError, OSError) as exc:
+        raise ModelError(f"cannot load the SavedModel {uri}: {exc}") from exc
+    _, specs = layer.call_endpoint_fn.structured_input_signature
+    outputs = layer.call_endpoint_fn.structured_outputs
+    if len(specs) != 1 or len(outputs) != 1:
+        raise ModelError(
+            f"SavedModel {uri} must have one input and one output in its serving_default "
+            f"signature; it has inputs {sorted(specs)} and outputs {sorted(outputs)}"
+        )
+    (name, spec), (output_name,) = next(iter(specs.items())), outputs
+    inputs = keras.Input(shape=tuple(spec.shape[1:]), dtype=spec.dtype.name, name=name)
+    result = layer(inputs)
+    model = keras.Model(inputs, result[output_name], name=path.name)
+    log.warning(
+        "%s is a SavedModel: it is wrapped in one TFSMLayer and cannot be quantized layer by layer",
+        uri,
+    )
+    return model
+
+
+def _check_signature(
+    model: keras.Model, input_shape: tuple[int, ...] | None, num_classes: int | None, uri: str
+) -> None:
+    if input_shape is None and num_classes is None:
+        return
+    try:
+        have_shape, have_classes = tuple(model.inputs[0].shape[1:]), model.outputs[0].shape[-1]
+    except (AttributeError, ValueError, TypeError) as exc:
+        raise ModelError(f"model {uri} has no defined input/output to check: {exc}") from exc
+    if input_shape is not None and have_shape != tuple(input_shape):
+        raise ModelError(
+            f"model {uri} takes inputs of shape {have_shape}, not input_shape={tuple(input_shape)}"
+        )
+    if num_classes is not None and have_classes != num_classes:
+        raise ModelError(
+            f"model {uri} outputs {have_classes} classes, not num_classes={num_classes}"
+        )
+
+
+def _load_weights(model: keras.Model, weights: str) -> None:
+    if not storage.is_s3_uri(weights) and not Path(weights).expanduser().is_file():
+        raise ModelError(f"weights file not found: {weights}")
+    path = storage.fetch(weights, storage.cache_dir("models"))
+    try:
+        model.load_weights(path)
+    except (ValueError, OSError, KeyError) as exc:
+        raise ModelError(f"cannot load weights {weights} into model {model.name}: {exc}") from exc
