@@ -203,17 +203,19 @@ def test_model_that_ort_rejects_leaves_no_engine(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- int8 rewrite hook
 
 
-def _fake_rewrite_module(calls: list[str], fail: bool = False) -> types.ModuleType:
-    """A stand-in ort_int8 pass that marks the graph it rewrote."""
+def _fake_rewrite_module(calls: list[str], mode: str = "ok") -> types.ModuleType:
+    """A stand-in ort_int8 pass that marks the graph it rewrote (or fails, or breaks it)."""
     module = types.ModuleType(HOOK)
 
     def rewrite_for_ort_int8(model: onnx.ModelProto) -> onnx.ModelProto:
-        if fail:
+        if mode == "raise":
             raise ValueError("cannot rewrite")
         calls.append(model.graph.name)
         rewritten = onnx.ModelProto()
         rewritten.CopyFrom(model)
         rewritten.graph.doc_string = "rewritten for ORT int8"
+        if mode == "break":
+            rewritten.graph.node[-1].input[0] = "dangling"
         return rewritten
 
     module.rewrite_for_ort_int8 = rewrite_for_ort_int8  # type: ignore[attr-defined]
@@ -248,8 +250,13 @@ def test_missing_int8_rewrite_module_is_skipped(no_int8_rewrite: None) -> None:
 def test_failing_graph_pass_names_itself_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, HOOK, _fake_rewrite_module([], fail=True))
+    monkeypatch.setitem(sys.modules, HOOK, _fake_rewrite_module([], mode="break"))
     source = save_model(make_model(qdq=True), tmp_path / "qdq.onnx")
+    with pytest.raises(
+        RuntimeBackendError, match=r"cannot optimize this model \(after graph passes"
+    ):
+        build_engine(source, tmp_path / "out" / "e.onnx")
+    monkeypatch.setitem(sys.modules, HOOK, _fake_rewrite_module([], mode="raise"))
     with pytest.raises(
         RuntimeBackendError, match=r"qdq\.onnx: graph pass .*rewrite_for_ort_int8 failed"
     ):

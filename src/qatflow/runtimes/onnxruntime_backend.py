@@ -203,8 +203,9 @@ def build_ort_engine(
         try:
             ort.InferenceSession(str(prepared), session_options, providers=["CPUExecutionProvider"])
         except Exception as exc:
+            after = f" (after graph passes {[name for name, _ in passes]})" if passes else ""
             raise RuntimeBackendError(
-                f"{source}: ONNX Runtime {ort.__version__} cannot optimize this model: {exc}"
+                f"{source}: ONNX Runtime {ort.__version__} cannot optimize this model{after}: {exc}"
             ) from exc
         optimized = onnx.load(optimized_path)
     ops = collections.Counter(node.op_type for node in optimized.graph.node)
