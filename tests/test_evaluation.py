@@ -318,4 +318,5 @@ def test_reference_and_parameter_errors(
     assert "throughput_batch" in _error(model, dataset, throughput_batch=0)
     assert "max_batches" in _error(model, dataset, max_batches=0)
     assert "threads" in _error(model, dataset, threads=0)
+    assert "throughput_iterations" in _error(model, dataset, throughput_iterations=0)
     assert "got int" in _error(42, dataset)

@@ -47,9 +47,10 @@ def evaluate(
     ``throughput_batch`` images after ``ceil(warmup / 10)`` untimed ones. ``model_file`` names
     the file whose size is reported for an in-memory Keras model.
     """
+    if throughput_iterations is None:
+        throughput_iterations = max(1, latency_iterations // 10)
     _check_parameters(latency_iterations, warmup, throughput_batch, threads, max_batches)
-    throughput_iterations = throughput_iterations or max(1, latency_iterations // 10)
-    check_counts(throughput_iterations, 0)
+    check_counts(throughput_iterations, 0, name="throughput_iterations")
     predictor = make_predictor(model_or_engine, threads=threads, model_file=model_file)
     batches, names = _dataset_parts(dataset, class_names)
     latency_batch = predictor.fixed_batch or 1

@@ -141,9 +141,9 @@ def measure_throughput(
     )
 
 
-def check_counts(iterations: int, warmup: int) -> None:
-    """Reject timing loops that would measure nothing."""
+def check_counts(iterations: int, warmup: int, *, name: str = "latency_iterations") -> None:
+    """Reject timing loops that would measure nothing; ``name`` is the parameter at fault."""
     if iterations < 1:
-        raise PipelineError(f"latency_iterations must be at least 1, got {iterations}")
+        raise PipelineError(f"{name} must be at least 1, got {iterations}")
     if warmup < 0:
         raise PipelineError(f"warmup must be 0 or more, got {warmup}")

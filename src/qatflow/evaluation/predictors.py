@@ -150,7 +150,11 @@ def _keras_input_shape(model: Any) -> Shape | None:
 
 
 def _set_tensorflow_threads(threads: int | None) -> int:
-    """Apply ``threads`` as TF's intra-op thread count if TF still allows it; return the count."""
+    """Apply ``threads`` as TF's intra-op thread count if TF still allows it; return the count.
+
+    The count in effect is the configured one, else ``TF_NUM_INTRAOP_THREADS``, else TF's
+    default of one thread per schedulable CPU.
+    """
     import tensorflow as tf
 
     if threads is not None:
@@ -162,7 +166,11 @@ def _set_tensorflow_threads(threads: int | None) -> int:
                 "(set it before any TensorFlow op runs)",
                 threads,
             )
-    return tf.config.threading.get_intra_op_parallelism_threads() or _available_cpus()
+    configured = tf.config.threading.get_intra_op_parallelism_threads()
+    from_env = os.environ.get("TF_NUM_INTRAOP_THREADS", "")
+    if not configured and from_env.isdigit():
+        configured = int(from_env)
+    return configured or _available_cpus()
 
 
 def _tensorflow_device() -> str:
