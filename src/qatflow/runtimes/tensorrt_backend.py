@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -193,14 +193,18 @@ def import_tensorrt() -> ModuleType:
 
 
 def gpu_info() -> dict[str, Any]:
-    """Name and compute capability of CUDA device 0 via pycuda ({} if pycuda is missing)."""
+    """Name and compute capability of CUDA device 0 via pycuda ({} if that is not possible)."""
     try:
         import pycuda.driver as cuda
     except ImportError:
         return {}
-    cuda.init()
-    device = cuda.Device(0)
-    return {"name": str(device.name()), "compute_capability": list(device.compute_capability())}
+    try:
+        cuda.init()
+        device = cuda.Device(0)
+        return {"name": str(device.name()), "compute_capability": list(device.compute_capability())}
+    except Exception as exc:  # informational: a CUDA driver error must not hide the real one
+        logger.warning("cannot query the GPU through pycuda: %s", exc)
+        return {}
 
 
 def format_parser_error(error: Any) -> str:
@@ -242,7 +246,7 @@ class _Stopwatch:
         self.timings: dict[str, float] = {}
 
     @contextlib.contextmanager
-    def phase(self, name: str) -> Any:
+    def phase(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield
@@ -271,17 +275,7 @@ def build_tensorrt_engine(
     network: trt_t.INetworkDefinition = builder.create_network(network_flags(trt, plan))
     with clock.phase("parse"):
         _parse(trt, network, trt_logger, model, source)
-    config: trt_t.IBuilderConfig = builder.create_builder_config()
-    for flag in plan.builder_flags:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    config.builder_optimization_level = options.builder_optimization_level
-    if options.workspace_bytes is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
-    if options.layer_info:
-        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    profile: trt_t.IOptimizationProfile = builder.create_optimization_profile()
-    profile.set_shape(input_name, *(trt.Dims(list(shape)) for shape in shapes))
-    config.add_optimization_profile(profile)
+    config = _configure(trt, builder, plan, options, input_name, shapes)
     cache_path = resolve_timing_cache(options.timing_cache, output)
     cache_loaded = _attach_timing_cache(config, cache_path)
     with clock.phase("build"):
@@ -335,6 +329,29 @@ def build_tensorrt_engine(
         "TensorRT engine %s built from %s in %.1f s", output, source, clock.timings["total"]
     )
     return output
+
+
+def _configure(
+    trt: ModuleType,
+    builder: trt_t.Builder,
+    plan: BuildPlan,
+    options: TensorRTBuildOptions,
+    input_name: str,
+    shapes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]],
+) -> trt_t.IBuilderConfig:
+    """Builder config: plan flags, optimization level, workspace, verbosity, batch profile."""
+    config: trt_t.IBuilderConfig = builder.create_builder_config()
+    for flag in plan.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    config.builder_optimization_level = options.builder_optimization_level
+    if options.workspace_bytes is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
+    if options.layer_info:
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    profile: trt_t.IOptimizationProfile = builder.create_optimization_profile()
+    profile.set_shape(input_name, *(trt.Dims(list(shape)) for shape in shapes))
+    config.add_optimization_profile(profile)
+    return config
 
 
 def _parse(
