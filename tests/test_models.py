@@ -113,6 +113,8 @@ def test_s3_models(s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_file_errors(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"model file not found: .*missing\.keras"):
         load_model(str(tmp_path / "missing.keras"))
+    with pytest.raises(ModelError, match=r"model file not found: .*/resnet50"):
+        load_model(str(tmp_path / "resnet50"))  # a path, even if named like an application
     (tmp_path / "bad.keras").write_bytes(b"garbage")
     with pytest.raises(ModelError, match=r"bad\.keras is not a valid Keras \(\.keras\) file"):
         load_model(str(tmp_path / "bad.keras"))

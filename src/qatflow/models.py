@@ -68,11 +68,11 @@ def _application(uri: str) -> str | None:
     """The keras.applications builder named by ``uri``, None for paths; unknown names raise."""
     if storage.is_s3_uri(uri) or Path(uri).expanduser().exists():
         return None
+    if "/" in uri or Path(uri).suffix:
+        raise ModelError(f"model file not found: {uri}")
     key = re.sub(r"[^a-z0-9]", "", uri.lower())
     if key in APPLICATIONS:
         return APPLICATIONS[key]
-    if "/" in uri or Path(uri).suffix:
-        raise ModelError(f"model file not found: {uri}")
     some = ", ".join(
         ("resnet50", "mobilenet_v2", "efficientnet_b0", *sorted(APPLICATIONS.values())[:6])
     )
