@@ -1,0 +1,87 @@
+"""Small ONNX graph utilities shared by the exporter and the validator."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+# Ops that only move data around: a per-tensor Q/DQ commutes with them.
+LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+
+
+class GraphIndex:
+    """Producer, consumer and constant lookups over one ONNX graph."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in graph.node:
+            for name in node.output:
+                self.producer[name] = node
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(node)
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.outputs = {out.name for out in graph.output}
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or Constant node output, or None."""
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return numpy_helper.to_array(attr.t)
+        return None
+
+    def source_through_layout(self, name: str) -> onnx.NodeProto | None:
+        """The first non-layout node producing ``name``, looking back through layout ops."""
+        node = self.producer.get(name)
+        while node is not None and node.op_type in LAYOUT_OPS:
+            node = self.producer.get(node.input[0])
+        return node
+
+
+def attribute(node: onnx.NodeProto, name: str, default: int | None = None) -> int | None:
+    """An integer attribute of ``node`` or ``default``."""
+    for attr in node.attribute:
+        if attr.name == name:
+            return int(onnx.helper.get_attribute_value(attr))
+    return default
+
+
+def topological_sort(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph.node`` in place so every node follows the producers of its inputs."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        progressed = False
+        remaining = []
+        for node in pending:
+            if all(name in available for name in node.input):
+                ordered.append(node)
+                available.update(node.output)
+                progressed = True
+            else:
+                remaining.append(node)
+        if not progressed:
+            names = ", ".join(n.name for n in remaining[:5])
+            raise ValueError(f"ONNX graph has a cycle or a missing input near: {names}")
+        pending = remaining
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def op_counts(nodes: Iterable[onnx.NodeProto]) -> dict[str, int]:
+    """How many nodes of each op type."""
+    counts: dict[str, int] = defaultdict(int)
+    for node in nodes:
+        counts[node.op_type] += 1
+    return dict(counts)
