@@ -90,6 +90,16 @@ def test_rows_deltas_agreement_and_speedup(results: dict[str, EvaluationResult])
     assert comparison.notes == ()
 
 
+def test_tracking_metrics_use_the_tracker_keys(results: dict[str, EvaluationResult]) -> None:
+    from qatflow.tracking import METRIC_KEYS
+
+    qat = compare(results).row("qat_int8").tracking_metrics()
+    assert list(qat) == list(METRIC_KEYS)
+    assert qat["accuracy_delta_vs_fp32"] == pytest.approx(10.0)
+    assert qat["speedup_vs_fp32"] == pytest.approx(2.0)
+    assert qat["size_mb"] == pytest.approx(1.0)
+
+
 def test_accuracy_gate(results: dict[str, EvaluationResult]) -> None:
     comparison = compare(results)
     assert comparison.passes_gate("qat_int8", 0.0)

@@ -246,11 +246,6 @@ def test_json_round_trip_is_lossless_and_strict(
     assert loaded.to_dict() == result.to_dict()
     assert np.array_equal(loaded.predictions, result.predictions)
     assert loaded.latency.p99_ms == result.latency.p99_ms
-    assert EvaluationResult.from_dict(result.to_dict()).summary_metrics() == (
-        result.summary_metrics()
-    )
-    assert "top5_accuracy" in result.summary_metrics()
-    assert "model_size_mb" not in result.summary_metrics()
 
 
 def test_load_rejects_missing_and_foreign_files(tmp_path: Path) -> None:

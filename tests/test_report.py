@@ -6,6 +6,7 @@ import base64
 import io
 import re
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -133,7 +134,7 @@ def test_end_to_end_from_real_evaluations(tmp_path: Path) -> None:
     batches = [
         (rng.random((16, 8, 8, 1), dtype=np.float32), rng.integers(0, 6, 16)) for _ in range(3)
     ]
-    options = {"latency_iterations": 20, "warmup": 2, "throughput_batch": 8}
+    options: dict[str, Any] = {"latency_iterations": 20, "warmup": 2, "throughput_batch": 8}
     fp32 = evaluate(model, batches, **options)
     results = {"fp32": fp32, "fp32_ort": evaluate(engine, batches, threads=1, **options)}
     comparison = compare(results)

@@ -37,6 +37,19 @@ class ComparisonRow:
     size_mb: float | None
     runtime: str
 
+    def tracking_metrics(self) -> dict[str, float | None]:
+        """This row under ``qatflow.tracking.METRIC_KEYS`` names; ``None`` where n/a."""
+        return {
+            "accuracy_top1": self.top1,
+            "accuracy_top5": self.top5,
+            "latency_ms_p50": self.latency_p50_ms,
+            "latency_ms_p99": self.latency_p99_ms,
+            "throughput_ips": self.throughput,
+            "size_mb": self.size_mb,
+            "speedup_vs_fp32": self.speedup,
+            "accuracy_delta_vs_fp32": self.delta_top1_points,
+        }
+
 
 HEADERS = (
     "Variant",

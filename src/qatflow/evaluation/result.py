@@ -62,20 +62,6 @@ class EvaluationResult:
         """Size on disk in MB (10^6 bytes), if the model came from a file."""
         return None if self.size_bytes is None else self.size_bytes / 1e6
 
-    def summary_metrics(self) -> dict[str, float]:
-        """Flat scalar metrics (MLflow-style keys); metrics that do not apply are left out."""
-        values: dict[str, float | None] = {
-            "accuracy": self.top1,
-            "top5_accuracy": self.top5,
-            "agreement": self.agreement,
-            "latency_ms_p50": self.latency.p50_ms,
-            "latency_ms_p90": self.latency.p90_ms,
-            "latency_ms_p99": self.latency.p99_ms,
-            "throughput": self.throughput.images_per_second,
-            "model_size_mb": self.size_mb,
-        }
-        return {key: value for key, value in values.items() if value is not None}
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (strict JSON: no NaN)."""
         return {
