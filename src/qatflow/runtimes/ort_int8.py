@@ -1,0 +1,883 @@
+"""Rewrite TensorRT-style INT8 QDQ graphs so ONNX Runtime's x86 CPU kernels run them in INT8.
+
+TensorRT wants signed int8 Q/DQ (zero-point 0, narrow range) on the *inputs* of weighted ops and
+never on their outputs. ONNX Runtime on x86 fuses a QDQ group into an integer kernel only when the
+activations are uint8 (``QDQIsInt8Allowed()`` is false off ARM) and the op's output goes straight
+into a QuantizeLinear (``DQ -> Conv -> Q`` becomes QLinearConv; a Relu in between is dropped only
+when the Q's zero-point is the type minimum). This module rewrites the ONNX graph so both hold:
+
+1. exact passes: weight Q folded into int8 initializers (with any Transpose/Reshape between DQ and
+   the op applied to them), BatchNormalization/Mul/Add after a Conv folded into its per-channel
+   weight scales and bias, activations re-encoded as uint8 with zero-point 128 (``q_u8 = q_s8 +
+   128``, same scale), Q moved above data-movement ops (MaxPool, Pad, Reshape, Transpose, Clip...),
+   identical Qs of one tensor merged;
+2. fusion passes: for every op ORT can run in integer (Conv, MatMul, Gemm, Add, Mul, pools,
+   Concat...) the output gets one Q: a Relu before the Q is absorbed (``relu="absorb"``: the Q's
+   zero-point moves to 0, so values above 127*scale are no longer clipped) or done in uint8
+   (``relu="exact"``); where the output also feeds float consumers or Qs with other scales, a
+   requantization point is added (``requantize``), with the scale of a downstream Q or, for
+   tensors no Q reads (the float input of a residual Add), from ``calibration`` batches run
+   through the input graph.
+
+See docs/ort-int8.md for the measured speed and accuracy of each option.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from qatflow.errors import RuntimeBackendError
+from qatflow.onnx_graph import GraphIndex, topological_sort
+
+logger = logging.getLogger("qatflow.runtimes.ort_int8")
+
+Feeds = Mapping[str, np.ndarray]
+CalibrationData = Iterable[Feeds] | Callable[[], Iterable[Feeds]]
+ReluMode = Literal["absorb", "exact"]
+RequantizeMode = Literal["none", "downstream", "calibrated"]
+
+METADATA_KEY = "qatflow.ort_int8"
+_Q, _DQ = "QuantizeLinear", "DequantizeLinear"
+# Ops whose QDQ group ORT's CPU selectors turn into an integer kernel when the output has a Q.
+_INTEGER_OPS = frozenset(
+    {
+        "Conv",
+        "MatMul",
+        "Gemm",
+        "Add",
+        "Mul",
+        "AveragePool",
+        "GlobalAveragePool",
+        "Concat",
+        "LeakyRelu",
+        "Sigmoid",
+        "Softmax",
+    }
+)
+# Ops for which a calibrated requantization point is worth it: without an output Q they run in
+# float (MatMul/Gemm have MatMulIntegerToFloat/QGemm float-output kernels instead).
+_CALIBRATED_OPS = frozenset({"Conv", "Add", "Mul", "AveragePool", "GlobalAveragePool", "Concat"})
+# Ops with Q(op(x)) == op'(Q(x)) exactly for a per-tensor Q with positive scale.
+_HOISTABLE = frozenset(
+    {
+        "Reshape",
+        "Flatten",
+        "Squeeze",
+        "Unsqueeze",
+        "Transpose",
+        "Identity",
+        "MaxPool",
+        "Pad",
+        "Clip",
+        "Relu",
+    }
+)
+_WEIGHT_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity"})
+_INT_RANGE: dict[int, tuple[int, int]] = {
+    TensorProto.UINT8: (0, 255),
+    TensorProto.INT8: (-128, 127),
+}
+_NP_TYPE: dict[int, type[np.integer[Any]]] = {
+    TensorProto.UINT8: np.uint8,
+    TensorProto.INT8: np.int8,
+}
+
+
+@dataclass(frozen=True)
+class _QParams:
+    """Per-tensor quantization parameters of one Q or DQ node."""
+
+    scale: float
+    zero_point: int
+    dtype: int
+
+    def with_zero_point(self, zero_point: int, dtype: int | None = None) -> _QParams:
+        return _QParams(self.scale, zero_point, self.dtype if dtype is None else dtype)
+
+
+class _Rewriter:
+    """A mutable view of one ONNX graph: lookups, node insertion and rewiring."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.stats: Counter[str] = Counter()
+        self.requantized: list[str] = []
+        self._consts: dict[tuple[bytes, str, tuple[int, ...]], str] = {}
+        self._names = {n.name for n in self.graph.node} | {
+            name for n in self.graph.node for name in (*n.input, *n.output)
+        }
+        self._names |= {i.name for i in self.graph.initializer} | {i.name for i in self.graph.input}
+        self.index = GraphIndex(self.graph)
+        self.reindex()
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def reindex(self) -> None:
+        """Drop dead nodes, sort topologically and rebuild the producer/consumer index."""
+        topological_sort(self.graph)
+        live = {o.name for o in self.graph.output}
+        keep: list[onnx.NodeProto] = []
+        for node in reversed(self.graph.node):
+            if any(o in live for o in node.output):
+                keep.append(node)
+                live.update(node.input)
+        if len(keep) != len(self.graph.node):
+            keep.reverse()
+            del self.graph.node[:]
+            self.graph.node.extend(keep)
+        self.index = GraphIndex(self.graph)
+
+    def drop_unused_initializers(self) -> None:
+        used = {name for node in self.graph.node for name in node.input}
+        used |= {o.name for o in self.graph.output}
+        keep = [init for init in self.graph.initializer if init.name in used]
+        if len(keep) != len(self.graph.initializer):
+            del self.graph.initializer[:]
+            self.graph.initializer.extend(keep)
+
+    def fresh(self, hint: str) -> str:
+        base = hint.replace(":", "_").replace("/", "_")
+        name, k = base, 0
+        while name in self._names:
+            k += 1
+            name = f"{base}_{k}"
+        self._names.add(name)
+        return name
+
+    def const(self, name: str) -> np.ndarray | None:
+        return self.index.constant(name) if name else None
+
+    def is_const(self, name: str) -> bool:
+        """Whether ``name`` is an initializer or a Constant output (without converting it)."""
+        producer = self.index.producer.get(name)
+        return name in self.index.initializers or (
+            producer is not None and producer.op_type == "Constant"
+        )
+
+    def add_const(self, value: np.ndarray, hint: str) -> str:
+        key = (value.tobytes(), value.dtype.str, value.shape)
+        if key not in self._consts:
+            name = self.fresh(hint)
+            self.graph.initializer.append(numpy_helper.from_array(value, name))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def add_node(self, op: str, inputs: list[str], output: str | None = None, **attrs: Any) -> str:
+        """Append a node; returns its (only) output name."""
+        out = output or self.fresh(f"{inputs[0]}_{op}")
+        self.graph.node.append(
+            helper.make_node(op, inputs, [out], name=self.fresh(f"{out}_{op}"), **attrs)
+        )
+        return out
+
+    def rewire(self, old: str, new: str) -> None:
+        """Point every reader of tensor ``old`` at ``new`` (graph outputs are never renamed)."""
+        for node in self.index.consumers.get(old, []):
+            for i, name in enumerate(node.input):
+                if name == old:
+                    node.input[i] = new
+
+    def consumers(self, name: str) -> list[onnx.NodeProto]:
+        return list(self.index.consumers.get(name, []))
+
+    def is_output(self, name: str) -> bool:
+        return name in self.index.outputs
+
+    # -- quantization parameters -------------------------------------------------------------
+
+    def qparams(self, node: onnx.NodeProto) -> _QParams | None:
+        """Per-tensor parameters of a Q/DQ node with constant scale and zero-point, else None."""
+        if node.op_type not in (_Q, _DQ) or any(a.name == "block_size" for a in node.attribute):
+            return None
+        scale = self.const(node.input[1])
+        zp_name = node.input[2] if len(node.input) > 2 else ""
+        zero = self.const(zp_name) if zp_name else np.zeros((), np.uint8)
+        if scale is None or zero is None or scale.size != 1 or zero.size != 1:
+            return None
+        dtype = helper.np_dtype_to_tensor_dtype(zero.dtype)
+        if dtype not in _INT_RANGE or not float(scale.reshape(())) > 0:
+            return None
+        return _QParams(float(scale.reshape(())), int(zero.reshape(())), dtype)
+
+    def set_qparams(self, node: onnx.NodeProto, params: _QParams) -> None:
+        scale = self.add_const(np.array(params.scale, np.float32), "ort_int8_scale")
+        zero = self.add_const(
+            np.array(params.zero_point, _NP_TYPE[params.dtype]), "ort_int8_zero_point"
+        )
+        node.input[1] = scale
+        if len(node.input) > 2:
+            node.input[2] = zero
+        else:
+            node.input.append(zero)
+
+    def quantize(self, source: str, params: _QParams) -> str:
+        out = self.add_node(_Q, [source, "", ""])
+        self.set_qparams(self.graph.node[-1], params)
+        return out
+
+    def dequantize(self, source: str, params: _QParams) -> str:
+        out = self.add_node(_DQ, [source, "", ""])
+        self.set_qparams(self.graph.node[-1], params)
+        return out
+
+    def activation_q(self, node: onnx.NodeProto) -> _QParams | None:
+        """Parameters of a Q node quantizing a non-constant tensor, else None."""
+        if node.op_type != _Q or self.is_const(node.input[0]):
+            return None
+        return self.qparams(node)
+
+
+# ------------------------------------------------------------------------------------------
+# Exact passes
+# ------------------------------------------------------------------------------------------
+
+
+def _quantize_array(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int) -> np.ndarray:
+    """ONNX QuantizeLinear on constants (round half to even, saturate)."""
+    shape = [1] * x.ndim
+    if scale.size > 1:
+        shape[axis % x.ndim] = scale.size
+    scaled = np.rint(x.astype(np.float32) / scale.astype(np.float32).reshape(shape))
+    info = np.iinfo(zero.dtype)
+    return np.clip(scaled + zero.astype(np.int64).reshape(shape), info.min, info.max).astype(
+        zero.dtype
+    )
+
+
+def _axis_of(node: onnx.NodeProto) -> int:
+    for attr in node.attribute:
+        if attr.name == "axis":
+            return int(attr.i)
+    return 1
+
+
+def _fold_weight_quantize(rw: _Rewriter) -> None:
+    """Constant -> QuantizeLinear becomes an int8 initializer (what ORT constant-folds anyway)."""
+    for q in [n for n in rw.graph.node if n.op_type == _Q and rw.is_const(n.input[0])]:
+        x, scale = rw.const(q.input[0]), rw.const(q.input[1])
+        zp_name = q.input[2] if len(q.input) > 2 else ""
+        zero = rw.const(zp_name) if zp_name else np.zeros((), np.uint8)
+        if x is None or scale is None or zero is None or x.dtype.kind != "f":
+            continue
+        if rw.is_output(q.output[0]) or any(a.name == "block_size" for a in q.attribute):
+            continue
+        quantized = _quantize_array(x, scale, zero, _axis_of(q))
+        rw.rewire(q.output[0], rw.add_const(quantized, f"{q.output[0]}_int8"))
+        rw.stats["weights_prequantized"] += 1
+    rw.reindex()
+
+
+def _apply_layout(rw: _Rewriter, node: onnx.NodeProto, value: np.ndarray) -> np.ndarray | None:
+    """Evaluate a data-movement op on a constant, or None when its arguments are not constant."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    extra: list[np.ndarray] = []
+    for name in node.input[1:]:
+        constant = rw.const(name)
+        if name and constant is None:
+            return None
+        if constant is not None:
+            extra.append(constant)
+    if node.op_type == "Identity":
+        return value
+    if node.op_type == "Transpose":
+        return np.transpose(value, attrs.get("perm"))
+    if node.op_type == "Reshape" and extra:
+        target = [value.shape[i] if d == 0 else int(d) for i, d in enumerate(extra[0].tolist())]
+        return value.reshape(target)
+    axes = [int(a) for a in (extra[0] if extra else attrs.get("axes", []))]
+    if node.op_type == "Squeeze":
+        return np.squeeze(value, tuple(axes) if axes else None)
+    if node.op_type == "Unsqueeze":
+        return np.expand_dims(value, tuple(axes))
+    return None
+
+
+def _moved_axis(
+    rw: _Rewriter, node: onnx.NodeProto, shape: tuple[int, ...], axis: int
+) -> int | None:
+    """Where channel ``axis`` of a tensor of ``shape`` ends up after ``node``; None if mixed."""
+    channels = np.arange(shape[axis]).reshape([-1 if a == axis else 1 for a in range(len(shape))])
+    moved = _apply_layout(rw, node, np.broadcast_to(channels, shape))
+    if moved is None:
+        return None
+    for a, size in enumerate(moved.shape):
+        expected = np.arange(size).reshape([-1 if b == a else 1 for b in range(moved.ndim)])
+        if size == shape[axis] and np.array_equal(moved, np.broadcast_to(expected, moved.shape)):
+            return a
+    return None
+
+
+def _fold_weight_layout(rw: _Rewriter) -> None:
+    """DQ(int8 constant) -> Transpose/Reshape/... becomes DQ(moved int8 constant)."""
+    changed = True
+    while changed:
+        changed = False
+        for dq in [n for n in rw.graph.node if n.op_type == _DQ and rw.is_const(n.input[0])]:
+            users = [
+                u
+                for u in rw.consumers(dq.output[0])
+                if u.op_type in _WEIGHT_LAYOUT_OPS
+                and u.input[0] == dq.output[0]
+                and not rw.is_output(u.output[0])
+            ]
+            data, scale = rw.const(dq.input[0]), rw.const(dq.input[1])
+            if not users or data is None or scale is None:
+                continue
+            for user in users:
+                moved = _apply_layout(rw, user, data)
+                if moved is None:
+                    continue
+                attrs = {}
+                if scale.size > 1:
+                    axis = _moved_axis(rw, user, data.shape, _axis_of(dq) % data.ndim)
+                    if axis is None:
+                        continue
+                    attrs["axis"] = axis
+                inputs = [rw.add_const(moved, f"{user.output[0]}_int8"), *dq.input[1:]]
+                detached = rw.fresh(f"{user.output[0]}_float")
+                rw.add_node(_DQ, inputs, user.output[0], **attrs)
+                user.output[0] = detached
+                rw.stats["weight_layout_folded"] += 1
+                changed = True
+        rw.reindex()
+
+
+def _channel_vector(value: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
+    """``value`` as a per-output-channel vector for an NC... tensor of ``rank``, else None."""
+    if value.size == 1:
+        return np.full(channels, float(value.reshape(())), np.float32)
+    position = value.ndim - (rank - 1)
+    if position < 0 or value.shape[position] != channels or value.size != channels:
+        return None
+    return value.reshape(channels).astype(np.float32)
+
+
+def _affine_after(
+    rw: _Rewriter, node: onnx.NodeProto, channels: int, rank: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(gain, shift) per channel of a BatchNormalization/Mul/Add with constant parameters."""
+    if node.op_type == "BatchNormalization":
+        params = [rw.const(name) for name in node.input[1:5]]
+        if any(node.output[1:]) or len(params) != 4:
+            return None
+        gamma, beta, mean, var = (
+            p.astype(np.float64).reshape(-1) if p is not None else None for p in params
+        )
+        if gamma is None or beta is None or mean is None or var is None:
+            return None
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        gain = gamma / np.sqrt(var + eps)
+        return gain, beta - mean * gain
+    if node.op_type not in ("Mul", "Add") or len(node.input) != 2:
+        return None
+    constant = [rw.const(name) for name in node.input]
+    vectors = [_channel_vector(c, channels, rank) for c in constant if c is not None]
+    if len(vectors) != 1 or vectors[0] is None:
+        return None
+    if node.op_type == "Mul":
+        return vectors[0].astype(np.float64), np.zeros(channels)
+    return np.ones(channels), vectors[0].astype(np.float64)
+
+
+def _conv_weight(rw: _Rewriter, conv: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray] | None:
+    """(int8 weights, per-output-channel scale) of a Conv whose weight is DQ(int8 constant)."""
+    w_dq = rw.index.producer.get(conv.input[1])
+    if w_dq is None or w_dq.op_type != _DQ or not rw.is_const(w_dq.input[0]):
+        return None
+    data, scale = rw.const(w_dq.input[0]), rw.const(w_dq.input[1])
+    zp_name = w_dq.input[2] if len(w_dq.input) > 2 else ""
+    zero = rw.const(zp_name) if zp_name else np.zeros((), np.int8)
+    if data is None or scale is None or zero is None or data.dtype != np.int8 or np.any(zero):
+        return None
+    if scale.size > 1 and _axis_of(w_dq) % data.ndim != 0:
+        return None
+    return data, np.broadcast_to(scale.reshape(-1), (data.shape[0],)).astype(np.float64)
+
+
+def _fold_affine_into_conv(rw: _Rewriter) -> None:
+    """Fold BatchNormalization (or per-channel Mul/Add) after a Conv into its DQ'd weights.
+
+    ``conv(x, q * s) * g + h == conv(x, (q * sign(g)) * (s * |g|)) + h``: exact up to float
+    rounding, as TensorRT does when it folds batch norm into an INT8 convolution.
+    """
+    changed = True
+    while changed:
+        changed = False
+        for conv in [n for n in rw.graph.node if n.op_type == "Conv"]:
+            users = rw.consumers(conv.output[0])
+            if len(users) != 1 or users[0].op_type not in ("BatchNormalization", "Mul", "Add"):
+                continue
+            has_bias = len(conv.input) > 2 and bool(conv.input[2])
+            bias_value = rw.const(conv.input[2]) if has_bias else None
+            weight = _conv_weight(rw, conv)
+            if rw.is_output(conv.output[0]) or weight is None or (has_bias and bias_value is None):
+                continue
+            data, scale = weight
+            affine = _affine_after(rw, users[0], data.shape[0], data.ndim)
+            if affine is None or not np.all(np.isfinite(affine[0])) or np.any(affine[0] == 0):
+                continue
+            gain, shift = affine
+            sign = np.sign(gain).astype(np.int8).reshape([-1] + [1] * (data.ndim - 1))
+            if np.any((data == -128) & (sign < 0)):
+                continue
+            bias = np.zeros(data.shape[0]) if bias_value is None else bias_value.astype(np.float64)
+            inputs = [
+                rw.add_const((data * sign).astype(np.int8), f"{conv.input[1]}_folded"),
+                rw.add_const((scale * np.abs(gain)).astype(np.float32), f"{conv.input[1]}_scale"),
+                rw.add_const(np.zeros(data.shape[0], np.int8), f"{conv.input[1]}_zero_point"),
+            ]
+            conv.input[1] = rw.add_node(_DQ, inputs, rw.fresh(f"{conv.input[1]}_folded"), axis=0)
+            new_bias = rw.add_const((bias * gain + shift).astype(np.float32), f"{conv.name}_bias")
+            if has_bias:
+                conv.input[2] = new_bias
+            else:
+                del conv.input[2:]
+                conv.input.append(new_bias)
+            # The Conv takes over the folded op's output name; the folded op becomes dead.
+            conv.output[0], users[0].output[0] = users[0].output[0], conv.output[0]
+            del users[0].input[:]
+            rw.stats["affine_folded"] += 1
+            changed = True
+        rw.reindex()
+
+
+def _after_integer_relu(rw: _Rewriter, name: str) -> bool:
+    """Whether ``name`` is, through data-movement ops, the Relu of an integer-capable op."""
+    node = rw.index.producer.get(name)
+    while node is not None and node.op_type in _HOISTABLE - {"Clip", "Relu"}:
+        node = rw.index.producer.get(node.input[0])
+    if node is None or node.op_type != "Relu":
+        return False
+    source = rw.index.producer.get(node.input[0])
+    return source is not None and source.op_type in _INTEGER_OPS
+
+
+def _reencode_activations(rw: _Rewriter, relu: ReluMode) -> None:
+    """int8 activation Q/DQ -> uint8 with the same scale.
+
+    Zero-point 0 + 128 represents exactly the same values. With ``relu="absorb"`` a Q of a Relu
+    output gets zero-point 0 instead, so the Relu becomes redundant; values above 127*scale
+    are then kept rather than clipped.
+    """
+    for q in [n for n in rw.graph.node if n.op_type == _Q]:
+        params = rw.activation_q(q)
+        if params is None or params.dtype != TensorProto.INT8 or rw.is_output(q.output[0]):
+            continue
+        users = rw.consumers(q.output[0])
+        if not all(u.op_type == _DQ and rw.qparams(u) == params for u in users):
+            logger.debug("%s: int8 output read by non-matching nodes; left signed", q.name)
+            continue
+        zero_point = params.zero_point + 128
+        if relu == "absorb" and params.zero_point == 0 and _after_integer_relu(rw, q.input[0]):
+            zero_point = 0
+            rw.stats["relu_absorbed"] += 1
+        unsigned = params.with_zero_point(zero_point, TensorProto.UINT8)
+        for node in (q, *users):
+            rw.set_qparams(node, unsigned)
+        rw.stats["activations_reencoded"] += 1
+    rw.reindex()
+
+
+def _merge_equal_quantizers(rw: _Rewriter) -> None:
+    """Several Qs of one tensor with identical parameters become one."""
+    for name in list(rw.index.consumers):
+        seen: dict[_QParams, str] = {}
+        for node in rw.consumers(name):
+            params = rw.activation_q(node)
+            if params is None or rw.is_output(node.output[0]):
+                continue
+            if params in seen:
+                rw.rewire(node.output[0], seen[params])
+                rw.stats["quantizers_merged"] += 1
+            else:
+                seen[params] = node.output[0]
+    rw.reindex()
+
+
+def _integer_op(rw: _Rewriter, op: onnx.NodeProto, q_out: str, params: _QParams, x_q: str) -> None:
+    """Append ``op`` computed on the quantized input ``x_q`` and writing ``q_out``."""
+    inputs = [x_q, *op.input[1:]]
+    qmin, qmax = _INT_RANGE[params.dtype]
+    np_type = _NP_TYPE[params.dtype]
+
+    def quantized_const(value: float) -> str:
+        q = np.clip(
+            np.rint(np.float32(value) / np.float32(params.scale)) + params.zero_point, qmin, qmax
+        )
+        return rw.add_const(np.array(q, np_type), "ort_int8_bound")
+
+    if op.op_type == "Pad":
+        pad_value = rw.const(inputs[2]) if len(inputs) > 2 else None
+        value = 0.0 if pad_value is None else float(pad_value.reshape(()))
+        inputs = [*inputs[:2], quantized_const(value), *inputs[3:]]
+    if op.op_type == "Relu":
+        rw.add_node("Max", [x_q, quantized_const(0.0)], q_out)
+        return
+    if op.op_type == "Clip":
+        bounds = [rw.const(name) if name else None for name in inputs[1:3]]
+        inputs = [x_q] + [
+            quantized_const(float(b.reshape(()))) if b is not None else "" for b in bounds
+        ]
+    attrs = {a.name: helper.get_attribute_value(a) for a in op.attribute}
+    rw.graph.node.append(
+        helper.make_node(op.op_type, inputs, [q_out], name=rw.fresh(f"{op.name}_int"), **attrs)
+    )
+
+
+def _hoistable(rw: _Rewriter, op: onnx.NodeProto) -> bool:
+    extra = [name for name in op.input[1:] if name]
+    if op.op_type == "Pad":
+        mode = next((a.s for a in op.attribute if a.name == "mode"), b"constant")
+        return mode == b"constant" and all(rw.const(n) is not None for n in extra)
+    if op.op_type == "Clip":
+        return all(rw.const(n) is not None and rw.const(n).size == 1 for n in extra)  # type: ignore[union-attr]
+    if op.op_type == "MaxPool":
+        return len([o for o in op.output if o]) == 1
+    return op.op_type in _HOISTABLE
+
+
+def _hoist_quantizers(rw: _Rewriter, requantize: RequantizeMode) -> None:
+    """Move Q above data-movement ops: ``Q(op(x)) == op(Q(x))`` for MaxPool, Pad, Reshape...
+
+    Applied where every reader of the op's output is a Q. Readers with other parameters than
+    the largest-scale one are requantized from it, unless ``requantize`` is ``"none"``.
+    """
+    changed = True
+    while changed:
+        changed = False
+        for q in [n for n in rw.graph.node if n.op_type == _Q]:
+            op = rw.index.producer.get(q.input[0])
+            if op is None or not _hoistable(rw, op) or rw.is_const(op.input[0]):
+                continue
+            point = q.input[0]
+            readers = [(r, rw.activation_q(r)) for r in rw.consumers(point)]
+            found = [p for _, p in readers if p is not None]
+            if rw.is_output(point) or len(found) != len(readers):
+                continue
+            params = max(found, key=lambda p: p.scale)
+            if len(set(found)) > 1 and (requantize == "none" or len({p.dtype for p in found}) > 1):
+                continue
+            out = rw.quantize(op.input[0], params)
+            if op.op_type != "Relu" or params.zero_point != _INT_RANGE[params.dtype][0]:
+                quantized, out = out, rw.fresh(f"{q.output[0]}_hoisted")
+                _integer_op(rw, op, out, params, quantized)
+            requantized = ""
+            for reader, reader_params in readers:
+                if reader_params == params:
+                    rw.rewire(reader.output[0], out)
+                else:
+                    requantized = requantized or rw.dequantize(out, params)
+                    reader.input[0] = requantized
+            if requantized:
+                rw.requantized.append(point)
+            rw.stats["quantizers_hoisted"] += 1
+            changed = True
+            rw.reindex()
+            break
+
+
+# ------------------------------------------------------------------------------------------
+# Fusion passes
+# ------------------------------------------------------------------------------------------
+
+
+def _has_integer_inputs(rw: _Rewriter, node: onnx.NodeProto) -> bool:
+    """Every input of ``node`` is a uint8/int8 DequantizeLinear as ORT's QDQ selectors want."""
+    inputs = [name for name in node.input if name]
+    if node.op_type == "Conv" and len(inputs) == 3 and rw.is_const(inputs[2]):
+        inputs = inputs[:2]  # ORT quantizes a float bias constant itself (BiasQuantization)
+    if node.op_type not in _INTEGER_OPS or len(node.output) != 1 or not inputs:
+        return False
+    producers = [rw.index.producer.get(name) for name in inputs]
+    params = [rw.qparams(p) if p is not None and p.op_type == _DQ else None for p in producers]
+    if node.op_type in ("Conv", "MatMul", "Gemm"):
+        weight = producers[1]
+        return (
+            params[0] is not None
+            and params[0].dtype == TensorProto.UINT8
+            and weight is not None
+            and weight.op_type == _DQ
+            and rw.is_const(weight.input[0])
+        )
+    return all(p is not None and p.dtype == TensorProto.UINT8 for p in params)
+
+
+def _calibration_points(rw: _Rewriter) -> list[str]:
+    """Tensors that may need a calibrated scale: outputs of ops in _CALIBRATED_OPS (and Relus)."""
+    points: list[str] = []
+    for node in rw.graph.node:
+        if node.op_type in _CALIBRATED_OPS and len(node.output) == 1:
+            points.append(node.output[0])
+            users = rw.consumers(node.output[0])
+            if len(users) == 1 and users[0].op_type == "Relu":
+                points.append(users[0].output[0])
+    return points
+
+
+def _calibrate(
+    model: onnx.ModelProto, names: list[str], calibration: CalibrationData
+) -> dict[str, tuple[float, float]]:
+    """Min and max of each tensor in ``names`` over the calibration batches, run on ORT."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    produced = {name for node in probe.graph.node for name in node.output}
+    wanted = [n for n in dict.fromkeys(names) if n in produced]
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in wanted if n not in known
+    )
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    input_names = [i.name for i in session.get_inputs()]
+    ranges: dict[str, tuple[float, float]] = {}
+    batches = calibration() if callable(calibration) else calibration
+    for number, feeds in enumerate(batches):
+        missing = [n for n in input_names if n not in feeds]
+        if missing:
+            raise RuntimeBackendError(
+                f"calibration batch {number} lacks model input(s) {missing}; it has {sorted(feeds)}"
+            )
+        for name, value in zip(
+            wanted, session.run(wanted, {n: feeds[n] for n in input_names}), strict=True
+        ):
+            lo, hi = ranges.get(name, (np.inf, -np.inf))
+            ranges[name] = (min(lo, float(value.min())), max(hi, float(value.max())))
+    if not ranges:
+        raise RuntimeBackendError("calibration yielded no batches")
+    return ranges
+
+
+def _calibrated_params(lo: float, hi: float) -> _QParams | None:
+    """Asymmetric uint8 parameters covering [min(lo, 0), max(hi, 0)]."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if not hi > lo:
+        return None
+    scale = float(np.float32((hi - lo) / 255.0))
+    return _QParams(scale, int(np.clip(np.rint(-lo / scale), 0, 255)), TensorProto.UINT8)
+
+
+def _output_params(
+    rw: _Rewriter,
+    node: onnx.NodeProto,
+    point: str,
+    requantize: RequantizeMode,
+    ranges: Mapping[str, tuple[float, float]],
+) -> tuple[_QParams, list[tuple[onnx.NodeProto, _QParams]], list[onnx.NodeProto]] | None:
+    """The Q parameters for tensor ``point``, its uint8 Q readers and its other readers.
+
+    None when the tensor should stay float under ``requantize``.
+    """
+    qs: list[tuple[onnx.NodeProto, _QParams]] = []
+    floats: list[onnx.NodeProto] = []
+    for reader in rw.consumers(point):
+        params = rw.activation_q(reader)
+        if params is not None and params.dtype == TensorProto.UINT8:
+            qs.append((reader, params))
+        else:
+            floats.append(reader)
+    if qs:
+        chosen: _QParams | None = max((p for _, p in qs), key=lambda p: p.scale)
+    elif requantize == "calibrated" and node.op_type in _CALIBRATED_OPS and point in ranges:
+        chosen = _calibrated_params(*ranges[point])
+    else:
+        chosen = None
+    if chosen is None:
+        return None
+    requant = bool(floats) or any(p != chosen for _, p in qs)
+    if requant and (requantize == "none" or (requantize == "downstream" and not qs)):
+        return None
+    return chosen, qs, floats
+
+
+def _quantize_output(
+    rw: _Rewriter,
+    node: onnx.NodeProto,
+    relu: ReluMode,
+    requantize: RequantizeMode,
+    ranges: Mapping[str, tuple[float, float]],
+) -> None:
+    """Give ``node``'s output exactly one Q, directly or through a Relu, so ORT fuses ``node``.
+
+    Readers that are Qs with the chosen parameters read the new Q's output instead; other Qs
+    and float readers read its dequantized value (a requantization).
+    """
+    out = node.output[0]
+    users = rw.consumers(out)
+    relu_node = users[0] if len(users) == 1 and users[0].op_type == "Relu" else None
+    point = relu_node.output[0] if relu_node is not None else out
+    found = (
+        None
+        if rw.is_output(out) or rw.is_output(point)
+        else _output_params(rw, node, point, requantize, ranges)
+    )
+    if found is None:
+        return
+    chosen, qs, floats = found
+    final = chosen
+    if relu_node is not None and relu == "absorb":
+        final = chosen.with_zero_point(_INT_RANGE[chosen.dtype][0])
+        quantized = rw.quantize(out, final)
+    elif relu_node is not None:
+        zero = rw.add_const(np.array(chosen.zero_point, _NP_TYPE[chosen.dtype]), "ort_int8_relu")
+        quantized = rw.add_node("Max", [rw.quantize(out, chosen), zero])
+    else:
+        quantized = rw.quantize(out, chosen)
+    requantized = ""
+    for reader, params in qs:
+        readers = rw.consumers(reader.output[0])
+        if params == chosen and (final == chosen or all(r.op_type == _DQ for r in readers)):
+            for dq in readers if final != chosen else []:
+                rw.set_qparams(dq, final)
+            rw.rewire(reader.output[0], quantized)
+        else:
+            requantized = requantized or rw.dequantize(quantized, final)
+            reader.input[0] = requantized
+    for reader in floats:
+        requantized = requantized or rw.dequantize(quantized, final)
+        for i, name in enumerate(reader.input):
+            if name == point:
+                reader.input[i] = requantized
+    if requantized:
+        rw.requantized.append(point)
+    if relu_node is not None:
+        rw.stats[f"relu_{relu}"] += 1
+    rw.stats["outputs_quantized"] += 1
+    rw.reindex()
+
+
+def _quantize_outputs(
+    rw: _Rewriter,
+    relu: ReluMode,
+    requantize: RequantizeMode,
+    ranges: Mapping[str, tuple[float, float]],
+) -> None:
+    """Visit integer-capable ops in topological order (a requantized Conv output makes the
+    residual Add after it integer-capable) and quantize their outputs."""
+    done: set[str] = set()
+    while True:
+        todo = [
+            n
+            for n in rw.graph.node
+            if n.output and n.output[0] not in done and _has_integer_inputs(rw, n)
+        ]
+        if not todo:
+            return
+        done.add(todo[0].output[0])
+        _quantize_output(rw, todo[0], relu, requantize, ranges)
+
+
+def _collapse_requantize(rw: _Rewriter) -> None:
+    """DQ -> Q with identical parameters is the identity."""
+    for q in [n for n in rw.graph.node if n.op_type == _Q]:
+        dq = rw.index.producer.get(q.input[0])
+        if dq is None or dq.op_type != _DQ or rw.is_output(q.output[0]):
+            continue
+        params = rw.qparams(q)
+        if params is not None and rw.qparams(dq) == params:
+            rw.rewire(q.output[0], dq.input[0])
+    rw.reindex()
+
+
+# ------------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------------
+
+
+def rewrite_for_ort_int8(
+    model: onnx.ModelProto,
+    *,
+    calibration: CalibrationData | None = None,
+    relu: ReluMode = "absorb",
+    requantize: RequantizeMode = "calibrated",
+) -> onnx.ModelProto:
+    """Rewrite a TensorRT-style INT8 QDQ model so ONNX Runtime's CPU kernels run it in integer.
+
+    Args:
+        model: ONNX model (opset >= 13) with TensorRT's explicit-quantization Q/DQ placement.
+            Not modified; a rewritten copy is returned.
+        calibration: batches of input feeds (``{input_name: array}``), or a callable returning
+            them, run through ``model`` on ONNX Runtime to pick scales for requantization points
+            that no downstream Q gives (the float input of a residual Add). None: those tensors
+            stay float, so the op producing them is not fused.
+        relu: ``"absorb"`` lets a Relu between an op and its Q be dropped by moving the Q's
+            zero-point to 0 (same scale: identical except that values above 127*scale are no
+            longer clipped); ``"exact"`` keeps TensorRT's clipping and runs the Relu as a uint8
+            ``Max`` after the integer kernel.
+        requantize: where an op's output also feeds float consumers or Qs with other scales,
+            ``"none"`` leaves it in float, ``"downstream"`` adds a Q/DQ with the scale of a
+            downstream Q of that tensor, ``"calibrated"`` additionally quantizes tensors that
+            no Q reads, with scales from ``calibration``.
+
+    Returns:
+        A valid ONNX model with the same inputs and outputs (dynamic batch kept); a summary of
+        what was rewritten is stored in ``metadata_props`` under ``qatflow.ort_int8``.
+
+    Raises:
+        RuntimeBackendError: opset below 13, an unknown option, or calibration batches that do
+            not match the model inputs.
+    """
+    if relu not in ("absorb", "exact"):
+        raise RuntimeBackendError(f"relu must be 'absorb' or 'exact', got {relu!r}")
+    if requantize not in ("none", "downstream", "calibrated"):
+        raise RuntimeBackendError(
+            f"requantize must be 'none', 'downstream' or 'calibrated', got {requantize!r}"
+        )
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        raise RuntimeBackendError(f"model opset is {opset}; per-channel Q/DQ needs opset >= 13")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.value_info[:]  # Q/DQ element types change; ORT infers shapes again
+    rw = _Rewriter(out)
+    _fold_weight_quantize(rw)
+    _fold_weight_layout(rw)
+    _fold_affine_into_conv(rw)
+    _reencode_activations(rw, relu)
+    _merge_equal_quantizers(rw)
+    _hoist_quantizers(rw, requantize)
+    ranges: dict[str, tuple[float, float]] = {}
+    if requantize == "calibrated" and calibration is not None:
+        ranges = _calibrate(model, _calibration_points(rw), calibration)
+    _quantize_outputs(rw, relu, requantize, ranges)
+    _hoist_quantizers(rw, requantize)
+    _collapse_requantize(rw)
+    rw.drop_unused_initializers()
+    summary = {**rw.stats, "requantized": rw.requantized, "relu": relu, "requantize": requantize}
+    kept = [p for p in out.metadata_props if p.key != METADATA_KEY]
+    del out.metadata_props[:]
+    out.metadata_props.extend(kept)
+    out.metadata_props.add(key=METADATA_KEY, value=json.dumps(summary, sort_keys=True))
+    onnx.checker.check_model(out)
+    logger.info("ORT int8 rewrite: %s", summary)
+    return out
+
+
+def ort_optimized_op_counts(model: onnx.ModelProto, *, threads: int = 1) -> Counter[str]:
+    """Op types in the graph ONNX Runtime (CPU, all optimizations) actually runs for ``model``."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "optimized.onnx"
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.optimized_model_filepath = str(path)
+        options.log_severity_level = 3
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
