@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -95,6 +97,42 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log_file.close()
+
+
+class TcpForwarder:
+    """Forwards 127.0.0.1:<port> to a target port until ``close()``: a server that goes away."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target = ("127.0.0.1", target_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._target)
+            self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
 
 @pytest.fixture
@@ -342,6 +380,43 @@ def test_unreachable_server_falls_back_offline(
     assert child_doc["registered_models"][0]["model_name"] == "m"
     registry = json.loads((offline / "registry.json").read_text())
     assert registry["gate_decisions"][0]["promoted"] is False
+
+
+def test_server_lost_mid_run_falls_back_offline(
+    mlflow_server: str,
+    experiment: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    forwarder = TcpForwarder(int(mlflow_server.rsplit(":", 1)[1]))
+    tracker = Tracker(
+        tmp_path, tracking_uri=f"http://127.0.0.1:{forwarder.port}", experiment=experiment
+    )
+    parent = tracker.start_pipeline_run()
+    child = tracker.start_variant_run(parent, "fp32")
+    assert not tracker.offline
+    forwarder.close()
+    with caplog.at_level(logging.WARNING, logger="qatflow.tracking"):
+        tracker.log_variant_metrics(child, _variant_metrics(0.9))
+        tracker.end_run(child)
+    assert tracker.offline
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+    doc = json.loads((tmp_path / "mlflow-offline" / f"{child}.json").read_text())
+    assert set(doc["metrics"]) == set(METRIC_KEYS)
+    assert doc["status"] == "FINISHED"
+
+
+def test_mlflow_error_while_reachable_raises(
+    mlflow_server: str, experiment: str, tmp_path: Path
+) -> None:
+    tracker = Tracker(tmp_path, tracking_uri=mlflow_server, experiment=experiment)
+    parent = tracker.start_pipeline_run(params={"epochs": 2})
+    # MLflow refuses to change a logged param: a real error, not an outage.
+    with pytest.raises(TrackingError, match=f"logging params to run {parent} failed"):
+        tracker.log_params(parent, {"epochs": 3})
+    assert not tracker.offline
 
 
 def test_bad_input_is_named(mlflow_server: str, experiment: str, tmp_path: Path) -> None:
