@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import onnx
 import pytest
 from mlflow import MlflowClient
@@ -327,6 +328,7 @@ def test_sqlite_store_directly(
     tmp_path: Path, onnx_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the sqlite store puts artifacts under ./mlruns
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///from-env.db")
     uri = f"sqlite:///{tmp_path / 'direct.db'}"
     tracker = Tracker(tmp_path / "out", tracking_uri=uri)
     parent = tracker.start_pipeline_run(params={"dataset": "fashion_mnist"})
@@ -334,6 +336,10 @@ def test_sqlite_store_directly(
     tracker.log_variant_metrics(child, _variant_metrics(0.8))
     version = tracker.register_onnx_model(child, onnx_file, "qatflow-direct", accuracy_top1=0.8)
     assert version == "1"
+    # Registering must not pin MLflow's fluent API to the tracker's URI.
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///from-env.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///changed.db")
+    assert mlflow.get_tracking_uri() == "sqlite:///changed.db"
     assert tracker.promote_if_better(
         "qatflow-direct", version, 0.8, 0.81, max_fp32_gap=0.02
     ).promoted

@@ -141,16 +141,21 @@ def _environ(**values: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _global_tracking_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API (used by ``log_model``) at ``uri`` for the block only."""
-    import mlflow
+    """Point MLflow's fluent API (used by ``log_model``) at ``uri`` for the block only.
 
-    previous = mlflow.get_tracking_uri()
+    Restores MLflow's own explicit setting (usually None, meaning "follow the environment") and
+    ``MLFLOW_TRACKING_URI`` exactly, so later fluent calls are not pinned to ``uri``.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    explicit = getattr(tracking_utils, "_tracking_uri", None)
     saved_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(explicit)  # type: ignore[arg-type]  # None is handled: "unset"
         if saved_env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
