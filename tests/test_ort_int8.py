@@ -180,7 +180,7 @@ def test_calibrated_requantization_fuses_every_conv_and_the_residual_add(
     rewritten = rewrite_for_ort_int8(trt_model, calibration=[{"x": samples[:32]}])
     ops = ort_optimized_op_counts(rewritten)
     assert ops["QLinearConv"] == 2 and ops["QLinearAdd"] == 1 and ops["Conv"] == 0
-    assert ops["QLinearGlobalAveragePool"] == 1
+    assert ops["QLinearGlobalAveragePool"] == 1 and ops["QGemm"] == 1
     summary = json.loads(next(p.value for p in rewritten.metadata_props if p.key == METADATA_KEY))
     assert summary["requantized"] == ["c2a"]
 
@@ -264,7 +264,7 @@ def keras_models() -> dict[str, Any]:
     data_init_batchnorm(model, images[:64])
     fp32 = keras_to_onnx(model)
     trt = insert_trt_qdq(fp32, [{"input": images[:64]}])
-    return {"images": images, "fp32": fp32, "trt": trt}
+    return {"images": images, "keras": model, "fp32": fp32, "trt": trt}
 
 
 def test_keras_resnet_exact_rewrite(keras_models: dict[str, Any]) -> None:
@@ -284,8 +284,8 @@ def test_keras_resnet_runs_every_conv_and_add_in_int8(keras_models: dict[str, An
     rewritten = rewrite_for_ort_int8(trt, calibration=[{"input": images[:64]}])
     ops = ort_optimized_op_counts(rewritten)
     convs = sum(n.op_type == "Conv" for n in keras_models["fp32"].graph.node)
-    assert ops["QLinearConv"] == convs and ops["QLinearAdd"] == 3
-    assert not {"Conv", "FusedConv", "Relu"} & set(ops)
+    assert ops["QLinearConv"] == convs and ops["QLinearAdd"] == 3 and ops["QGemm"] == 1
+    assert not {"Conv", "FusedConv", "Relu", "Gemm"} & set(ops)
 
     test = images[64:]
     reference, result = run(trt, test), run(rewritten, test)
@@ -293,3 +293,24 @@ def test_keras_resnet_runs_every_conv_and_add_in_int8(keras_models: dict[str, An
     assert np.mean(result.argmax(1) == reference.argmax(1)) >= 0.95
     dims = rewritten.graph.input[0].type.tensor_type.shape.dim
     assert not dims[0].HasField("dim_value")
+
+
+def test_qatflow_exporter_output(keras_models: dict[str, Any]) -> None:
+    """The real pipeline: quantize_model, calibrate, export (batch norm comes out as Mul/Add)."""
+    import qatflow
+    from qatflow.onnx_export import to_onnx_proto
+
+    images = keras_models["images"]
+    quantized = qatflow.quantize_model(keras_models["keras"])
+    qatflow.calibrate(quantized, images[:64], num_batches=2, batch_size=32)
+    exported = to_onnx_proto(quantized)
+    name = exported.graph.input[0].name
+
+    rewritten = rewrite_for_ort_int8(exported, calibration=[{name: images[:64]}])
+    ops = ort_optimized_op_counts(rewritten)
+    assert ops["QLinearConv"] == 8 and ops["QLinearAdd"] == 3 and ops["QGemm"] == 1
+    assert not {"Conv", "FusedConv", "Mul", "Gemm"} & set(ops)
+    test = images[64:]
+    reference, result = run(exported, test), run(rewritten, test)
+    assert np.abs(result - reference).max() <= FUSED_TOLERANCE * np.abs(reference).max()
+    assert np.mean(result.argmax(1) == reference.argmax(1)) >= 0.95

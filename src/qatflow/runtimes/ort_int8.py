@@ -783,6 +783,31 @@ def _quantize_outputs(
         _quantize_output(rw, todo[0], relu, requantize, ranges)
 
 
+def _matmul_to_gemm(rw: _Rewriter) -> None:
+    """``MatMul(DQ a, DQ w) -> Add(bias)`` with 2-D ``a``: the MatMul becomes a Gemm.
+
+    Otherwise ORT first fuses MatMul and Add into a float Gemm, which its QDQ rules reject (the
+    bias is no DQ), and dequantizes the weights on every call. A bias-less Gemm of two DQs runs
+    as ORT's integer QGemm with float output; the Add stays as it is.
+    """
+    inferred = onnx.shape_inference.infer_shapes(rw.model)
+    ranks = {
+        info.name: len(info.type.tensor_type.shape.dim)
+        for info in [*inferred.graph.value_info, *inferred.graph.input]
+        if info.type.tensor_type.HasField("shape")
+    }
+    for matmul in [n for n in rw.graph.node if n.op_type == "MatMul"]:
+        users = rw.consumers(matmul.output[0])
+        producers = [rw.index.producer.get(name) for name in matmul.input]
+        if not users or any(u.op_type != "Add" for u in users) or ranks.get(matmul.input[0]) != 2:
+            continue
+        if any(p is None or p.op_type != _DQ for p in producers) or ranks.get(matmul.input[1]) != 2:
+            continue
+        matmul.op_type = "Gemm"
+        rw.stats["matmul_to_gemm"] += 1
+    rw.reindex()
+
+
 def _collapse_requantize(rw: _Rewriter) -> None:
     """DQ -> Q with identical parameters is the identity."""
     for q in [n for n in rw.graph.node if n.op_type == _Q]:
@@ -857,6 +882,7 @@ def rewrite_for_ort_int8(
         ranges = _calibrate(model, _calibration_points(rw), calibration)
     _quantize_outputs(rw, relu, requantize, ranges)
     _hoist_quantizers(rw, requantize)
+    _matmul_to_gemm(rw)
     _collapse_requantize(rw)
     rw.drop_unused_initializers()
     summary = {**rw.stats, "requantized": rw.requantized, "relu": relu, "requantize": requantize}
