@@ -52,7 +52,7 @@ def wrappers(model: keras.Model) -> list[QuantizeWrapper]:
 
 def quantizer_key(wrapper: QuantizeWrapper, slot: int) -> str:
     """Human-readable name of one input quantizer: ``<layer>:<input index>``."""
-    return f"{wrapper.layer.name}:{wrapper.input_indices[slot]}"
+    return f"{wrapper.layer.name}:{wrapper.quantizer_labels[slot]}"
 
 
 def uncalibrated_quantizers(model: keras.Model) -> list[str]:

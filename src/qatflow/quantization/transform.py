@@ -12,7 +12,7 @@ from qatflow.quantization import graph
 from qatflow.quantization.cases import QDQCase
 from qatflow.quantization.placement import Mode, Placement, plan_placement
 from qatflow.quantization.spec import QuantizationSpec
-from qatflow.quantization.wrapper import QuantizeWrapper
+from qatflow.quantization.wrapper import QuantizeWrapper, SeparableQuantizeWrapper
 
 
 def check_quantizable(model: Any) -> None:
@@ -87,7 +87,9 @@ def quantize_model(
         placement: Placement | None = plan.get(id(layer))
         if placement is None or not placement.quantized:
             return copy
-        return QuantizeWrapper(
+        separable = isinstance(copy, keras.layers.SeparableConv2D) and placement.weight_axes
+        wrapper_class = SeparableQuantizeWrapper if separable else QuantizeWrapper
+        return wrapper_class(
             copy,
             input_indices=placement.input_indices,
             weight_axes=placement.weight_axes,

@@ -57,15 +57,15 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if not self.layer.built:
             self.layer.build(input_shape)
         self.input_amax = [
-            self.add_weight(
-                name=f"input_amax_{i}",
-                shape=(),
-                initializer="zeros",
-                trainable=False,
-            )
-            for i in self.input_indices
+            self.add_weight(name=f"input_amax_{label}", shape=(), initializer="zeros", trainable=False)
+            for label in self.quantizer_labels
         ]
         self.built = True
+
+    @property
+    def quantizer_labels(self) -> list[str]:
+        """One label per activation quantizer: the index of the input it quantizes."""
+        return [str(i) for i in self.input_indices]
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return self.layer.compute_output_shape(input_shape)
@@ -99,12 +99,16 @@ class QuantizeWrapper(keras.layers.Wrapper):
             inputs = self._quantize_input(inputs, 0, training)
         if not self.weight_axes:
             return self.layer(inputs, training=training, **kwargs)
-        mapping = []
-        for attr, axis in self.weight_axes.items():
-            variable = getattr(self.layer, attr)
-            mapping.append(
-                (variable, fake_quant_per_channel(tf.convert_to_tensor(variable.value), axis))
-            )
+        return self._call_with_quantized_weights(inputs, training, **kwargs)
+
+    def quantized_weight(self, attr: str) -> tf.Tensor:
+        """The fake-quantized value of the weight ``attr`` (per-channel, current abs-max)."""
+        variable = getattr(self.layer, attr)
+        return fake_quant_per_channel(tf.convert_to_tensor(variable.value), self.weight_axes[attr])
+
+    def _call_with_quantized_weights(self, inputs: Any, training: bool, **kwargs: Any) -> Any:
+        # The layer's own call runs with its weight variables read as their quantized values.
+        mapping = [(getattr(self.layer, a), self.quantized_weight(a)) for a in self.weight_axes]
         with StatelessScope(state_mapping=mapping):
             return self.layer(inputs, training=training, **kwargs)
 
@@ -118,3 +122,38 @@ class QuantizeWrapper(keras.layers.Wrapper):
             ema_momentum=self.ema_momentum,
         )
         return config
+
+
+@keras.saving.register_keras_serializable(package="qatflow")
+class SeparableQuantizeWrapper(QuantizeWrapper):
+    """QuantizeWrapper for SeparableConv2D: also quantizes the depthwise output.
+
+    TensorRT runs a separable convolution as two convolutions; the pointwise one needs
+    Q/DQ on its input too, so this wrapper computes the two steps itself with an extra
+    activation quantizer between them.
+    """
+
+    @property
+    def quantizer_labels(self) -> list[str]:
+        return [*super().quantizer_labels, "pointwise"]
+
+    def _call_with_quantized_weights(self, inputs: Any, training: bool, **kwargs: Any) -> Any:
+        layer = self.layer
+        x = keras.ops.depthwise_conv(
+            inputs,
+            self.quantized_weight("depthwise_kernel"),
+            strides=layer.strides,
+            padding=layer.padding,
+            data_format=layer.data_format,
+            dilation_rate=layer.dilation_rate,
+        )
+        x = self._quantize_input(x, len(self.input_indices), training)
+        x = keras.ops.conv(
+            x, self.quantized_weight("pointwise_kernel"), padding="valid", data_format=layer.data_format
+        )
+        if layer.use_bias:
+            channel_axis = -1 if layer.data_format == "channels_last" else 1
+            shape = [1] * len(x.shape)
+            shape[channel_axis] = layer.filters
+            x = x + keras.ops.reshape(layer.bias, shape)
+        return layer.activation(x) if layer.activation is not None else x
