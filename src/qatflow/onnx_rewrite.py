@@ -142,16 +142,12 @@ def fold_weight_quantization(model: onnx.ModelProto) -> int:
             numpy_helper.from_array(new_scale.astype(np.float32), s_name),
             numpy_helper.from_array(np.zeros(new_scale.shape, dtype=np.int8), z_name),
         ]
-        attrs = {"axis": new_axis} if scale.size > 1 else {}
-        graph.node.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [q_name, s_name, z_name],
-                [tail.output[0]],
-                name=base + "_dq",
-                **attrs,
-            )
+        dequantize = helper.make_node(
+            "DequantizeLinear", [q_name, s_name, z_name], [tail.output[0]], name=base + "_dq"
         )
+        if scale.size > 1:
+            dequantize.attribute.append(helper.make_attribute("axis", new_axis))
+        graph.node.append(dequantize)
         removed.update(id(n) for n in [dq, *chain])
         if len(index.consumers.get(q.output[0], [])) == 1:
             removed.add(id(q))

@@ -99,7 +99,7 @@ def _check_spec_names(spec: QuantizationSpec, layers: Sequence[keras.layers.Laye
 def plan_placement(
     model: keras.Model,
     *,
-    mode: Mode = "full",
+    mode: Mode | str = "full",
     spec: QuantizationSpec | None = None,
     cases: Iterable[QDQCase] | None = None,
     strict: bool = False,

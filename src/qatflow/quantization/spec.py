@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ class SpecEntry:
 
 def _normalize_index(index: QuantizationIndex) -> tuple[int, ...] | Literal["any", "all"] | None:
     if index is None or index in ("any", "all"):
-        return index  # type: ignore[return-value]
+        return index
     if isinstance(index, str):
         raise QuantizationError(
             f"quantization_index {index!r} is not valid: use a list of input indices, "
@@ -154,7 +155,7 @@ class QuantizationSpec:
         return spec
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> QuantizationSpec:
+    def from_yaml(cls, path: str | os.PathLike[str]) -> QuantizationSpec:
         """Load a spec file; errors name the file."""
         file = Path(path)
         try:

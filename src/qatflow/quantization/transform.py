@@ -56,7 +56,7 @@ def _copy_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
 
 def quantize_model(
     model: keras.Model,
-    mode: Mode = "full",
+    mode: Mode | str = "full",
     spec: QuantizationSpec | None = None,
     cases: Iterable[QDQCase] | None = None,
     strict: bool = False,
