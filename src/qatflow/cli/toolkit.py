@@ -1,0 +1,147 @@
+"""``qatflow quantize``, ``export`` and ``validate``: the toolkit commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+_QUANTIZE_EPILOG = """\
+MODEL is a .keras/.h5 file, a SavedModel folder, an s3:// URI, or a keras.applications name
+(resnet50, mobilenet_v2, ...; built with random weights unless --weights is given).
+
+--calibration-data takes a dataset spec written by the pipeline (.json), an array of
+preprocessed images (.npy), or a dataset URI (fashion-mnist, an image folder, TFRecords, .npz;
+local or s3://) loaded with --preprocessing. Without it the activation ranges stay unset and
+`qatflow export` refuses the model until it is calibrated.
+
+--spec is a YAML file of placement overrides:
+  layers:
+    - name: conv1_conv            # by layer name
+      quantize_weight: false
+    - class: Add                  # by Keras class
+      quantization_index: all     # a list of input indices, 'any' or 'all'
+"""
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the toolkit subcommands."""
+    quantize = subparsers.add_parser(
+        "quantize",
+        help="insert TensorRT-style Q/DQ into a Keras model and calibrate it (PTQ)",
+        description="Quantize MODEL with Q/DQ where TensorRT wants them, calibrate the "
+        "activation ranges, save the result as .keras and print the placement summary.",
+        epilog=_QUANTIZE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    quantize.add_argument("model", metavar="MODEL", help="model file, URI or application name")
+    quantize.add_argument("--output", "-o", required=True, help="output .keras file")
+    quantize.add_argument(
+        "--mode",
+        choices=("full", "partial"),
+        default="full",
+        help="full: defaults + architecture cases + spec; partial: only what the spec names "
+        "(default: %(default)s)",
+    )
+    quantize.add_argument("--spec", help="YAML placement overrides (see below)")
+    quantize.add_argument("--calibration-data", help="calibration data (see below)")
+    quantize.add_argument(
+        "--preprocessing",
+        default="scale01",
+        help="preprocessing for a dataset URI: scale01, tf, caffe, torch, raw "
+        "(default: %(default)s)",
+    )
+    quantize.add_argument(
+        "--calibration-method",
+        choices=("max", "percentile", "mse"),
+        default="max",
+        help="how activation ranges are chosen from the data (default: %(default)s)",
+    )
+    quantize.add_argument(
+        "--calibration-batches", type=int, default=16, help="batches to calibrate on (default: 16)"
+    )
+    quantize.add_argument(
+        "--percentile", type=float, default=99.99, help="for --calibration-method percentile"
+    )
+    quantize.add_argument(
+        "--activation-range",
+        choices=("frozen", "ema"),
+        default="frozen",
+        help="how activation ranges evolve in later QAT: keep the calibrated ones (frozen) or "
+        "follow a moving average (default: %(default)s)",
+    )
+    quantize.add_argument(
+        "--strict", action="store_true", help="fail on layer classes qatflow does not know"
+    )
+    quantize.set_defaults(func=run_quantize)
+
+    export = subparsers.add_parser(
+        "export",
+        help="export a Keras model (FP32 or quantized) to ONNX with Q/DQ kept",
+        description="Export MODEL to ONNX with tf2onnx: Q/DQ pairs stay where they were "
+        "placed, the batch dimension is dynamic, and the graph is checked against TensorRT's "
+        "rules before anything is written.",
+    )
+    export.add_argument("model", metavar="MODEL", help=".keras file (or any MODEL as for quantize)")
+    export.add_argument("--output", "-o", required=True, help="output .onnx file")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset, 13+ (default: 17)")
+    export.set_defaults(func=run_export)
+
+    validate = subparsers.add_parser(
+        "validate",
+        help="check an ONNX graph against TensorRT's Q/DQ import rules",
+        description="Check zero-points (int8, 0), scales (positive, finite), per-channel axes, "
+        "Q/DQ on both inputs of every INT8 Conv/MatMul/Gemm, and no Q/DQ on outputs. Exits 1 "
+        "when the graph breaks a rule.",
+    )
+    validate.add_argument("onnx", metavar="MODEL.onnx")
+    validate.add_argument("--json", action="store_true", help="print the report as JSON")
+    validate.set_defaults(func=run_validate)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    """Quantize (and calibrate) a model, then print the placement summary."""
+    from qatflow import steps
+    from qatflow.quantization import summarize
+
+    outputs = steps.quantize(
+        args.model,
+        args.output,
+        calibration_data=args.calibration_data,
+        preprocessing=args.preprocessing,
+        mode=args.mode,
+        spec_path=args.spec,
+        calibration_method=args.calibration_method,
+        calibration_batches_count=args.calibration_batches,
+        percentile=args.percentile,
+        activation_range=args.activation_range,
+        strict=args.strict,
+    )
+    print(summarize(steps.load_any_model(outputs.model)).to_text())
+    print(f"\nwrote {outputs.model}")
+    print(f"placement summary: {outputs.placement_markdown}")
+    if outputs.calibration is None:
+        print("not calibrated: pass --calibration-data before exporting", file=sys.stderr)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Export to ONNX and print the validation report."""
+    from qatflow import steps
+    from qatflow.onnx_validate import validate_onnx
+
+    path = steps.export(args.model, args.output, opset=args.opset)
+    print(validate_onnx(path))
+    print(f"wrote {path}")
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    """Validate an ONNX file; exit 1 on rule violations."""
+    import json
+
+    from qatflow.onnx_validate import validate_onnx
+
+    report = validate_onnx(args.onnx)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return 0 if report.ok else 1
