@@ -33,7 +33,7 @@ def small_cnn(
 
 
 def separable_transpose_model() -> keras.Model:
-    """SeparableConv2D, DepthwiseConv2D, Conv2DTranspose, AveragePooling2D and a Conv1D-free head."""
+    """SeparableConv2D, DepthwiseConv2D, Conv2DTranspose and AveragePooling2D in one model."""
     inputs = keras.Input((32, 32, 3), name="image")
     x = keras.layers.SeparableConv2D(16, 3, padding="same", depth_multiplier=2, name="sep")(inputs)
     x = keras.layers.ReLU()(x)

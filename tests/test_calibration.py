@@ -5,13 +5,13 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+from tests.model_zoo import images, small_cnn
 
 import qatflow
 from qatflow.errors import QuantizationError
 from qatflow.quantization import QuantizeWrapper, summarize
 from qatflow.quantization.calibration import uncalibrated_quantizers
 from qatflow.quantization.histogram import AbsHistogram
-from tests.model_zoo import images, small_cnn
 
 
 def dense_model() -> keras.Model:

@@ -51,7 +51,8 @@ class ValidationReport:
         lines = [
             f"{self.path}: {status}",
             f"  opset {self.opset}, {self.qdq_nodes} Q/DQ nodes, "
-            f"{len(self.quantized_ops)} INT8 weighted ops, {len(self.float_ops)} float weighted ops",
+            f"{len(self.quantized_ops)} INT8 weighted ops, "
+            f"{len(self.float_ops)} float weighted ops",
         ]
         lines += [f"  error: {e}" for e in self.errors]
         lines += [f"  warning: {w}" for w in self.warnings]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-
 _QUANTIZE_EPILOG = """\
 MODEL is a .keras/.h5 file, a SavedModel folder, an s3:// URI, or a keras.applications name
 (resnet50, mobilenet_v2, ...; built with random weights unless --weights is given).

@@ -8,6 +8,7 @@ from typing import Any
 import keras
 
 from qatflow.errors import ModelError
+from qatflow.models import check_layerwise
 from qatflow.quantization import graph
 from qatflow.quantization.cases import QDQCase
 from qatflow.quantization.placement import Mode, Placement, plan_placement
@@ -16,7 +17,7 @@ from qatflow.quantization.wrapper import QuantizeWrapper, SeparableQuantizeWrapp
 
 
 def check_quantizable(model: Any) -> None:
-    """Raise ModelError unless ``model`` is a built Functional/Sequential model of fixed input rank."""
+    """Raise ModelError unless ``model`` is a built Functional/Sequential model of fixed rank."""
     if not isinstance(model, keras.Model):
         raise ModelError(f"expected a keras.Model, got {type(model).__name__}")
     if not graph.is_graph_model(model):
@@ -40,6 +41,7 @@ def check_quantizable(model: Any) -> None:
                 f"model {model.name!r} input {tensor.name!r} has no fixed rank "
                 f"(shape {tensor.shape}); declare keras.Input(shape=(H, W, C))"
             )
+    check_layerwise(model)
     for sub in graph.iter_models(model):
         for layer in sub.layers:
             if isinstance(layer, keras.Model) and not graph.is_graph_model(layer):

@@ -42,7 +42,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
     ) -> None:
         if activation_range not in ACTIVATION_RANGE_MODES:
             raise ValueError(
-                f"activation_range must be one of {ACTIVATION_RANGE_MODES}, got {activation_range!r}"
+                f"activation_range must be one of {ACTIVATION_RANGE_MODES}, "
+                f"got {activation_range!r}"
             )
         kwargs.setdefault("name", f"quant_{layer.name}")
         super().__init__(layer, **kwargs)
@@ -57,7 +58,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if not self.layer.built:
             self.layer.build(input_shape)
         self.input_amax = [
-            self.add_weight(name=f"input_amax_{label}", shape=(), initializer="zeros", trainable=False)
+            self.add_weight(
+                name=f"input_amax_{label}", shape=(), initializer="zeros", trainable=False
+            )
             for label in self.quantizer_labels
         ]
         self.built = True
@@ -149,7 +152,10 @@ class SeparableQuantizeWrapper(QuantizeWrapper):
         )
         x = self._quantize_input(x, len(self.input_indices), training)
         x = keras.ops.conv(
-            x, self.quantized_weight("pointwise_kernel"), padding="valid", data_format=layer.data_format
+            x,
+            self.quantized_weight("pointwise_kernel"),
+            padding="valid",
+            data_format=layer.data_format,
         )
         if layer.use_bias:
             channel_axis = -1 if layer.data_format == "channels_last" else 1
