@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -31,6 +31,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+if TYPE_CHECKING:
+    from qatflow.runtimes.ort_int8 import ReluMode, RequantizeMode
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 Feeds = Mapping[str, np.ndarray]
@@ -301,17 +304,27 @@ def predict(model: onnx.ModelProto, images: np.ndarray, batch: int = 32) -> np.n
 
 
 def p50_latencies(
-    models: Mapping[str, onnx.ModelProto], image: np.ndarray, threads: int, runs: int
+    models: Mapping[str, onnx.ModelProto],
+    image: np.ndarray,
+    threads: int,
+    runs: int,
+    block: int = 10,
 ) -> dict[str, float]:
-    """Median batch-1 latency (ms) of each model, interleaved: one call of each per round."""
+    """Median batch-1 latency (ms) of each model, measured side by side.
+
+    Models take turns in blocks of ``block`` calls (the first call of each block is not timed):
+    ORT's worker threads keep spinning for a while after a call, so strictly alternating single
+    calls would bill one model for another's spinning threads.
+    """
     sessions = {label: session(m, threads) for label, m in models.items()}
     times: dict[str, list[float]] = {label: [] for label in sessions}
-    for round_ in range(runs + 5):
+    for _ in range(max(1, runs // block)):
         for label, sess in sessions.items():
             feed = {sess.get_inputs()[0].name: image}
-            start = time.perf_counter()
             sess.run(None, feed)
-            if round_ >= 5:
+            for _ in range(block):
+                start = time.perf_counter()
+                sess.run(None, feed)
                 times[label].append((time.perf_counter() - start) * 1e3)
     return {label: statistics.median(t) for label, t in times.items()}
 
@@ -332,3 +345,146 @@ def resnet50_models(calibration: np.ndarray) -> tuple[onnx.ModelProto, onnx.Mode
     fp32 = keras_to_onnx(model)
     feeds = [{"input": calibration[i : i + 8]} for i in range(0, len(calibration), 8)]
     return fp32, insert_trt_qdq(fp32, feeds)
+
+
+def fashion_labels(count: int, *, offset: int = 0, train: bool = False) -> np.ndarray:
+    """Fashion-MNIST labels matching ``fashion_images(..., offset=offset)``."""
+    name = "train-labels-idx1-ubyte.gz" if train else "t10k-labels-idx1-ubyte.gz"
+    with gzip.open(FASHION_MNIST.with_name(name)) as f:
+        return np.frombuffer(f.read(), dtype=np.uint8, offset=8)[offset : offset + count]
+
+
+def fashion_train_images(count: int) -> np.ndarray:
+    """The first ``count`` Fashion-MNIST training images as float32 NHWC in [-1, 1]."""
+    with gzip.open(FASHION_MNIST.with_name("train-images-idx3-ubyte.gz")) as f:
+        raw = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
+    return (raw[:count].astype(np.float32) / 127.5 - 1.0)[..., None]
+
+
+# Rewrite options compared in the accuracy table: (label, relu, requantize).
+VARIANTS: tuple[tuple[str, ReluMode, RequantizeMode], ...] = (
+    ("exact, none", "exact", "none"),
+    ("absorb, none", "absorb", "none"),
+    ("exact, calibrated", "exact", "calibrated"),
+    ("absorb, calibrated (default)", "absorb", "calibrated"),
+)
+
+
+def rewrite_variants(trt: onnx.ModelProto, feeds: Sequence[Feeds]) -> dict[str, onnx.ModelProto]:
+    from qatflow.runtimes.ort_int8 import rewrite_for_ort_int8
+
+    return {
+        label: rewrite_for_ort_int8(trt, calibration=feeds, relu=relu, requantize=requant)
+        for label, relu, requant in VARIANTS
+    }
+
+
+def accuracy_table(
+    title: str,
+    models: Mapping[str, onnx.ModelProto],
+    images: np.ndarray,
+    labels: np.ndarray | None = None,
+) -> None:
+    """Print max |logit diff| and top-1 agreement of each model against the TensorRT-style one."""
+    outputs = {label: predict(model, images) for label, model in models.items()}
+    reference = outputs["TensorRT-style QDQ (as-is)"]
+    scale = float(np.abs(reference).max())
+    print(f"\n{title} ({len(images)} images, logit range {scale:.2f}; reference: TRT-style QDQ)")
+    header = f"{'model':34s} {'max|diff|':>10s} {'top-1 agree':>11s}"
+    print(header + (f" {'accuracy':>9s}" if labels is not None else ""))
+    for label, out in outputs.items():
+        diff, agree = agreement(reference, out)
+        line = f"{label:34s} {diff:10.4f} {agree:11.2%}"
+        if labels is not None:
+            line += f" {np.mean(out.argmax(1) == labels):9.2%}"
+        print(line)
+
+
+def small_cnn_accuracy() -> None:
+    """Accuracy cost of each option on a small ResNet-like CNN trained on Fashion-MNIST."""
+    import keras
+
+    model = small_resnet()
+    model.compile(
+        optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    model.fit(fashion_train_images(20000), fashion_labels(20000, train=True), epochs=2, verbose=0)
+    calibration = fashion_images(256, 28, 1, offset=9000)
+    feeds = [{"input": calibration[i : i + 64]} for i in range(0, 256, 64)]
+    fp32 = keras_to_onnx(model)
+    trt = insert_trt_qdq(fp32, feeds)
+    models = {"FP32": fp32, "TensorRT-style QDQ (as-is)": trt, **rewrite_variants(trt, feeds)}
+    models["ORT quantize_static"] = ort_quantize_static(fp32, feeds)
+    accuracy_table(
+        "Small ResNet-like CNN, Fashion-MNIST test set",
+        models,
+        fashion_images(8192, 28, 1),
+        fashion_labels(8192),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Benchmark ResNet50 latency and print the accuracy cost of each rewrite option."""
+    import argparse
+
+    from qatflow.runtimes.ort_int8 import ort_optimized_op_counts
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    parser.add_argument("--runs", type=int, default=100, help="timed calls per model")
+    parser.add_argument("--images", type=int, default=128, help="ResNet50 accuracy images")
+    parser.add_argument("--skip-small-cnn", action="store_true", help="skip the trained CNN")
+    args = parser.parse_args(argv)
+
+    calibration = fashion_images(32, 224, 3, offset=9000)
+    feeds = [{"input": calibration[i : i + 8]} for i in range(0, 32, 8)]
+    fp32, trt = resnet50_models(calibration)
+    variants = rewrite_variants(trt, feeds)
+    rewritten = variants["absorb, calibrated (default)"]
+    quantize_static = ort_quantize_static(fp32, feeds)
+    models = {
+        "FP32": fp32,
+        "TensorRT-style QDQ (as-is)": trt,
+        "rewritten (default)": rewritten,
+        "rewritten (exact, none)": variants["exact, none"],
+        "rewritten (exact, calibrated)": variants["exact, calibrated"],
+        "ORT quantize_static": quantize_static,
+    }
+    for label in ("TensorRT-style QDQ (as-is)", "rewritten (default)", "ORT quantize_static"):
+        ops = ort_optimized_op_counts(models[label], threads=args.threads)
+        kernels = {k: v for k, v in ops.items() if k.startswith("Q") or k in ("Conv", "FusedConv")}
+        print(f"{label}: {dict(sorted(kernels.items()))}")
+
+    latency = p50_latencies(models, fashion_images(1, 224, 3), args.threads, args.runs)
+    print(f"\nResNet50 224x224, batch 1, {args.threads} threads, p50 of {args.runs} calls each")
+    for label, ms in latency.items():
+        print(
+            f"{label:34s} {ms:8.2f} ms  x{ms / latency['ORT quantize_static']:.2f} of "
+            f"quantize_static  FP32/this {latency['FP32'] / ms:.2f}"
+        )
+    ours, theirs = latency["rewritten (default)"], latency["ORT quantize_static"]
+    print(
+        f"rewritten / quantize_static: {ours / theirs:.2f} (target <= 1.00);"
+        f" FP32 / rewritten: {latency['FP32'] / ours:.2f} (target >= 3.5)"
+    )
+
+    accuracy_table(
+        "ResNet50 (random weights, data-initialised batch norm), Fashion-MNIST at 224x224",
+        {
+            "FP32": fp32,
+            "TensorRT-style QDQ (as-is)": trt,
+            **variants,
+            "ORT quantize_static": quantize_static,
+        },
+        fashion_images(args.images, 224, 3),
+    )
+    if not args.skip_small_cnn:
+        small_cnn_accuracy()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    raise SystemExit(main())

@@ -16,8 +16,9 @@ when the Q's zero-point is the type minimum). This module rewrites the ONNX grap
    zero-point moves to 0, so values above 127*scale are no longer clipped) or done in uint8
    (``relu="exact"``); where the output also feeds float consumers or Qs with other scales, a
    requantization point is added (``requantize``), with the scale of a downstream Q or, for
-   tensors no Q reads (the float input of a residual Add), from ``calibration`` batches run
-   through the input graph.
+   the float input of a residual Add, from ``calibration`` batches run through the input graph
+   (else from the Q after the Add); a MatMul of two DQs followed by a bias Add becomes a
+   bias-less Gemm so ORT runs QGemm instead of dequantizing the weights on every call.
 
 See docs/ort-int8.md for the measured speed and accuracy of each option.
 """
@@ -673,6 +674,22 @@ def _calibrated_params(lo: float, hi: float) -> _QParams | None:
     return _QParams(scale, int(np.clip(np.rint(-lo / scale), 0, 255)), TensorProto.UINT8)
 
 
+def _downstream_params(rw: _Rewriter, point: str) -> _QParams | None:
+    """Scale of the Q after the Add that ``point`` feeds (through a Relu), zero-point 128.
+
+    For the float input of a residual Add, whose sum TensorRT quantizes next.
+    """
+    readers = rw.consumers(point)
+    if len(readers) != 1 or readers[0].op_type != "Add" or rw.is_output(readers[0].output[0]):
+        return None
+    after = rw.consumers(readers[0].output[0])
+    if len(after) == 1 and after[0].op_type == "Relu" and not rw.is_output(after[0].output[0]):
+        after = rw.consumers(after[0].output[0])
+    found = [rw.activation_q(n) for n in after]
+    scales = [p.scale for p in found if p is not None and p.dtype == TensorProto.UINT8]
+    return _QParams(max(scales), 128, TensorProto.UINT8) if scales else None
+
+
 def _output_params(
     rw: _Rewriter,
     node: onnx.NodeProto,
@@ -692,16 +709,15 @@ def _output_params(
             qs.append((reader, params))
         else:
             floats.append(reader)
+    chosen: _QParams | None = None
     if qs:
-        chosen: _QParams | None = max((p for _, p in qs), key=lambda p: p.scale)
-    elif requantize == "calibrated" and node.op_type in _CALIBRATED_OPS and point in ranges:
-        chosen = _calibrated_params(*ranges[point])
-    else:
-        chosen = None
-    if chosen is None:
-        return None
-    requant = bool(floats) or any(p != chosen for _, p in qs)
-    if requant and (requantize == "none" or (requantize == "downstream" and not qs)):
+        chosen = max((p for _, p in qs), key=lambda p: p.scale)
+    elif requantize != "none" and node.op_type in _CALIBRATED_OPS:
+        if requantize == "calibrated" and point in ranges:
+            chosen = _calibrated_params(*ranges[point])
+        else:
+            chosen = _downstream_params(rw, point)
+    if chosen is None or (requantize == "none" and (floats or any(p != chosen for _, p in qs))):
         return None
     return chosen, qs, floats
 
@@ -838,17 +854,17 @@ def rewrite_for_ort_int8(
         model: ONNX model (opset >= 13) with TensorRT's explicit-quantization Q/DQ placement.
             Not modified; a rewritten copy is returned.
         calibration: batches of input feeds (``{input_name: array}``), or a callable returning
-            them, run through ``model`` on ONNX Runtime to pick scales for requantization points
-            that no downstream Q gives (the float input of a residual Add). None: those tensors
-            stay float, so the op producing them is not fused.
+            them, run through ``model`` on ONNX Runtime to pick min/max scales for
+            requantization points that no Q reads (the float input of a residual Add).
         relu: ``"absorb"`` lets a Relu between an op and its Q be dropped by moving the Q's
             zero-point to 0 (same scale: identical except that values above 127*scale are no
             longer clipped); ``"exact"`` keeps TensorRT's clipping and runs the Relu as a uint8
             ``Max`` after the integer kernel.
         requantize: where an op's output also feeds float consumers or Qs with other scales,
-            ``"none"`` leaves it in float, ``"downstream"`` adds a Q/DQ with the scale of a
-            downstream Q of that tensor, ``"calibrated"`` additionally quantizes tensors that
-            no Q reads, with scales from ``calibration``.
+            ``"none"`` leaves it in float (the op then runs in float); ``"downstream"`` adds a
+            Q/DQ with the scale of a Q of that tensor or, for the float input of a residual
+            Add, of the Q after the Add (zero-point 128); ``"calibrated"`` uses min/max from
+            ``calibration`` for the latter where given, the downstream scale elsewhere.
 
     Returns:
         A valid ONNX model with the same inputs and outputs (dynamic batch kept); a summary of
