@@ -156,8 +156,9 @@ def calibration_batches(source: PathLike, *, preprocessing: str = "scale01") -> 
 
 @dataclass(frozen=True)
 class QuantizeOutputs:
-    """Files written by :func:`quantize`."""
+    """Files written by :func:`quantize`, and the placement summary they hold."""
 
+    summary: Any  # PlacementSummary
     model: Path
     placement_markdown: Path
     placement_json: Path
@@ -210,6 +211,7 @@ def quantize(
     summary = q.summarize(qmodel)
     saved = save_keras(qmodel, output_path)
     return QuantizeOutputs(
+        summary=summary,
         model=saved,
         placement_markdown=write_text(
             side_file(output_path, ".placement.md"), summary.to_markdown() + "\n"

@@ -101,7 +101,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run_quantize(args: argparse.Namespace) -> int:
     """Quantize (and calibrate) a model, then print the placement summary."""
     from qatflow import steps
-    from qatflow.quantization import summarize
 
     outputs = steps.quantize(
         args.model,
@@ -116,7 +115,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         activation_range=args.activation_range,
         strict=args.strict,
     )
-    print(summarize(steps.load_any_model(outputs.model)).to_text())
+    print(outputs.summary.to_text())
     print(f"\nwrote {outputs.model}")
     print(f"placement summary: {outputs.placement_markdown}")
     if outputs.calibration is None:
