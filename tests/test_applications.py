@@ -60,8 +60,7 @@ def test_quantize_export_validate_and_agree_with_onnxruntime(name, tmp_path):
         f"(floor {floor_agreement:.3f})"
     )
     # Measured (32 images): max|onnx-keras| 0.77-0.97x the floor; top-1 agreement within
-    # 2/32 of the floor's (EfficientNetB0 0.084 vs 0.089, ResNet50V2 0.41 vs 0.43). The
-    # trained demo model agrees far more tightly (tests/test_demo_agreement.py).
+    # 2/32 of the floor's (EfficientNetB0 0.084 vs 0.089, ResNet50V2 0.41 vs 0.43).
     assert max_abs_diff <= 3 * floor + 1e-4 * np.abs(keras_logits).max()
     assert agreement >= floor_agreement - 4 / 32
 
