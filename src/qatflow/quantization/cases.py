@@ -6,6 +6,8 @@ fusion) into ordinary spec entries, so users can write their own by subclassing 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import keras
 
 from qatflow.quantization import graph
@@ -41,6 +43,34 @@ class QDQCase:
     def info(self) -> str:
         """A one-line description of the rule."""
         return self.__doc__.strip().splitlines()[0] if self.__doc__ else self.name
+
+    def quantize_inputs(
+        self, model: keras.Model, kind: type, index: Literal["all"] | None = None
+    ) -> QuantizationSpec:
+        """Entries putting Q/DQ on the inputs of every ``kind`` layer (weights untouched)."""
+        out = QuantizationSpec()
+        for _, layer in _layers_of(model, kind):
+            out.add(layer.name, quantization_index=index, quantize_weight=False, source=self.source)
+        return out
+
+    def residual_adds(self, model: keras.Model) -> QuantizationSpec:
+        """Entries for every Add by the residual rule (see ``residual_inputs_to_quantize``)."""
+        out = QuantizationSpec()
+        for owner, layer in _layers_of(model, keras.layers.Add):
+            indices = residual_inputs_to_quantize(layer, owner)
+            if indices:
+                out.add(
+                    layer.name,
+                    quantization_index=indices,
+                    quantize_weight=False,
+                    source=self.source,
+                )
+        return out
+
+    @property
+    def source(self) -> str:
+        """How entries of this case are labelled in the summary."""
+        return f"case:{self.name}"
 
 
 def is_conv_branch(layer: keras.layers.Layer, model: keras.Model) -> bool:
@@ -96,17 +126,7 @@ class ResidualAddCase(QDQCase):
     name = "residual"
 
     def case(self, model: keras.Model, spec: QuantizationSpec) -> QuantizationSpec:
-        out = QuantizationSpec()
-        for owner, layer in _layers_of(model, keras.layers.Add):
-            indices = residual_inputs_to_quantize(layer, owner)
-            if indices:
-                out.add(
-                    layer.name,
-                    quantization_index=indices,
-                    quantize_weight=False,
-                    source=f"case:{self.name}",
-                )
-        return out
+        return self.residual_adds(model)
 
 
 class ResNetV1Case(ResidualAddCase):
@@ -115,16 +135,19 @@ class ResNetV1Case(ResidualAddCase):
     name = "resnet_v1"
 
 
+class MobileNetCase(ResidualAddCase):
+    """MobileNet v1/v2: residual Adds of the inverted-residual blocks."""
+
+    name = "mobilenet"
+
+
 class MaxPoolCase(QDQCase):
     """MaxPooling2D inputs quantized, so TensorRT can fuse horizontally across branches."""
 
     name = "maxpool"
 
     def case(self, model: keras.Model, spec: QuantizationSpec) -> QuantizationSpec:
-        out = QuantizationSpec()
-        for _, layer in _layers_of(model, keras.layers.MaxPooling2D):
-            out.add(layer.name, quantize_weight=False, source=f"case:{self.name}")
-        return out
+        return self.quantize_inputs(model, keras.layers.MaxPooling2D)
 
 
 class ResNetV2Case(QDQCase):
@@ -133,18 +156,14 @@ class ResNetV2Case(QDQCase):
     name = "resnet_v2"
 
     def case(self, model: keras.Model, spec: QuantizationSpec) -> QuantizationSpec:
-        out = ResidualAddCase().case(model, spec).extend(MaxPoolCase().case(model, spec))
+        out = self.residual_adds(model).extend(
+            self.quantize_inputs(model, keras.layers.MaxPooling2D)
+        )
         for owner, layer in _layers_of(model, keras.layers.BatchNormalization):
             parents = graph.producers(layer, owner)
             if not (len(parents) == 1 and isinstance(parents[0], _WEIGHTED)):
-                out.add(layer.name, quantize_weight=False, source=f"case:{self.name}")
+                out.add(layer.name, quantize_weight=False, source=self.source)
         return out
-
-
-class MobileNetCase(ResidualAddCase):
-    """MobileNet v1/v2: residual Adds of the inverted-residual blocks."""
-
-    name = "mobilenet"
 
 
 class EfficientNetCase(QDQCase):
@@ -153,15 +172,8 @@ class EfficientNetCase(QDQCase):
     name = "efficientnet"
 
     def case(self, model: keras.Model, spec: QuantizationSpec) -> QuantizationSpec:
-        out = ResidualAddCase().case(model, spec)
-        for _, layer in _layers_of(model, keras.layers.Multiply):
-            out.add(
-                layer.name,
-                quantization_index="all",
-                quantize_weight=False,
-                source=f"case:{self.name}",
-            )
-        return out
+        multiplies = self.quantize_inputs(model, keras.layers.Multiply, "all")
+        return self.residual_adds(model).extend(multiplies)
 
 
 class InceptionCase(QDQCase):
@@ -170,15 +182,8 @@ class InceptionCase(QDQCase):
     name = "inception"
 
     def case(self, model: keras.Model, spec: QuantizationSpec) -> QuantizationSpec:
-        out = MaxPoolCase().case(model, spec)
-        for _, layer in _layers_of(model, keras.layers.Concatenate):
-            out.add(
-                layer.name,
-                quantization_index="all",
-                quantize_weight=False,
-                source=f"case:{self.name}",
-            )
-        return out
+        pools = self.quantize_inputs(model, keras.layers.MaxPooling2D)
+        return pools.extend(self.quantize_inputs(model, keras.layers.Concatenate, "all"))
 
 
 _BY_MODEL_NAME: list[tuple[str, type[QDQCase]]] = [
