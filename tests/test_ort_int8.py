@@ -234,6 +234,43 @@ def test_mismatched_scales_are_requantized_only_when_asked(
     assert np.abs(result - reference).max() <= FUSED_TOLERANCE * np.abs(reference).max()
 
 
+def test_clip_pad_maxpool_chain_is_hoisted_exactly(samples: np.ndarray) -> None:
+    """Conv -> Clip(0, 6) -> Pad -> MaxPool -> Q: the Q moves up to the Conv, the rest runs in
+    uint8, and the first Conv becomes QLinearConv."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["c1", "lo", "hi"], ["r6"], "relu6"),
+        helper.make_node("Pad", ["r6", "pads"], ["p"], "pad"),
+        helper.make_node("MaxPool", ["p"], ["m"], "pool", kernel_shape=[3, 3], strides=[2, 2]),
+        helper.make_node("Conv", ["m", "w2"], ["y"], "conv2"),
+    ]
+    inits = [
+        const("w1", RNG.normal(0, 0.5, (4, 3, 3, 3))),
+        const("lo", np.array(0.0)),
+        const("hi", np.array(6.0)),
+        numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"),
+        const("w2", RNG.normal(0, 0.5, (2, 4, 1, 1))),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "clip_pad_pool",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 4, 4])],
+        inits,
+    )
+    fp32 = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    trt = insert_trt_qdq(fp32, [{"x": samples}])
+    rewritten = rewrite_for_ort_int8(trt, relu="exact", requantize="none")
+    np.testing.assert_allclose(
+        run(rewritten, samples, optimize=False),
+        run(trt, samples, optimize=False),
+        atol=EXACT_TOLERANCE,
+    )
+    ops = Counter(n.op_type for n in rewritten.graph.node)
+    assert ops["Clip"] == ops["Pad"] == ops["MaxPool"] == 1
+    assert ort_optimized_op_counts(rewritten)["QLinearConv"] == 1  # conv2 feeds the graph output
+
+
 def test_output_is_valid_plain_onnx_with_dynamic_batch(trt_model: onnx.ModelProto) -> None:
     before = trt_model.SerializeToString()
     rewritten = rewrite_for_ort_int8(trt_model)
@@ -250,9 +287,9 @@ def test_output_is_valid_plain_onnx_with_dynamic_batch(trt_model: onnx.ModelProt
 
 def test_bad_options_and_old_opsets_are_rejected(trt_model: onnx.ModelProto) -> None:
     with pytest.raises(RuntimeBackendError, match="relu must be"):
-        rewrite_for_ort_int8(trt_model, relu="clip")  # type: ignore[arg-type]
+        rewrite_for_ort_int8(trt_model, relu="clip")
     with pytest.raises(RuntimeBackendError, match="requantize must be"):
-        rewrite_for_ort_int8(trt_model, requantize="always")  # type: ignore[arg-type]
+        rewrite_for_ort_int8(trt_model, requantize="always")
     old = onnx.ModelProto()
     old.CopyFrom(trt_model)
     old.opset_import[0].version = 12

@@ -458,6 +458,11 @@ def _after_integer_relu(rw: _Rewriter, name: str) -> bool:
     """Whether ``name`` is, through data-movement ops, the Relu of an integer-capable op."""
     node = rw.index.producer.get(name)
     while node is not None and node.op_type in _HOISTABLE - {"Clip", "Relu"}:
+        pad_value = (
+            rw.const(node.input[2]) if node.op_type == "Pad" and len(node.input) > 2 else None
+        )
+        if pad_value is not None and float(pad_value.reshape(())) < 0:
+            return False  # a negative pad value would be clipped by a zero-point-0 Q
         node = rw.index.producer.get(node.input[0])
     if node is None or node.op_type != "Relu":
         return False
@@ -538,12 +543,13 @@ def _integer_op(rw: _Rewriter, op: onnx.NodeProto, q_out: str, params: _QParams,
 
 
 def _hoistable(rw: _Rewriter, op: onnx.NodeProto) -> bool:
-    extra = [name for name in op.input[1:] if name]
+    """Whether a per-tensor Q after ``op`` can move before it (see _integer_op)."""
+    extra = [rw.const(name) for name in op.input[1:] if name]
     if op.op_type == "Pad":
         mode = next((a.s for a in op.attribute if a.name == "mode"), b"constant")
-        return mode == b"constant" and all(rw.const(n) is not None for n in extra)
+        return mode == b"constant" and all(c is not None for c in extra)
     if op.op_type == "Clip":
-        return all(rw.const(n) is not None and rw.const(n).size == 1 for n in extra)  # type: ignore[union-attr]
+        return all(c is not None and c.size == 1 for c in extra)
     if op.op_type == "MaxPool":
         return len([o for o in op.output if o]) == 1
     return op.op_type in _HOISTABLE
