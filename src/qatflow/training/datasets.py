@@ -63,17 +63,34 @@ def inspect(
     return DataFacts(int(images.shape[0]), num_classes, from_logits)
 
 
-def count_examples(ds: tf.data.Dataset) -> int:
-    """The number of examples in a finite batched dataset (one pass unless its size is known)."""
+def full_epoch_steps(
+    ds: tf.data.Dataset, batch_size: int, source_batch_size: int, drop_remainder: bool
+) -> int:
+    """The number of batches of ``batch_size`` in one pass over the batched ``ds``.
+
+    A dataset of known cardinality re-batched to its own batch size needs no pass over it;
+    otherwise its examples are counted once (unless its batch dimension is static).
+    """
     cardinality = int(ds.cardinality())
     if cardinality == tf.data.INFINITE_CARDINALITY:
         raise DataError("train_ds is infinite (repeat()?): pass steps_per_epoch")
+    if cardinality >= 0 and batch_size == source_batch_size and not drop_remainder:
+        return cardinality
     batch_dim = ds.element_spec[0].shape[0]
     if cardinality >= 0 and batch_dim is not None:
-        return cardinality * int(batch_dim)
-    log.info("counting train examples (the dataset does not declare its size)")
-    total = ds.reduce(np.int64(0), lambda n, batch: n + tf.cast(tf.shape(batch[1])[0], tf.int64))
-    return int(total)
+        examples = cardinality * int(batch_dim)
+    else:
+        log.info("counting the train examples (one pass over train_ds)")
+        examples = int(
+            ds.reduce(np.int64(0), lambda n, batch: n + tf.cast(tf.shape(batch[1])[0], tf.int64))
+        )
+    steps = examples // batch_size if drop_remainder else math.ceil(examples / batch_size)
+    if steps == 0:
+        raise DataError(
+            f"train_ds has {examples} examples, fewer than one batch of {batch_size}; "
+            "use a smaller batch_size"
+        )
+    return steps
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -96,6 +113,7 @@ class EpochBatches:
         train_ds: tf.data.Dataset,
         *,
         batch_size: int,
+        source_batch_size: int,
         seed: int,
         shuffle_buffer: int,
         steps_per_epoch: int | None,
@@ -112,15 +130,7 @@ class EpochBatches:
         self._stream: Iterator[Any] | None = None
         self._stream_epoch = -1
         if steps_per_epoch is None:
-            examples = count_examples(train_ds)
-            self.steps = (
-                examples // batch_size if drop_remainder else math.ceil(examples / batch_size)
-            )
-            if self.steps == 0:
-                raise DataError(
-                    f"train_ds has {examples} examples, fewer than one batch of {batch_size} "
-                    f"per replica set; use a smaller batch"
-                )
+            self.steps = full_epoch_steps(train_ds, batch_size, source_batch_size, drop_remainder)
         else:
             self.steps = steps_per_epoch
 

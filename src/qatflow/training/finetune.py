@@ -118,6 +118,7 @@ def finetune(
     batches = EpochBatches(
         train_ds,
         batch_size=batch_size,
+        source_batch_size=facts.batch_size,
         seed=seed,
         shuffle_buffer=shuffle_buffer,
         steps_per_epoch=steps_per_epoch,
