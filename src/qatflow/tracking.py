@@ -16,7 +16,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -302,14 +302,21 @@ class Tracker:
             lambda doc: doc["metrics"].update(values),
         )
 
-    def log_variant_metrics(self, run_id: str, metrics: Mapping[str, float]) -> None:
-        """Log exactly the ``METRIC_KEYS`` set, so every variant lines up in the compare view."""
-        missing = [key for key in METRIC_KEYS if key not in metrics]
-        unknown = sorted(set(metrics) - set(METRIC_KEYS))
+    def log_variant_metrics(
+        self, run_id: str, metrics: Mapping[str, float], *, omit: Collection[str] = ()
+    ) -> None:
+        """Log exactly the ``METRIC_KEYS`` set, so every variant lines up in the compare view.
+
+        ``omit`` names keys that do not apply to any variant of this pipeline run (top-5 with
+        five classes or fewer, size without a file): pass the same ``omit`` for every variant.
+        """
+        expected = [key for key in METRIC_KEYS if key not in omit]
+        missing = [key for key in expected if key not in metrics]
+        unknown = sorted(set(metrics) - set(expected))
         if missing or unknown:
             raise TrackingError(
                 f"variant metrics for run {run_id}: missing {missing}, unknown {unknown}; "
-                f"every variant logs exactly {list(METRIC_KEYS)} (extras go through log_metrics)"
+                f"every variant logs exactly {expected} (extras go through log_metrics)"
             )
         self.log_metrics(run_id, metrics)
 

@@ -1,0 +1,44 @@
+"""KFP component ``build_engine``: an ONNX model to a runtime engine (ONNX Runtime or TensorRT)."""
+
+from kfp import dsl
+from kfp.dsl import Input, Model, Output
+
+from qatflow.images import TENSORRT_IMAGE
+
+
+@dsl.component(base_image=TENSORRT_IMAGE, install_kfp_package=False)
+def build_engine(
+    onnx_model: Input[Model],
+    engine: Output[Model],
+    runtime: str = "tensorrt",
+    batch_min: int = 1,
+    batch_opt: int = 8,
+    batch_max: int = 64,
+) -> None:
+    """Build the engine for ``runtime`` with the batch profile (min, opt, max).
+
+    ``engine`` is a folder: ``engine.plan`` plus its ``engine.plan.json`` metadata for
+    TensorRT, or the optimized ``engine.onnx`` for ONNX Runtime. The default image is the
+    TensorRT one; the pipeline swaps in the TensorFlow image when compiled for ONNX Runtime.
+    """
+    import os
+
+    from qatflow import steps
+
+    name = "engine.plan" if runtime == "tensorrt" else "engine.onnx"
+    os.makedirs(engine.path, exist_ok=True)
+    steps.build_engine(
+        os.path.join(onnx_model.path, onnx_model.metadata["file"]),
+        os.path.join(engine.path, name),
+        runtime=runtime,
+        batch_profile=(batch_min, batch_opt, batch_max),
+    )
+    engine.framework = runtime
+    engine.metadata.update(
+        {
+            "file": name,
+            "runtime": runtime,
+            "batch_profile": [batch_min, batch_opt, batch_max],
+            "precision": onnx_model.metadata.get("precision", "fp32"),
+        }
+    )

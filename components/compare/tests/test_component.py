@@ -1,0 +1,50 @@
+"""compare: comparison.json and the report folder, the HTML page and the summary metrics."""
+
+import json
+from pathlib import Path
+
+import pytest
+from kfp import dsl
+from qatflow_components.compare.component import compare
+from qatflow_components.testing import Chain, artifact
+
+from qatflow.errors import DataError
+
+
+def _compare(chain: Chain, tmp_path: Path, qat_result: Path) -> dict[str, dsl.Artifact]:
+    outputs = {
+        "report": artifact(dsl.Artifact, tmp_path / "report"),
+        "report_html": artifact(dsl.HTML, tmp_path / "report_html"),
+        "summary": artifact(dsl.Metrics, tmp_path / "summary"),
+    }
+    compare.python_func(
+        fp32_result=artifact(dsl.Artifact, chain.results["fp32"]),
+        ptq_result=artifact(dsl.Artifact, chain.results["ptq_int8"]),
+        qat_result=artifact(dsl.Artifact, qat_result),
+        placement=artifact(dsl.Markdown, chain.quantized / "model.placement.md"),
+        **outputs,
+    )
+    return outputs
+
+
+def test_report(chain: Chain, tmp_path: Path) -> None:
+    outputs = _compare(chain, tmp_path, chain.results["qat_int8"])
+    folder = Path(outputs["report"].path)
+    rows = json.loads((folder / "comparison.json").read_text())["rows"]
+    assert [row["variant"] for row in rows] == ["fp32", "ptq_int8", "qat_int8"]
+    assert (folder / "report.md").is_file() and list((folder / "plots").glob("*.png"))
+    html = Path(outputs["report_html"].path).read_text()
+    assert "data:image/png;base64" in html and "Q/DQ placement" in html
+    summary = outputs["summary"].metadata
+    assert summary["fp32.delta_top1_points"] == 0.0
+    assert summary["qat_int8.accuracy_top1"] == rows[2]["top1"]
+
+
+def test_results_of_another_test_set_fail(chain: Chain, tmp_path: Path) -> None:
+    other = json.loads(chain.results["qat_int8"].read_text())
+    other["predictions"] = other["predictions"][:10]
+    other["metrics"]["num_samples"] = 10
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(DataError, match="qat_int8"):
+        _compare(chain, tmp_path, tmp_path / "other.json")
+    assert not (tmp_path / "report" / "comparison.json").exists()

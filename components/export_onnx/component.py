@@ -1,0 +1,37 @@
+"""KFP component ``export_onnx``: a Keras model (FP32 or Q/DQ) to ONNX via tf2onnx."""
+
+from kfp import dsl
+from kfp.dsl import Input, Model, Output
+
+from qatflow.images import TENSORFLOW_IMAGE
+
+
+@dsl.component(base_image=TENSORFLOW_IMAGE, install_kfp_package=False)
+def export_onnx(model: Input[Model], onnx_model: Output[Model], opset: int = 17) -> None:
+    """Export to ONNX, keeping Q/DQ pairs; check TensorRT's import rules.
+
+    ``onnx_model`` is a folder: ``model.onnx`` and ``model.validation.json`` (the rule check).
+    """
+    import json
+    import os
+
+    from qatflow import steps
+
+    os.makedirs(onnx_model.path, exist_ok=True)
+    path = steps.export(
+        os.path.join(model.path, model.metadata["file"]),
+        os.path.join(onnx_model.path, "model.onnx"),
+        opset=opset,
+    )
+    with open(steps.side_file(path, ".validation.json"), encoding="utf-8") as file:
+        report = json.load(file)
+    onnx_model.framework = "onnx"
+    onnx_model.metadata.update(
+        {
+            "file": "model.onnx",
+            "opset": opset,
+            "precision": model.metadata.get("precision", "fp32"),
+            "qdq_nodes": report["qdq_nodes"],
+            "tensorrt_rules_ok": report["ok"],
+        }
+    )

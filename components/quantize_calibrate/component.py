@@ -1,0 +1,49 @@
+"""KFP component ``quantize_calibrate``: TensorRT-style Q/DQ placement plus calibration (PTQ)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Markdown, Model, Output
+
+from qatflow.images import TENSORFLOW_IMAGE
+
+
+@dsl.component(base_image=TENSORFLOW_IMAGE, install_kfp_package=False)
+def quantize_calibrate(
+    model: Input[Model],
+    dataset: Input[Dataset],
+    quantized: Output[Model],
+    placement: Output[Markdown],
+    calibration_method: str = "max",
+    calibration_batches: int = 16,
+) -> None:
+    """Quantize the FP32 model and calibrate it on the dataset's calibration split.
+
+    ``quantized`` is a folder: ``model.keras`` and its side files (``model.placement.md``,
+    ``model.placement.json``, ``model.calibration.json``). ``placement`` is the Q/DQ placement
+    summary as Markdown, rendered by the KFP UI. The QAT branch fine-tunes this same model.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    from qatflow import steps
+
+    os.makedirs(quantized.path, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = shutil.copyfile(dataset.path, os.path.join(tmp, "dataset.json"))  # by suffix
+        outputs = steps.quantize(
+            os.path.join(model.path, model.metadata["file"]),
+            os.path.join(quantized.path, "model.keras"),
+            calibration_data=spec,
+            calibration_method=calibration_method,
+            calibration_batches_count=calibration_batches,
+        )
+    shutil.copyfile(outputs.placement_markdown, placement.path)
+    quantized.framework = "keras"
+    quantized.metadata.update(
+        {
+            "file": "model.keras",
+            "precision": "int8",
+            "calibration_method": calibration_method,
+            "calibration_batches": calibration_batches,
+        }
+    )

@@ -1,0 +1,34 @@
+"""Compile the QAT INT8 pipeline to a KFP v2 YAML package, atomically."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qatflow.storage import atomic_output
+
+if TYPE_CHECKING:
+    from qatflow_pipelines.qat_int8.pipeline import GpuOptions
+
+
+def compile_pipeline(
+    path: str | os.PathLike[str],
+    *,
+    runtime: str = "tensorrt",
+    gpu: GpuOptions | None = None,
+) -> Path:
+    """Compile the pipeline for ``runtime`` to ``path`` (``.yaml``) and return the path.
+
+    ``gpu`` (a ``GpuOptions``) sets the accelerator, toleration and node selector of the engine
+    build and evaluate tasks when ``runtime`` is ``tensorrt``. Image references come from
+    ``qatflow.images`` (override them with their environment variables before compiling).
+    """
+    from kfp import compiler
+    from qatflow_pipelines.qat_int8.pipeline import build_pipeline
+
+    pipeline = build_pipeline(runtime=runtime, gpu=gpu)
+    target = Path(path)
+    with atomic_output(target) as tmp:
+        compiler.Compiler().compile(pipeline, str(tmp))
+    return target
