@@ -286,10 +286,11 @@ def test_output_is_valid_plain_onnx_with_dynamic_batch(trt_model: onnx.ModelProt
 
 
 def test_bad_options_and_old_opsets_are_rejected(trt_model: onnx.ModelProto) -> None:
+    unknown: Any = "always"  # not a valid value of either option
     with pytest.raises(RuntimeBackendError, match="relu must be"):
-        rewrite_for_ort_int8(trt_model, relu="clip")
+        rewrite_for_ort_int8(trt_model, relu=unknown)
     with pytest.raises(RuntimeBackendError, match="requantize must be"):
-        rewrite_for_ort_int8(trt_model, requantize="always")
+        rewrite_for_ort_int8(trt_model, requantize=unknown)
     old = onnx.ModelProto()
     old.CopyFrom(trt_model)
     old.opset_import[0].version = 12
