@@ -61,20 +61,3 @@ def nested_model() -> keras.Model:
 def images(count: int, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     """Deterministic random images in [0, 1]."""
     return np.random.default_rng(seed).random((count, *shape), dtype=np.float32)
-
-
-def set_batchnorm_statistics(model: keras.Model, x: np.ndarray) -> keras.Model:
-    """Give a randomly initialised model realistic BatchNorm statistics from ``x``.
-
-    With ``weights=None`` the moving mean/variance are 0/1, so activations shrink or die
-    layer after layer and the logits carry no signal; one training-mode pass with momentum
-    0 sets every BatchNorm to the statistics of ``x``, as a trained model would have.
-    """
-    norms = [x for x in model._flatten_layers() if isinstance(x, keras.layers.BatchNormalization)]
-    saved = [bn.momentum for bn in norms]
-    for bn in norms:
-        bn.momentum = 0.0
-    model(x, training=True)
-    for bn, momentum in zip(norms, saved, strict=True):
-        bn.momentum = momentum
-    return model

@@ -11,9 +11,10 @@ import keras
 import numpy as np
 import onnxruntime as ort
 import pytest
-from tests.model_zoo import images, set_batchnorm_statistics
+from tests.model_zoo import images
 
 import qatflow
+from qatflow.models import initialize_batchnorm
 
 SHAPE = (96, 96, 3)
 
@@ -31,7 +32,7 @@ def test_quantize_export_validate_and_agree_with_onnxruntime(name, tmp_path):
     build, case_reason, pixel_range = MODELS[name]
     keras.utils.set_random_seed(0)
     model = build(weights=None, input_shape=SHAPE, classifier_activation=None)
-    set_batchnorm_statistics(model, images(16, SHAPE, seed=0) * pixel_range)
+    initialize_batchnorm(model, images(16, SHAPE, seed=0) * pixel_range)
     qmodel = qatflow.quantize_model(model)
     summary = qatflow.summarize(qmodel)
     assert any(row.why == case_reason for row in summary.rows), "the architecture's case ran"

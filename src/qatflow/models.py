@@ -6,6 +6,7 @@ import logging
 import re
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import keras
 
@@ -181,3 +182,23 @@ def _load_weights(model: keras.Model, weights: str) -> None:
         model.load_weights(path)
     except (ValueError, OSError, KeyError) as exc:
         raise ModelError(f"cannot load weights {weights} into model {model.name}: {exc}") from exc
+
+
+def initialize_batchnorm(model: keras.Model, images: Any) -> keras.Model:
+    """Set every BatchNormalization's moving statistics to those of ``images``; return ``model``.
+
+    A ``keras.applications`` model built with ``weights=None`` has moving mean/variance 0/1, so
+    its activations shrink or die layer after layer and its logits carry no signal. One
+    training-mode pass with momentum 0 gives it the statistics a trained model would have,
+    which makes random-weight models usable for latency and structure work.
+    """
+    norms = [x for x in model._flatten_layers() if isinstance(x, keras.layers.BatchNormalization)]
+    saved = [bn.momentum for bn in norms]
+    try:
+        for bn in norms:
+            bn.momentum = 0.0
+        model(images, training=True)
+    finally:
+        for bn, momentum in zip(norms, saved, strict=True):
+            bn.momentum = momentum
+    return model
