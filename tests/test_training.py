@@ -117,6 +117,33 @@ def test_steps_per_epoch_walks_through_the_data(data: tuple) -> None:
     assert result.history["learning_rate"][0] == pytest.approx(0.01)
 
 
+@keras.saving.register_keras_serializable(package="test_training")
+class Subclassed(keras.Model):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.conv = keras.layers.Conv2D(4, 3, padding="same", activation="relu")
+        self.flat = keras.layers.Flatten()
+        self.head = keras.layers.Dense(3, activation="softmax")
+
+    def call(self, inputs: Any) -> Any:
+        return self.head(self.flat(self.conv(inputs)))
+
+
+def test_compiled_softmax_and_subclassed_models_train(data: tuple) -> None:
+    train, val = data
+    keras.utils.set_random_seed(3)
+    compiled = keras.Sequential(
+        [keras.Input(SHAPE), keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")]
+    )
+    compiled.compile(optimizer="rmsprop", loss="mse")
+    unbuilt = Subclassed()
+    for model in (compiled, unbuilt):
+        result = finetune(model, train, val, **ARGS)
+        assert result.history["val_accuracy"][-1] >= 0.9, model.name
+        # Probabilities were detected: the loss is a proper cross-entropy, not of softmax(softmax).
+        assert result.history["loss"][-1] < 0.5
+
+
 class Interrupt(Exception):
     pass
 

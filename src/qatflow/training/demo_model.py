@@ -8,7 +8,10 @@ import keras
 from keras import layers
 
 # Bump when build_demo_model changes in any way that alters the trained model (pretrain cache key).
-DEMO_MODEL_VERSION = 1
+DEMO_MODEL_VERSION = 2
+# BatchNorm moving averages follow 10% of each batch (Keras default 1%): the statistics settle
+# within tens of steps, so even a short smoke-test pretrain yields a usable model.
+BN_MOMENTUM = 0.9
 DEFAULT_WIDTHS = (16, 32, 64)
 
 
@@ -38,7 +41,7 @@ def _conv_bn(
     x = layers.Conv2D(
         width, kernel, strides=stride, padding="same", use_bias=False, name=f"{name}_conv"
     )(x)
-    return layers.BatchNormalization(name=f"{name}_bn")(x)
+    return layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
 
 
 def _residual_block(x: keras.KerasTensor, width: int, stride: int, name: str) -> keras.KerasTensor:
