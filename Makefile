@@ -34,6 +34,7 @@ lint: setup
 	$(BIN)/ruff check src tests components pipelines bench
 	$(BIN)/ruff format --check src tests components pipelines bench
 	$(BIN)/mypy
+	scripts/mypy-tensorrt
 
 run: setup
 	$(BIN)/qatflow run --output runs/local
