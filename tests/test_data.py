@@ -392,3 +392,13 @@ def test_check_model_compatible(tmp_path: Path) -> None:
     ten = keras.Model(inputs, keras.layers.Dense(10)(inputs), name="ten")
     with pytest.raises(DataError, match="has 4 classes but model ten outputs 10"):
         check_model_compatible(info, ten)
+
+
+def test_train_split_in_fixed_order_when_asked():
+    bundle = load_dataset("fashion-mnist", limit=300, batch_size=50, shuffle_train=False)
+    first = np.concatenate([labels for _, labels in bundle.train])
+    second = np.concatenate([labels for _, labels in bundle.train])
+    np.testing.assert_array_equal(first, second)
+    shuffled = load_dataset("fashion-mnist", limit=300, batch_size=50)
+    passes = [np.concatenate([labels for _, labels in shuffled.train]) for _ in range(2)]
+    assert not np.array_equal(*passes)

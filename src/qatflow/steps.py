@@ -114,7 +114,8 @@ def prepare_model(
     """
     from qatflow.data import check_model_compatible, load_dataset_from_spec
 
-    bundle = load_dataset_from_spec(dataset_spec)
+    # The trainer shuffles per (seed, epoch) itself; a fixed source order keeps resume exact.
+    bundle = load_dataset_from_spec(dataset_spec, shuffle_train=False)
     if model_uri == DEMO_MODEL:
         from qatflow.training.pretrain import pretrain
 
@@ -251,7 +252,7 @@ def finetune(
     from qatflow.training import finetune as run_finetune
 
     model = load_any_model(model_path)
-    bundle = load_dataset_from_spec(dataset_spec)
+    bundle = load_dataset_from_spec(dataset_spec, shuffle_train=False)
     result = run_finetune(
         model,
         bundle.train,

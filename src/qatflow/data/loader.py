@@ -37,6 +37,7 @@ def load_dataset(
     limit: int | None = None,
     test_split: float = 0.2,
     cache_dir: str | os.PathLike[str] | None = None,
+    shuffle_train: bool = True,
 ) -> DatasetBundle:
     """Load a dataset as batched, prefetched ``(images float32 NHWC, labels int32)`` splits.
 
@@ -48,7 +49,9 @@ def load_dataset(
     ``test_split`` of its examples to test. ``limit`` caps every split (smoke tests). Images are
     resized to ``image_size`` (H, W) and converted to ``channels`` when given, then scaled by the
     named ``preprocessing`` (see ``PREPROCESSING``). Only in-memory kinds (Fashion-MNIST, npz)
-    are held in memory; image folders and TFRecords stream from disk.
+    are held in memory; image folders and TFRecords stream from disk. ``shuffle_train=False``
+    keeps the train split in one fixed order on every pass (for trainers that shuffle by
+    epoch themselves and must resume exactly).
     """
     prep = get_preprocessing(preprocessing)
     _check_args(
@@ -73,7 +76,7 @@ def load_dataset(
         raise DataError(f"dataset {uri}: the train split is empty after carving the other splits")
     test_examples = source.test if source.test is not None else source.train
     parts = {
-        "train": (source.train, plan.train, True),
+        "train": (source.train, plan.train, shuffle_train),
         "validation": (source.train, plan.validation, False),
         "test": (test_examples, plan.test, False),
         "calibration": (source.train, plan.calibration, False),

@@ -32,7 +32,10 @@ def write_dataset_spec(
 
 
 def load_dataset_from_spec(
-    path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None
+    path: str | os.PathLike[str],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    shuffle_train: bool = True,
 ) -> DatasetBundle:
     """Call ``load_dataset`` with the arguments in the spec at ``path``.
 
@@ -52,7 +55,7 @@ def load_dataset_from_spec(
     args = {key: data[key] for key in LOAD_ARGS if key in data}
     if args.get("image_size") is not None:
         args["image_size"] = tuple(args["image_size"])
-    bundle = load_dataset(**args, cache_dir=cache_dir)
+    bundle = load_dataset(**args, cache_dir=cache_dir, shuffle_train=shuffle_train)
     if set(data) == full:
         expected = DatasetInfo.from_dict(data).to_dict()
         got = bundle.info.to_dict()
