@@ -20,7 +20,8 @@ def compare(
 
     ``report`` is a folder: ``comparison.json``, ``report.md``, ``report.html`` and
     ``plots/*.png``. ``report_html`` is the self-contained HTML page (plots embedded) for the
-    KFP UI; ``summary`` holds each variant's top-1, delta and speedup.
+    KFP UI; ``summary`` holds each variant's top-1, delta and speedup (its file: the
+    comparison JSON).
     """
     import shutil
 
@@ -33,6 +34,7 @@ def compare(
         placement_summary=placement.path,
     )
     shutil.copyfile(f"{report.path}/report.html", report_html.path)
+    shutil.copyfile(path, summary.path)  # a file behind the metrics, as kfp.local's cache wants
     for row in Comparison.load_json(path).rows:
         summary.log_metric(f"{row.variant}.accuracy_top1", row.top1)
         summary.log_metric(f"{row.variant}.delta_top1_points", row.delta_top1_points)

@@ -19,10 +19,12 @@ def qat_finetune(
     """Fine-tune the quantized model with Q/DQ active (QAT); keep the best epoch.
 
     ``finetuned`` is a folder: ``model.keras`` and ``model.history.json``. ``steps_per_epoch``
-    0 means whole epochs. ``training`` gets the best validation accuracy and epoch.
+    0 means whole epochs. ``training`` gets the best validation accuracy and epoch as metrics
+    and the per-epoch history as its file.
     """
     import json
     import os
+    import shutil
 
     from qatflow import steps
 
@@ -36,9 +38,12 @@ def qat_finetune(
         learning_rate=learning_rate,
         steps_per_epoch=steps_per_epoch or None,
     )
-    with open(steps.side_file(output, ".history.json"), encoding="utf-8") as file:
+    history_file = steps.side_file(output, ".history.json")
+    with open(history_file, encoding="utf-8") as file:
         history = json.load(file)
     training.log_metric("best_val_accuracy", history["best_val_accuracy"])
     training.log_metric("best_epoch", history["best_epoch"])
+    # The per-epoch history as the artifact's file: kfp.local's cache needs the file to exist.
+    shutil.copyfile(history_file, training.path)
     finetuned.framework = "keras"
     finetuned.metadata.update({"file": "model.keras", "precision": "int8", "epochs": epochs})

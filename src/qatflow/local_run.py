@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -48,6 +49,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXECUTING = re.compile(r"Executing task '([^']+)'")
 _FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
 _CACHE_HIT = re.compile(r"Task (\S+) cache hit")
+_RETRY = re.compile(r"Task (\S+) failed \(attempt (\d+/\d+)\)\. Retrying in ([\d.]+)s")
 _ERROR = re.compile(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$")
 _BAR = re.compile(r"\d+%\|")
 
@@ -125,7 +127,6 @@ class _Progress(io.TextIOBase):
         self._console = console
         self._tasks = tasks
         self._buffer = ""
-        self._current = ""
         self._started = time.monotonic()
         self._done = 0
         self._task_lines: list[str] = []
@@ -151,17 +152,26 @@ class _Progress(io.TextIOBase):
 
     def _line(self, line: str) -> None:
         if match := _EXECUTING.search(line):
-            self._current, self._started, self._task_lines = match[1], time.monotonic(), []
+            self._started, self._task_lines = time.monotonic(), []
         elif match := _FINISHED.search(line):
-            self._done += 1
-            seconds = time.monotonic() - self._started
-            status = "done" if match[2] == "SUCCESS" else match[2]
+            task, seconds = match[1], time.monotonic() - self._started
+            if match[2] == "SUCCESS":
+                self._done += 1
+                self._say(
+                    f"[{self._done:2d}/{len(self._tasks)}] {self._name(task)}: done "
+                    f"({seconds:.0f} s)"
+                )
+            else:
+                self._failed = (task, self._error())
+                self._say(
+                    f"        {self._name(task)}: {match[2]} after {seconds:.0f} s: "
+                    f"{self._failed[1] or 'see the log'}"
+                )
+        elif match := _RETRY.search(line):
             self._say(
-                f"[{self._done:2d}/{len(self._tasks)}] {self._name(match[1])}: {status} "
-                f"({seconds:.0f} s)"
+                f"        {self._name(match[1])}: attempt {match[2]} failed, retrying "
+                f"in {float(match[3]):.0f} s"
             )
-            if match[2] != "SUCCESS":
-                self._failed = (match[1], self._error())
         elif match := _CACHE_HIT.search(line):
             self._done += 1
             self._say(f"[{self._done:2d}/{len(self._tasks)}] {self._name(match[1])}: cached")
@@ -200,8 +210,18 @@ def _progress(log_path: Path, tasks: Mapping[str, str]) -> Iterator[_Progress]:
         warnings.filterwarnings("ignore", message=r".*non-Python base image.*")
         warnings.filterwarnings("ignore", message=r".*no effect in the current local runner.*")
         progress = _Progress(log, console, tasks)
-        with contextlib.redirect_stdout(progress):
-            yield progress
+        # kfp.local logs cache hits and retries on the root logger at INFO, outside the
+        # per-task logging set-up it prints through: route those to the progress too.
+        root = logging.getLogger()
+        saved = root.handlers[:], root.level
+        root.handlers = [logging.StreamHandler(progress)]
+        root.setLevel(logging.INFO)
+        try:
+            with contextlib.redirect_stdout(progress):
+                yield progress
+        finally:
+            root.handlers = saved[0]
+            root.setLevel(saved[1])
 
 
 def _copy(source: Path, destination: Path, names: tuple[str, ...]) -> None:

@@ -35,6 +35,7 @@ def test_report(chain: Chain, tmp_path: Path) -> None:
     assert (folder / "report.md").is_file() and list((folder / "plots").glob("*.png"))
     html = Path(outputs["report_html"].path).read_text()
     assert "data:image/png;base64" in html and "Q/DQ placement" in html
+    assert json.loads(Path(outputs["summary"].path).read_text())["rows"] == rows
     summary = outputs["summary"].metadata
     assert summary["fp32.delta_top1_points"] == 0.0
     assert summary["qat_int8.accuracy_top1"] == rows[2]["top1"]

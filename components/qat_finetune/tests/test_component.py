@@ -28,6 +28,7 @@ def test_finetune_a_few_steps(chain: Chain, tmp_path: Path) -> None:
     history = json.loads((folder / "model.history.json").read_text())
     assert history["best_epoch"] == 1
     assert training.metadata["best_epoch"] == 1
+    assert json.loads(Path(training.path).read_text()) == history
     assert 0.0 <= training.metadata["best_val_accuracy"] <= 1.0
     assert finetuned.metadata["precision"] == "int8"
 
