@@ -8,6 +8,7 @@ S3 prefix that cannot be written (no credentials, no bucket). ``publish`` runs l
 from __future__ import annotations
 
 import datetime as dt
+import glob
 import logging
 import math
 import os
@@ -42,8 +43,9 @@ COMPARISON_FILE = "comparison.json"
 def preflight(model_uri: str, dataset_uri: str, *, s3_prefix: str | None = None) -> None:
     """Check that the model and dataset URIs resolve and that ``s3_prefix`` is writable.
 
-    Cheap checks only: S3 objects are listed, not downloaded; a local path must exist; a
-    ``keras.applications`` name is looked up. Raises a ``QatflowError`` naming the parameter.
+    Cheap checks only: S3 objects are listed, not downloaded; a local path (or glob) must
+    exist; a ``keras.applications`` name is built untrained (seconds). Raises a
+    ``QatflowError`` naming the parameter or bucket at fault.
     """
     _check_dataset_uri(dataset_uri)
     _check_model_uri(model_uri)
@@ -52,7 +54,7 @@ def preflight(model_uri: str, dataset_uri: str, *, s3_prefix: str | None = None)
 
 
 def _check_dataset_uri(uri: str) -> None:
-    from qatflow.data.sources import is_builtin, open_source
+    from qatflow.data.sources import is_builtin
 
     if not uri:
         raise DataError("dataset_uri is empty: pass fashion-mnist, a path or an s3:// URI")
@@ -61,7 +63,12 @@ def _check_dataset_uri(uri: str) -> None:
     if storage.is_s3_uri(uri):
         _check_s3_object(uri, "dataset_uri")
         return
-    open_source(os.path.expanduser(uri), None)  # opens lazily; names the path or kind at fault
+    path = os.path.expanduser(uri)
+    if not (os.path.exists(path) or glob.glob(path)):
+        raise DataError(
+            f"dataset_uri {uri} not found: not a built-in dataset name (fashion-mnist), and no "
+            "file, folder or TFRecord glob matches it"
+        )
 
 
 def _check_model_uri(uri: str) -> None:
