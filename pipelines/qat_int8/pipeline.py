@@ -19,7 +19,7 @@ for ``onnxruntime`` they run the TensorFlow image on CPU. The ``runtime`` parame
 to that choice; overriding it at submit time does not change the images.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -249,6 +249,3 @@ def _settings(task: PipelineTask, display_name: str, *, cache: bool, retry: bool
     task.set_caching_options(enable_caching=cache)
     if retry:
         task.set_retry(num_retries=RETRIES, backoff_duration=RETRY_BACKOFF, backoff_factor=2.0)
-
-
-qat_int8_pipeline: Callable[..., Any] = build_pipeline()

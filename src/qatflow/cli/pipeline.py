@@ -8,7 +8,7 @@ from pathlib import Path
 _RUN_EPILOG = """\
 profiles:
   default  the full demo: Fashion-MNIST, the demo CNN pretrained 3 epochs (cached after the
-           first run), one epoch of QAT (about 13 minutes on 2 busy CPU cores the first time)
+           first run), one epoch of QAT (4.5 minutes on 2 idle CPU cores the first time)
   smoke    2000 train / 512 test images, one pretraining epoch, 10 QAT steps (1.5-4 minutes)
 
 Each task runs as a subprocess of this Python with kfp.local; engines run on ONNX Runtime
