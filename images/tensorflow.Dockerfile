@@ -24,7 +24,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONPATH=/opt/qatflow
 
 WORKDIR /opt/qatflow
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY src/ src/
 COPY components/ components/
 COPY pipelines/ pipelines/

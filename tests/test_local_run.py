@@ -28,7 +28,7 @@ from qatflow.tracking import METRIC_KEYS, PARENT_TAG
 
 __all__ = ["mlflow_server", "s3_endpoint"]
 
-pytestmark = pytest.mark.slow
+
 VARIANTS = ["fp32", "ptq_int8", "qat_int8"]
 TASKS = 16
 
