@@ -60,17 +60,25 @@ def _static_baseline(fp32_onnx: Path, calibration: np.ndarray, workdir: Path) ->
     return path
 
 
-def interleaved_p50(engines: Mapping[str, Any], x: np.ndarray, runs: int) -> dict[str, float]:
-    """Median batch-1 latency (ms) of each engine, calls interleaved so load hits all alike."""
-    for engine in engines.values():
-        for _ in range(10):
-            engine.run(x)
+def interleaved_p50(
+    engines: Mapping[str, Any], x: np.ndarray, runs: int, rounds: int = 5
+) -> dict[str, float]:
+    """Median batch-1 latency (ms) of each engine, measured in alternating blocks.
+
+    Each round runs a short block per engine (after a few warm-up calls), so machine load
+    hits every engine alike; whole blocks rather than single calls, because ONNX Runtime's
+    threads keep spinning briefly after a call and would slow the next session's call.
+    """
     samples: dict[str, list[float]] = {name: [] for name in engines}
-    for _ in range(runs):
+    per_block = max(1, runs // rounds)
+    for _ in range(rounds):
         for name, engine in engines.items():
-            start = time.perf_counter()
-            engine.run(x)
-            samples[name].append((time.perf_counter() - start) * 1000)
+            for _ in range(5):
+                engine.run(x)
+            for _ in range(per_block):
+                start = time.perf_counter()
+                engine.run(x)
+                samples[name].append((time.perf_counter() - start) * 1000)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -91,7 +99,9 @@ def resnet50_latency(threads: int, runs: int) -> dict[str, float]:
         variants["quantize_static"] = _static_baseline(variants["fp32"], calibration, work)
         engines = _engines(variants, work, threads, {"quantize_static": False})
         p50 = interleaved_p50(engines, calibration[:1], runs)
-    print(f"\nResNet50 224x224, batch 1, {threads} threads, p50 of {runs} interleaved calls")
+    print(
+        f"\nResNet50 224x224, batch 1, {threads} threads, p50 of {runs} calls in alternating blocks"
+    )
     for name, value in p50.items():
         print(f"  {name:16s} {value:8.2f} ms")
     speedup = p50["fp32"] / p50["qatflow_int8"]
