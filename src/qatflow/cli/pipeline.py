@@ -76,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run.add_argument("--batch-size", type=int, help="batch size (default: 64)")
     run.add_argument("--limit", type=int, help="cap on every split, for quick runs (0 = all)")
     run.add_argument(
-        "--pretrain-epochs", type=int, help="demo model pretraining epochs (default profile: 3)"
+        "--pretrain-epochs", type=int, help="demo model pretraining epochs (default profile: 5)"
     )
     run.add_argument("--epochs", type=int, help="QAT fine-tuning epochs (default profile: 1)")
     run.add_argument("--learning-rate", type=float, help="QAT learning rate (default: 0.001)")
