@@ -14,7 +14,7 @@ import numpy as np
 
 from qatflow.errors import DataError, PipelineError
 from qatflow.evaluation import EvaluationResult
-from qatflow.storage import atomic_output
+from qatflow.storage import write_json
 
 FORMAT = "qatflow.comparison"
 VERSION = 1
@@ -156,10 +156,7 @@ class Comparison:
 
     def save_json(self, path: str | os.PathLike[str]) -> Path:
         """Write :meth:`to_dict` as JSON, atomically; return the path."""
-        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
-        with atomic_output(path) as tmp:
-            tmp.write_text(text + "\n", encoding="utf-8")
-        return Path(path)
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load_json(cls, path: str | os.PathLike[str]) -> Comparison:

@@ -9,7 +9,6 @@ Side files sit next to the main output and share its stem, e.g. ``q.keras`` gets
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from qatflow.errors import DataError, ModelError
-from qatflow.storage import atomic_output
+from qatflow.storage import atomic_output, write_json
 
 log = logging.getLogger("qatflow.steps")
 
@@ -32,13 +31,6 @@ def side_file(path: PathLike, suffix: str) -> Path:
     """The side file of ``path`` with ``suffix``: ``q.keras`` + ``.placement.md``."""
     main = Path(path)
     return main.with_name(main.stem + suffix)
-
-
-def write_json(path: PathLike, data: Any) -> Path:
-    """Write ``data`` as indented JSON, atomically."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    return Path(path)
 
 
 def write_text(path: PathLike, text: str) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -74,6 +75,14 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
                 shutil.rmtree(tmp)
             else:
                 tmp.unlink()
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write ``data`` as indented, strict JSON (no NaN), atomically; return the path."""
+    text = json.dumps(data, indent=2, allow_nan=False, default=str) + "\n"
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def is_s3_uri(uri: str | os.PathLike[str]) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 from qatflow.data.bundle import LOAD_ARGS, DatasetBundle, DatasetInfo
 from qatflow.data.loader import load_dataset
 from qatflow.errors import DataError
-from qatflow.storage import atomic_output
+from qatflow.storage import write_json
 
 
 def write_dataset_spec(
@@ -26,9 +26,7 @@ def write_dataset_spec(
     else:
         data = dict(source)
         _check_keys(data, set(LOAD_ARGS), f"load_dataset arguments {sorted(data)}")
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    return Path(path)
+    return write_json(path, data)
 
 
 def load_dataset_from_spec(

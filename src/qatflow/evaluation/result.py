@@ -13,7 +13,7 @@ import numpy as np
 from qatflow.errors import DataError, StorageError
 from qatflow.evaluation.latency import LatencyStats, ThroughputStats
 from qatflow.evaluation.metrics import ClassificationMetrics
-from qatflow.storage import atomic_output
+from qatflow.storage import write_json
 
 FORMAT = "qatflow.evaluation_result"
 VERSION = 1
@@ -110,10 +110,7 @@ class EvaluationResult:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the result as JSON, atomically; return the path."""
-        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
-        with atomic_output(path) as tmp:
-            tmp.write_text(text + "\n", encoding="utf-8")
-        return Path(path)
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> EvaluationResult:

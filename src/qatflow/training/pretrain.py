@@ -19,7 +19,7 @@ import tensorflow as tf
 from qatflow import storage
 from qatflow.data import DatasetBundle
 from qatflow.errors import DataError
-from qatflow.storage import atomic_output
+from qatflow.storage import atomic_output, write_json
 from qatflow.training.config import OptimizerName
 from qatflow.training.demo_model import DEFAULT_WIDTHS, DEMO_MODEL_VERSION, build_demo_model
 from qatflow.training.finetune import finetune
@@ -126,8 +126,7 @@ def _train(
         "seed": seed,
         "dataset": _describe(info),
     }
-    with atomic_output(cached.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+    write_json(cached.with_suffix(".json"), summary)
     shutil.rmtree(checkpoints, ignore_errors=True)
 
 
