@@ -27,7 +27,7 @@ def accuracy_vs_latency(comparison: Comparison) -> bytes:
     colors = variant_colors(comparison.variants)
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    for row in comparison.rows:
+    for index, row in enumerate(comparison.rows):
         tail = max(row.latency_p99_ms - row.latency_p50_ms, 0.0)
         ax.errorbar(
             row.latency_p50_ms,
@@ -43,7 +43,8 @@ def accuracy_vs_latency(comparison: Comparison) -> bytes:
             row.variant,
             (row.latency_p50_ms, 100 * row.top1),
             textcoords="offset points",
-            xytext=(8, 8),
+            # Alternate above and below so variants with equal accuracy stay readable.
+            xytext=(8, 8 if index % 2 == 0 else -14),
             fontsize=9,
         )
     base = comparison.row(comparison.baseline)
