@@ -16,7 +16,6 @@ The helpers (Keras export, batch-norm data init, TensorRT-style Q/DQ inserter) a
 
 from __future__ import annotations
 
-import gzip
 import os
 import statistics
 import tempfile
@@ -29,13 +28,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from qatflow.data.sources.fashion_mnist import IDX_FILES, SYSTEM_DIR, read_idx
+
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 if TYPE_CHECKING:
     from qatflow.runtimes.ort_int8 import ReluMode, RequantizeMode
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 Feeds = Mapping[str, np.ndarray]
 
 
@@ -44,11 +44,14 @@ Feeds = Mapping[str, np.ndarray]
 # ---------------------------------------------------------------------------------------------
 
 
+def _idx(key: str) -> np.ndarray:
+    """One Fashion-MNIST array (``x_train``, ``y_test``, ...) read with qatflow's IDX reader."""
+    return read_idx(SYSTEM_DIR / IDX_FILES[key])
+
+
 def fashion_images(count: int, size: int, channels: int, *, offset: int = 0) -> np.ndarray:
     """``count`` Fashion-MNIST test images as float32 NHWC in [-1, 1], resized to ``size``."""
-    with gzip.open(FASHION_MNIST) as f:
-        raw = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
-    images = raw[offset : offset + count].astype(np.float32) / 127.5 - 1.0
+    images = _idx("x_test")[offset : offset + count].astype(np.float32) / 127.5 - 1.0
     if size != 28:
         index = (np.arange(size) * 28) // size
         images = images[:, index][:, :, index]
@@ -353,16 +356,12 @@ def resnet50_models(calibration: np.ndarray) -> tuple[onnx.ModelProto, onnx.Mode
 
 def fashion_labels(count: int, *, offset: int = 0, train: bool = False) -> np.ndarray:
     """Fashion-MNIST labels matching ``fashion_images(..., offset=offset)``."""
-    name = "train-labels-idx1-ubyte.gz" if train else "t10k-labels-idx1-ubyte.gz"
-    with gzip.open(FASHION_MNIST.with_name(name)) as f:
-        return np.frombuffer(f.read(), dtype=np.uint8, offset=8)[offset : offset + count]
+    return _idx("y_train" if train else "y_test")[offset : offset + count]
 
 
 def fashion_train_images(count: int) -> np.ndarray:
     """The first ``count`` Fashion-MNIST training images as float32 NHWC in [-1, 1]."""
-    with gzip.open(FASHION_MNIST.with_name("train-images-idx3-ubyte.gz")) as f:
-        raw = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
-    return (raw[:count].astype(np.float32) / 127.5 - 1.0)[..., None]
+    return (_idx("x_train")[:count].astype(np.float32) / 127.5 - 1.0)[..., None]
 
 
 # Rewrite options compared in the accuracy table: (label, relu, requantize).
