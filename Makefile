@@ -53,10 +53,12 @@ mlflow-ui: setup
 compile: setup
 	$(BIN)/qatflow compile --output pipeline.yaml
 
-images:
-	docker build -f images/tensorflow.Dockerfile -t qatflow-tf:cpu --build-arg VARIANT=cpu .
-	docker build -f images/tensorflow.Dockerfile -t qatflow-tf:gpu --build-arg VARIANT=gpu .
-	docker build -f images/tensorrt.Dockerfile -t qatflow-trt .
+# Tags come from qatflow.images, the names the compiled pipeline refers to.
+IMAGE = $$($(BIN)/python -c 'import qatflow.images as i; print(i.$(1))')
+images: setup
+	docker build -f images/tensorflow.Dockerfile --build-arg VARIANT=cpu -t $(call IMAGE,TENSORFLOW_IMAGE) .
+	docker build -f images/tensorflow.Dockerfile --build-arg VARIANT=gpu -t $(call IMAGE,TENSORFLOW_GPU_IMAGE) .
+	docker build -f images/tensorrt.Dockerfile -t $(call IMAGE,TENSORRT_IMAGE) .
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
