@@ -54,20 +54,12 @@ def _resolve_index(
 def _default_placement(layer: keras.layers.Layer, count: int, mode: Mode) -> Placement:
     placement = Placement(layer.name, type(layer).__name__, count)
     config = registry.config_for(layer)
-    if config is None:
-        if not registry.is_known(layer):
-            placement.reason = f"left in float: unknown layer class {type(layer).__name__}"
-        else:
-            placement.reason = "left in float: no arithmetic to quantize"
-        return placement
-    if mode == "partial":
-        placement.reason = "left in float: not named in the spec (partial mode)"
-        return placement
-    if config.quantize_input:
-        placement.input_indices = tuple(range(count))
-    if config.quantize_weight:
-        placement.weight_axes = dict(config.weight_axes)
-    placement.reason = "default" if placement.quantized else f"left in float: {config.note}"
+    if config is not None and mode == "full":
+        if config.quantize_input:
+            placement.input_indices = tuple(range(count))
+        if config.quantize_weight:
+            placement.weight_axes = dict(config.weight_axes)
+    placement.reason = "default" if placement.quantized else registry.float_reason(layer)
     return placement
 
 

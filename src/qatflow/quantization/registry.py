@@ -94,3 +94,15 @@ def config_for(layer: keras.layers.Layer) -> LayerQuantizeConfig | None:
 def is_known(layer: keras.layers.Layer) -> bool:
     """True when qatflow knows how to treat ``layer`` (a config or a passive layer)."""
     return config_for(layer) is not None or isinstance(layer, _PASSIVE)
+
+
+def float_reason(layer: keras.layers.Layer) -> str:
+    """Why ``layer`` is left in float, for the placement summary."""
+    config = config_for(layer)
+    if config is None:
+        if is_known(layer):
+            return "left in float: no arithmetic to quantize"
+        return f"left in float: unknown layer class {type(layer).__name__}"
+    if config.quantize_input or config.quantize_weight:
+        return "left in float: not selected (partial mode or spec)"
+    return f"left in float: {config.note}"

@@ -8,7 +8,7 @@ from typing import Any
 
 import keras
 
-from qatflow.quantization import graph
+from qatflow.quantization import graph, registry
 from qatflow.quantization.placement import Placement
 from qatflow.quantization.wrapper import QuantizeWrapper
 
@@ -105,8 +105,6 @@ class PlacementSummary:
 
 def summarize(model: keras.Model) -> PlacementSummary:
     """The placement summary of a quantized model (also after loading it from a file)."""
-    from qatflow.quantization import registry
-
     placements = []
     for owner in graph.iter_models(model):
         for layer in owner.layers:
@@ -125,16 +123,6 @@ def summarize(model: keras.Model) -> PlacementSummary:
                     )
                 )
                 continue
-            config = registry.config_for(layer)
-            if config is None:
-                why = (
-                    "left in float: no arithmetic to quantize"
-                    if registry.is_known(layer)
-                    else f"left in float: unknown layer class {type(layer).__name__}"
-                )
-            elif config.quantize_input or config.quantize_weight:
-                why = "left in float: not selected (partial mode or spec)"
-            else:
-                why = f"left in float: {config.note}"
+            why = registry.float_reason(layer)
             placements.append(Placement(layer.name, type(layer).__name__, count, reason=why))
     return PlacementSummary.from_placements(placements)
