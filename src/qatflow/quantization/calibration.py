@@ -84,17 +84,21 @@ class _Collector:
 
     def __call__(self, wrapper: QuantizeWrapper, slot: int, x: tf.Tensor) -> None:
         key = (id(wrapper), slot)
-        self.maxima[key] = max(self.maxima.get(key, 0.0), float(tf.reduce_max(tf.abs(x))))
-        if self.method != "max":
+        if self.method == "max":
+            self.maxima[key] = max(self.maxima.get(key, 0.0), float(tf.reduce_max(tf.abs(x))))
+        else:
             self.histograms.setdefault(key, AbsHistogram()).add(x)
+
+    def seen(self, key: tuple[int, int]) -> bool:
+        return key in self.maxima or key in self.histograms
 
     def amax(self, key: tuple[int, int], percentile: float) -> float:
         if self.method == "max":
             return self.maxima[key]
         histogram = self.histograms[key]
         if self.method == "percentile":
-            return min(histogram.percentile(percentile), self.maxima[key])
-        return min(histogram.mse_optimal(), self.maxima[key])
+            return min(histogram.percentile(percentile), histogram.maximum)
+        return min(histogram.mse_optimal(), histogram.maximum)
 
 
 def calibrate(
@@ -142,7 +146,7 @@ def calibrate(
     for wrapper in targets:
         for slot, variable in enumerate(wrapper.input_amax):
             key = (id(wrapper), slot)
-            if key not in collector.maxima:
+            if not collector.seen(key):
                 raise QuantizationError(
                     f"quantizer {quantizer_key(wrapper, slot)} saw no data during calibration"
                 )

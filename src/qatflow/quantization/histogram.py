@@ -14,6 +14,7 @@ class AbsHistogram:
     def __init__(self, bins: int = 2048) -> None:
         self.bins = bins
         self.upper = 0.0
+        self.maximum = 0.0  # the largest |x| seen, exactly
         self.counts = np.zeros(bins, dtype=np.float64)
 
     def _grow(self, new_upper: float) -> None:
@@ -30,6 +31,7 @@ class AbsHistogram:
         """Add the absolute values of ``x``."""
         values = tf.reshape(tf.abs(tf.cast(x, tf.float32)), [-1])
         batch_max = float(tf.reduce_max(values))
+        self.maximum = max(self.maximum, batch_max)
         if batch_max > self.upper:
             # Grow with headroom so that slowly increasing maxima do not re-bin every batch.
             self._grow(batch_max * 1.25 if self.upper > 0 else batch_max)
