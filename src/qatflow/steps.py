@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from qatflow.errors import DataError, ModelError
+from qatflow.errors import DataError
 from qatflow.storage import atomic_output, write_json
 
 log = logging.getLogger("qatflow.steps")
@@ -330,8 +330,6 @@ def compare(
     from qatflow.evaluation import EvaluationResult
     from qatflow.report import write_report
 
-    if "fp32" not in results:
-        raise ModelError("compare needs the fp32 result as the baseline")
     loaded = {variant: EvaluationResult.load(path) for variant, path in results.items()}
     comparison = tabulate(loaded)
     out = Path(output_dir)
