@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -46,6 +46,37 @@ class GraphIndex:
         while node is not None and node.op_type in LAYOUT_OPS:
             node = self.producer.get(node.input[0])
         return node
+
+
+def apply_layout(
+    node: onnx.NodeProto, value: np.ndarray, constant: Callable[[str], np.ndarray | None]
+) -> np.ndarray | None:
+    """Evaluate a data-movement op (Identity, Transpose, Reshape, Squeeze, Unsqueeze) on a
+    constant ``value``; None for other ops or when an argument is not a constant.
+
+    ``constant`` looks up the value of a tensor name (e.g. ``GraphIndex.constant``).
+    """
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    extra: list[np.ndarray] = []
+    for name in node.input[1:]:
+        found = constant(name) if name else None
+        if name and found is None:
+            return None
+        if found is not None:
+            extra.append(found)
+    if node.op_type == "Identity":
+        return value
+    if node.op_type == "Transpose":
+        return np.transpose(value, attrs.get("perm"))
+    if node.op_type == "Reshape" and extra:
+        target = [value.shape[i] if d == 0 else int(d) for i, d in enumerate(extra[0].tolist())]
+        return value.reshape(target)
+    axes = [int(a) for a in (extra[0] if extra else attrs.get("axes", []))]
+    if node.op_type == "Squeeze":
+        return np.squeeze(value, tuple(axes) if axes else None)
+    if node.op_type == "Unsqueeze":
+        return np.expand_dims(value, tuple(axes))
+    return None
 
 
 def attribute(node: onnx.NodeProto, name: str, default: int | None = None) -> int | None:

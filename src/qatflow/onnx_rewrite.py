@@ -13,7 +13,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qatflow.onnx_graph import LAYOUT_OPS, GraphIndex, attribute, topological_sort
+from qatflow.onnx_graph import (
+    LAYOUT_OPS,
+    GraphIndex,
+    apply_layout,
+    attribute,
+    topological_sort,
+)
 
 
 def _sink_one(graph: onnx.GraphProto) -> bool:
@@ -57,21 +63,6 @@ def sink_qdq_through_layout_ops(model: onnx.ModelProto) -> int:
     return moves
 
 
-def _apply_layout(node: onnx.NodeProto, value: np.ndarray, index: GraphIndex) -> np.ndarray | None:
-    if node.op_type == "Identity":
-        return value
-    if node.op_type == "Transpose":
-        perm = [a.ints for a in node.attribute if a.name == "perm"]
-        return np.transpose(value, list(perm[0]) if perm else None)
-    if node.op_type == "Reshape":
-        shape = index.constant(node.input[1])
-        if shape is None:
-            return None
-        target = [value.shape[i] if d == 0 else int(d) for i, d in enumerate(shape.tolist())]
-        return value.reshape(target)
-    return None
-
-
 # Per-channel axis TensorRT expects for the weight input of each weighted op.
 WEIGHT_AXIS = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1, "Gemm": 1}
 
@@ -97,8 +88,8 @@ def _follow_layout(
         users = index.consumers.get(tail.output[0], [])
         if len(users) != 1 or users[0].op_type not in LAYOUT_OPS:
             return chain, quantized, scale_map
-        moved_q = _apply_layout(users[0], quantized, index)
-        moved_scale = _apply_layout(users[0], scale_map, index)
+        moved_q = apply_layout(users[0], quantized, index.constant)
+        moved_scale = apply_layout(users[0], scale_map, index.constant)
         if moved_q is None or moved_scale is None:
             return chain, quantized, scale_map
         quantized, scale_map = moved_q, moved_scale

@@ -39,7 +39,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qatflow.errors import RuntimeBackendError
-from qatflow.onnx_graph import GraphIndex, topological_sort
+from qatflow.onnx_graph import GraphIndex, apply_layout, topological_sort
 
 logger = logging.getLogger("qatflow.runtimes.ort_int8")
 
@@ -280,37 +280,12 @@ def _fold_weight_quantize(rw: _Rewriter) -> None:
     rw.reindex()
 
 
-def _apply_layout(rw: _Rewriter, node: onnx.NodeProto, value: np.ndarray) -> np.ndarray | None:
-    """Evaluate a data-movement op on a constant, or None when its arguments are not constant."""
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    extra: list[np.ndarray] = []
-    for name in node.input[1:]:
-        constant = rw.const(name)
-        if name and constant is None:
-            return None
-        if constant is not None:
-            extra.append(constant)
-    if node.op_type == "Identity":
-        return value
-    if node.op_type == "Transpose":
-        return np.transpose(value, attrs.get("perm"))
-    if node.op_type == "Reshape" and extra:
-        target = [value.shape[i] if d == 0 else int(d) for i, d in enumerate(extra[0].tolist())]
-        return value.reshape(target)
-    axes = [int(a) for a in (extra[0] if extra else attrs.get("axes", []))]
-    if node.op_type == "Squeeze":
-        return np.squeeze(value, tuple(axes) if axes else None)
-    if node.op_type == "Unsqueeze":
-        return np.expand_dims(value, tuple(axes))
-    return None
-
-
 def _moved_axis(
     rw: _Rewriter, node: onnx.NodeProto, shape: tuple[int, ...], axis: int
 ) -> int | None:
     """Where channel ``axis`` of a tensor of ``shape`` ends up after ``node``; None if mixed."""
     channels = np.arange(shape[axis]).reshape([-1 if a == axis else 1 for a in range(len(shape))])
-    moved = _apply_layout(rw, node, np.broadcast_to(channels, shape))
+    moved = apply_layout(node, np.broadcast_to(channels, shape), rw.const)
     if moved is None:
         return None
     for a, size in enumerate(moved.shape):
@@ -337,7 +312,7 @@ def _fold_weight_layout(rw: _Rewriter) -> None:
             if not users or data is None or scale is None:
                 continue
             for user in users:
-                moved = _apply_layout(rw, user, data)
+                moved = apply_layout(user, data, rw.const)
                 if moved is None:
                     continue
                 attrs = {}
