@@ -3,9 +3,10 @@
 Two parts, each measured in one run:
 
 1. Latency, ResNet50 at 224x224 (``weights=None``: latency does not depend on the weights),
-   batch 1, two threads: FP32, qatflow INT8 (TensorRT-style Q/DQ, built with
+   batch 1, two threads and one: FP32, qatflow INT8 (TensorRT-style Q/DQ, built with
    ``qatflow.build_engine``; PTQ and QAT give the same graph) and ``quantize_static`` (QDQ,
-   per-channel, uint8 activations). Targets: INT8 >= 3.5x faster than FP32 and <= 1.0x the
+   per-channel, uint8 activations), then ORT's per-node profile grouped by kernel class
+   (``bench.kernel_profile``). Targets: INT8 >= 3.5x faster than FP32 and <= 1.0x the
    latency of quantize_static.
 2. Accuracy, the demo model on Fashion-MNIST: FP32, PTQ INT8, QAT INT8 with frozen activation
    ranges (the default) and with EMA ranges, and quantize_static. Target: QAT INT8 top-1
@@ -31,24 +32,29 @@ import numpy as np
 import onnx
 
 import qatflow
+from bench.kernel_profile import (
+    KernelClasses,
+    conv_ceiling,
+    print_kernel_table,
+    profile_kernel_classes,
+)
 from bench.ort_int8_bench import ort_quantize_static
 from qatflow.models import initialize_batchnorm
 from qatflow.runtimes import build_engine, load_engine
 
 
-def _engines(
+def _build(
     variants: Mapping[str, Path], workdir: Path, threads: int, rewrite: Mapping[str, bool]
-) -> dict[str, Any]:
-    engines = {}
-    for name, onnx_path in variants.items():
-        built = build_engine(
+) -> dict[str, Path]:
+    return {
+        name: build_engine(
             onnx_path,
             workdir / f"{name}.engine.onnx",
             threads=threads,
             int8_rewrite=rewrite.get(name, True),
         )
-        engines[name] = load_engine(built, threads=threads)
-    return engines
+        for name, onnx_path in variants.items()
+    }
 
 
 def _static_baseline(fp32_onnx: Path, calibration: np.ndarray, workdir: Path) -> Path:
@@ -82,14 +88,19 @@ def interleaved_p50(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def resnet50_latency(threads: int, runs: int) -> dict[str, float]:
-    """Part 1: p50 latency of FP32, qatflow INT8 and quantize_static ResNet50 on ORT."""
+def resnet50_latency(thread_counts: Sequence[int], runs: int) -> dict[int, dict[str, float]]:
+    """Part 1: p50 latency of FP32, qatflow INT8 and quantize_static ResNet50 on ORT.
+
+    The engines are built once and timed at each thread count in ``thread_counts``; each
+    timing is followed by a per-kernel-class profile of FP32 and INT8.
+    """
     rng = np.random.default_rng(0)
     calibration = rng.random((8, 224, 224, 3), dtype=np.float32)
     model = keras.applications.ResNet50(weights=None, classifier_activation=None)
     initialize_batchnorm(model, calibration)
     qmodel = qatflow.quantize_model(model)
     qatflow.calibrate(qmodel, calibration, num_batches=2, batch_size=4)
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         variants = {
@@ -97,10 +108,28 @@ def resnet50_latency(threads: int, runs: int) -> dict[str, float]:
             "qatflow_int8": qatflow.export_onnx(qmodel, work / "int8.onnx"),
         }
         variants["quantize_static"] = _static_baseline(variants["fp32"], calibration, work)
-        engines = _engines(variants, work, threads, {"quantize_static": False})
-        p50 = interleaved_p50(engines, calibration[:1], runs)
+        built = _build(variants, work, max(thread_counts), {"quantize_static": False})
+        for threads in thread_counts:
+            engines = {name: load_engine(path, threads=threads) for name, path in built.items()}
+            p50 = interleaved_p50(engines, calibration[:1], runs)
+            classes = {
+                name: profile_kernel_classes(
+                    built[name], calibration[:1], threads=threads, runs=max(20, runs // 4)
+                )
+                for name in ("fp32", "qatflow_int8")
+            }
+            del engines
+            results[threads] = _report_latency(threads, runs, p50, classes)
+    return results
+
+
+def _report_latency(
+    threads: int, runs: int, p50: Mapping[str, float], classes: Mapping[str, KernelClasses]
+) -> dict[str, float]:
+    plural = "thread" if threads == 1 else "threads"
     print(
-        f"\nResNet50 224x224, batch 1, {threads} threads, p50 of {runs} calls in alternating blocks"
+        f"\nResNet50 224x224, batch 1, {threads} {plural}, "
+        f"p50 of {runs} calls in alternating blocks"
     )
     for name, value in p50.items():
         print(f"  {name:16s} {value:8.2f} ms")
@@ -108,10 +137,13 @@ def resnet50_latency(threads: int, runs: int) -> dict[str, float]:
     versus_static = p50["qatflow_int8"] / p50["quantize_static"]
     print(f"  INT8 speedup vs FP32: {speedup:.2f}x (target >= 3.5x)")
     print(f"  INT8 latency vs quantize_static: {versus_static:.2f}x (target <= 1.0x)")
+    print(f"\n  Where the time goes, {threads} {plural} (ORT profile, per-node medians per class)")
+    print_kernel_table(classes["fp32"], classes["qatflow_int8"])
     return {
         **{f"{k}_ms": v for k, v in p50.items()},
         "speedup": speedup,
         "vs_static": versus_static,
+        "conv_ceiling": conv_ceiling(classes["fp32"], classes["qatflow_int8"])[1],
     }
 
 
@@ -152,7 +184,8 @@ def demo_accuracy(
         }
         images = np.concatenate([x for x, _ in data.calibration.take(4)])
         variants["quantize_static"] = _static_baseline(variants["fp32"], images[:64], work)
-        engines = _engines(variants, work, threads, {"quantize_static": False})
+        built = _build(variants, work, threads, {"quantize_static": False})
+        engines = {name: load_engine(path, threads=threads) for name, path in built.items()}
         results = {}
         for name, engine in engines.items():
             reference = results["fp32"].predictions if "fp32" in results else None
@@ -179,7 +212,13 @@ def demo_accuracy(
 def main(argv: Sequence[str] | None = None) -> int:
     """Run both parts (or one) and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[2, 1],
+        help="intra-op thread counts for the latency part (the accuracy part uses the first)",
+    )
     parser.add_argument("--runs", type=int, default=200, help="timed calls per model")
     parser.add_argument("--qat-epochs", type=int, default=2)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -188,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.part in ("all", "latency"):
         resnet50_latency(args.threads, args.runs)
     if args.part in ("all", "accuracy"):
-        demo_accuracy(args.qat_epochs, args.threads, args.runs, args.learning_rate)
+        demo_accuracy(args.qat_epochs, args.threads[0], args.runs, args.learning_rate)
     return 0
 
 
