@@ -203,3 +203,21 @@ def test_a_failed_compile_writes_nothing(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="accelerator_limit"):
         compile_pipeline(tmp_path / "bad.yaml", gpu=GpuOptions(accelerator_limit=0))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_code_version_reaches_every_task_environment(
+    compiled: tuple[dict[str, Any], dict[str, Any]], tmp_path: Path
+) -> None:
+    """Local runs key the step cache on the source hash through each task's environment."""
+    from kfp import compiler
+    from qatflow_pipelines.qat_int8.pipeline import CODE_VERSION_ENV, build_pipeline
+
+    path = tmp_path / "versioned.yaml"
+    compiler.Compiler().compile(
+        build_pipeline(runtime="onnxruntime", code_version="abc123"), str(path)
+    )
+    spec, _ = _load(path)
+    for name, container in _executors(spec).items():
+        assert {"name": CODE_VERSION_ENV, "value": "abc123"} in container.get("env", []), name
+    # Cluster builds leave it out: the image tags pin the code there.
+    assert all("env" not in container for container in _executors(compiled[0]).values())

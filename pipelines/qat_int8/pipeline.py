@@ -44,6 +44,7 @@ PIPELINE_NAME = "qatflow-qat-int8"
 DESCRIPTION = "Keras FP32 vs PTQ INT8 vs QAT INT8: ONNX, engines, comparison, MLflow and S3"
 ENGINE_IMAGES: Mapping[str, str] = {"tensorrt": TENSORRT_IMAGE, "onnxruntime": TENSORFLOW_IMAGE}
 RETRIES = 2
+CODE_VERSION_ENV = "QATFLOW_CODE_VERSION"
 RETRY_BACKOFF = "30s"
 
 
@@ -67,12 +68,23 @@ class Outputs(NamedTuple):
     publish_record: Artifact
 
 
-def build_pipeline(*, runtime: str = "tensorrt", gpu: GpuOptions | None = None) -> Any:
-    """The pipeline (a KFP ``GraphComponent``) with engine tasks set up for ``runtime``."""
+def build_pipeline(
+    *, runtime: str = "tensorrt", gpu: GpuOptions | None = None, code_version: str | None = None
+) -> Any:
+    """The pipeline (a KFP ``GraphComponent``) with engine tasks set up for ``runtime``.
+
+    ``code_version``, when given, is set as ``QATFLOW_CODE_VERSION`` on every task, so the
+    step cache (which keys on a task's environment) misses after qatflow's code changes. Local
+    runs pass a hash of the installed source; on a cluster the image tags pin the code.
+    """
     if runtime not in ENGINE_IMAGES:
         raise PipelineError(f"runtime must be one of {sorted(ENGINE_IMAGES)}, got {runtime!r}")
     options = gpu or GpuOptions()
     engine_runtime = runtime
+    env = {CODE_VERSION_ENV: code_version} if code_version else {}
+
+    def settings(task: PipelineTask, name: str, *, cache: bool, retry: bool = False) -> None:
+        _settings(task, name, cache=cache, retry=retry, env=env)
 
     def on_engine_node(task: PipelineTask) -> PipelineTask:
         task.set_container_image(ENGINE_IMAGES[engine_runtime])
@@ -141,21 +153,21 @@ def build_pipeline(*, runtime: str = "tensorrt", gpu: GpuOptions | None = None) 
             s3_prefix: s3:// prefix for the final artifacts (empty = no export).
         """
         checked = check_inputs(model_uri=model_uri, dataset_uri=dataset_uri, s3_prefix=s3_prefix)
-        _settings(checked, "check inputs", cache=False)
+        settings(checked, "check inputs", cache=False)
         data = prepare_data(
             dataset_uri=dataset_uri, preprocessing=preprocessing, batch_size=batch_size, limit=limit
         ).after(checked)
-        _settings(data, "prepare data", cache=True, retry=True)
+        settings(data, "prepare data", cache=True, retry=True)
         dataset = data.outputs["dataset"]
         fp32 = prepare_model(dataset=dataset, model_uri=model_uri, pretrain_epochs=pretrain_epochs)
-        _settings(fp32, "prepare FP32 model", cache=True, retry=True)
+        settings(fp32, "prepare FP32 model", cache=True, retry=True)
         quantized = quantize_calibrate(
             model=fp32.outputs["model"],
             dataset=dataset,
             calibration_method=calibration_method,
             calibration_batches=calibration_batches,
         )
-        _settings(quantized, "quantize + calibrate (PTQ)", cache=True)
+        settings(quantized, "quantize + calibrate (PTQ)", cache=True)
         qat = qat_finetune(
             model=quantized.outputs["quantized"],
             dataset=dataset,
@@ -163,11 +175,11 @@ def build_pipeline(*, runtime: str = "tensorrt", gpu: GpuOptions | None = None) 
             learning_rate=learning_rate,
             steps_per_epoch=qat_steps_per_epoch,
         )
-        _settings(qat, "QAT fine-tune", cache=True)
+        settings(qat, "QAT fine-tune", cache=True)
 
         def branch(variant: str, keras_model: Any, reference: Any = None) -> tuple[Any, ...]:
             onnx = export_onnx(model=keras_model)
-            _settings(onnx, f"{variant}: export ONNX", cache=True)
+            settings(onnx, f"{variant}: export ONNX", cache=True)
             engine = build_engine(
                 onnx_model=onnx.outputs["onnx_model"],
                 runtime=runtime,
@@ -175,7 +187,7 @@ def build_pipeline(*, runtime: str = "tensorrt", gpu: GpuOptions | None = None) 
                 batch_opt=batch_profile_opt,
                 batch_max=batch_profile_max,
             )
-            _settings(on_engine_node(engine), f"{variant}: build engine", cache=True)
+            settings(on_engine_node(engine), f"{variant}: build engine", cache=True)
             extra = {} if reference is None else {"reference": reference}
             evaluated = evaluate(
                 engine=engine.outputs["engine"],
@@ -185,7 +197,7 @@ def build_pipeline(*, runtime: str = "tensorrt", gpu: GpuOptions | None = None) 
                 max_batches=eval_max_batches,
                 **extra,
             )
-            _settings(on_engine_node(evaluated), f"{variant}: evaluate", cache=False)
+            settings(on_engine_node(evaluated), f"{variant}: evaluate", cache=False)
             return onnx, engine, evaluated
 
         fp32_onnx, fp32_engine, fp32_eval = branch("fp32", fp32.outputs["model"])
@@ -201,7 +213,7 @@ def build_pipeline(*, runtime: str = "tensorrt", gpu: GpuOptions | None = None) 
             qat_result=qat_eval.outputs["result"],
             placement=quantized.outputs["placement"],
         )
-        _settings(report, "compare + report", cache=True)
+        settings(report, "compare + report", cache=True)
         published = publish(
             report=report.outputs["report"],
             fp32_result=fp32_eval.outputs["result"],
@@ -237,15 +249,24 @@ def build_pipeline(*, runtime: str = "tensorrt", gpu: GpuOptions | None = None) 
             run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         )
-        _settings(published, "publish (MLflow + S3)", cache=False, retry=True)
+        settings(published, "publish (MLflow + S3)", cache=False, retry=True)
         return Outputs(report=report.outputs["report"], publish_record=published.outputs["record"])
 
     return qat_int8
 
 
-def _settings(task: PipelineTask, display_name: str, *, cache: bool, retry: bool = False) -> None:
-    """Display name, caching, and retries for steps that can fail transiently."""
+def _settings(
+    task: PipelineTask,
+    display_name: str,
+    *,
+    cache: bool,
+    retry: bool = False,
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """Display name, caching, environment, and retries for steps that can fail transiently."""
     task.set_display_name(display_name)
+    for name, value in (env or {}).items():
+        task.set_env_variable(name, value)
     task.set_caching_options(enable_caching=cache)
     if retry:
         task.set_retry(num_retries=RETRIES, backoff_duration=RETRY_BACKOFF, backoff_factor=2.0)

@@ -10,6 +10,8 @@ line per task plus the final state of the steps' progress bars.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -19,7 +21,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -55,6 +57,29 @@ _ERROR = re.compile(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$")
 _BAR = re.compile(r"\d+%\|")
 
 
+CODE_PACKAGES = ("qatflow", "qatflow_components", "qatflow_pipelines")
+
+
+def source_fingerprint(packages: Sequence[str] = CODE_PACKAGES) -> str:
+    """A short hash of the Python source of ``packages`` as installed (paths and contents).
+
+    Local runs key the step cache on it, so editing qatflow, a component or the pipeline makes
+    the next ``qatflow run`` recompute the steps instead of reusing stale outputs.
+    """
+    digest = hashlib.sha256()
+    for package in packages:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise PipelineError(f"package {package!r} is not installed")
+        for location in spec.submodule_search_locations:
+            root = Path(location)
+            for path in sorted(root.rglob("*.py")):
+                digest.update(f"{package}/{path.relative_to(root).as_posix()}\0".encode())
+                digest.update(path.read_bytes())
+                digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
 def local_tracking_uri(tracking_uri: str | None = None) -> str:
     """The parameter, else ``MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the working directory."""
     if tracking_uri:
@@ -77,7 +102,8 @@ def run_local(
     ``parameters`` are pipeline parameters (see ``qatflow_pipelines.qat_int8.pipeline``); None
     values are ignored, ``profile`` supplies the rest over the pipeline defaults. KFP's
     artifacts and step cache live in ``kfp_root`` (default ``<output_dir>/kfp``): a rerun with
-    the same inputs reuses the data, model, quantization, export and engine steps. Writes
+    the same inputs and the same qatflow source (``source_fingerprint``) reuses the data,
+    model, quantization, export and engine steps. Writes
     ``comparison.json``, ``report.md``/``.html``, ``plots/``, ``publish.json`` (and
     ``mlflow-offline/`` when MLflow was unreachable) into ``output_dir``, prints the comparison
     table and returns ``output_dir``. A failed task raises ``PipelineError`` with its error.
@@ -89,7 +115,7 @@ def run_local(
         raise PipelineError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")
     given = {name: value for name, value in parameters.items() if value is not None}
     runtime = str(given.get("runtime", LOCAL_RUNTIME))
-    pipeline = build_pipeline(runtime=runtime)
+    pipeline = build_pipeline(runtime=runtime, code_version=source_fingerprint())
     known = set(pipeline.component_spec.inputs or {})
     unknown = sorted(set(given) - known)
     if unknown:

@@ -7,16 +7,17 @@ from pathlib import Path
 
 _RUN_EPILOG = """\
 profiles:
-  default  the full demo: Fashion-MNIST, the demo CNN pretrained 3 epochs (cached after the
-           first run), one epoch of QAT (4.5 minutes on 2 idle CPU cores the first time)
+  default  the full demo: Fashion-MNIST, the demo CNN pretrained 5 epochs (cached after the
+           first run), one epoch of QAT (about 6.5 minutes on 2 idle CPU cores the first time)
   smoke    2000 train / 512 test images, one pretraining epoch, 10 QAT steps (1.5-4 minutes)
 
 Each task runs as a subprocess of this Python with kfp.local; engines run on ONNX Runtime
-(CPU). A rerun reuses the cached data, model, quantization, export and engine steps of the same
-inputs (--no-cache to redo them). Results in --output: comparison.json, report.html/.md,
-plots/, publish.json, pipeline.log (KFP's full log) and, when MLflow is unreachable,
-mlflow-offline/. S3 credentials come from the environment (AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL), never from the command line.
+(CPU). A rerun reuses the cached data, model, quantization, export and engine steps of the
+same inputs and the same qatflow source (--no-cache to redo them anyway). Results in
+--output: comparison.json, report.html/.md, plots/, publish.json, pipeline.log (KFP's full
+log) and, when MLflow is unreachable, mlflow-offline/. S3 credentials come from the
+environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL), never from the
+command line.
 
 examples:
   qatflow run --output runs/local
