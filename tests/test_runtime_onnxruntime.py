@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import platform
 import sys
 import types
 from collections import Counter
@@ -100,7 +101,7 @@ def test_load_and_run_with_threads(fp32_model: Path, tmp_path: Path) -> None:
     assert (engine.runtime, engine.runtime_version, engine.device) == (
         "onnxruntime",
         ort.__version__,
-        "cpu",
+        f"cpu ({platform.machine()})",
     )
     assert (engine.input_name, engine.input_shape, engine.path) == (
         "input",

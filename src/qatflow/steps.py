@@ -296,17 +296,21 @@ def evaluate(
     threads: int | None = None,
     max_batches: int | None = None,
 ) -> Path:
-    """Evaluate an engine on the dataset's test split and write the result JSON.
+    """Evaluate an engine (or a ``.keras``/``.h5`` model) on the dataset's test split and
+    write the result JSON.
 
     ``reference_path`` is the FP32 variant's result, for top-1 agreement.
     """
     from qatflow.data import load_dataset_from_spec
     from qatflow.evaluation import EvaluationResult
     from qatflow.evaluation import evaluate as run_evaluate
+    from qatflow.models import H5_SUFFIXES, KERAS_SUFFIXES
 
+    keras_file = Path(engine_path).suffix.lower() in KERAS_SUFFIXES + H5_SUFFIXES
+    target = load_any_model(engine_path) if keras_file else str(engine_path)
     reference = EvaluationResult.load(reference_path).predictions if reference_path else None
     result = run_evaluate(
-        str(engine_path),
+        target,
         load_dataset_from_spec(dataset_spec),
         reference_predictions=reference,
         latency_iterations=latency_iterations,

@@ -16,7 +16,12 @@ from collections.abc import Sequence
 
 from qatflow import __version__
 
-COMMAND_MODULES = ("qatflow.cli.toolkit", "qatflow.cli.pipeline", "qatflow.cli.cluster")
+COMMAND_MODULES = (
+    "qatflow.cli.toolkit",
+    "qatflow.cli.steps",
+    "qatflow.cli.pipeline",
+    "qatflow.cli.cluster",
+)
 
 DESCRIPTION = """\
 Quantization-aware training for Keras 3 models, to TensorRT-ready INT8 ONNX.
@@ -26,6 +31,9 @@ Typical flow:
   qatflow export q.keras --output q.onnx
   qatflow validate q.onnx
   qatflow run --output runs/local          # the whole pipeline, locally
+
+Every pipeline step is also a command (prepare-data, prepare-model, finetune, build-engine,
+evaluate, compare): `qatflow finetune --help` shows the whole flow by hand.
 """
 
 

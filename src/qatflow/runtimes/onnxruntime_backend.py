@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import json
 import logging
+import platform
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -303,8 +304,8 @@ class OnnxRuntimeEngine(Engine):
 
     @property
     def device(self) -> str:
-        """Always ``"cpu"``."""
-        return "cpu"
+        """``"cpu (<machine>)"``, as for Keras models evaluated on the CPU."""
+        return f"cpu ({platform.machine()})"
 
     @property
     def threads(self) -> int:

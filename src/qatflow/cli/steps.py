@@ -1,0 +1,306 @@
+"""``qatflow prepare-data``, ``prepare-model``, ``finetune``, ``build-engine``, ``evaluate``,
+``compare``: the pipeline's other steps, one command each, calling the same ``qatflow.steps``
+functions as the KFP components.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+_FLOW = """\
+The pipeline's steps by hand (the same functions the KFP components call):
+  qatflow prepare-data fashion-mnist --output data.json
+  qatflow prepare-model demo --dataset data.json --output fp32.keras
+  qatflow quantize fp32.keras --calibration-data data.json --output ptq.keras
+  qatflow finetune ptq.keras --dataset data.json --output qat.keras
+  qatflow export qat.keras --output qat.onnx        (and fp32.keras -> fp32.onnx)
+  qatflow build-engine qat.onnx --output qat.engine.onnx
+  qatflow evaluate fp32.engine.onnx --dataset data.json --output fp32.json
+  qatflow evaluate qat.engine.onnx --dataset data.json --reference fp32.json --output qat.json
+  qatflow compare fp32=fp32.json qat_int8=qat.json --output report/
+"""
+_DATASET_HELP = "dataset spec (.json) written by `qatflow prepare-data`"
+_VARIANT = re.compile(r"^([A-Za-z0-9_.-]+)=(.+)$")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the step subcommands."""
+    _register_data(subparsers)
+    _register_training(subparsers)
+    _register_engines(subparsers)
+
+
+def _parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str
+) -> argparse.ArgumentParser:
+    return subparsers.add_parser(
+        name,
+        help=summary,
+        description=summary[0].upper() + summary[1:] + ".",
+        epilog=_FLOW,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _register_data(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    data = _parser(
+        subparsers,
+        "prepare-data",
+        "load a dataset once, check it (finite images, labels in range) and write its spec",
+    )
+    data.add_argument(
+        "dataset",
+        metavar="DATASET",
+        help="fashion-mnist, an IDX/image/TFRecord folder or .npz; local or s3://",
+    )
+    data.add_argument("--output", "-o", required=True, help="output spec (.json)")
+    data.add_argument(
+        "--preprocessing",
+        default="scale01",
+        help="scale01, tf, caffe, torch or raw (default: %(default)s)",
+    )
+    data.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+    data.add_argument(
+        "--image-size", type=int, nargs=2, metavar=("H", "W"), help="resize images to H x W"
+    )
+    data.add_argument("--channels", type=int, help="convert images to this many channels")
+    data.add_argument(
+        "--calibration-size",
+        type=int,
+        default=512,
+        help="training images set aside for calibration (default: %(default)s)",
+    )
+    data.add_argument("--limit", type=int, help="cap on every split, for quick runs")
+    data.add_argument("--seed", type=int, default=0, help="split/shuffle seed (default: 0)")
+    data.set_defaults(func=run_prepare_data)
+
+    model = _parser(
+        subparsers,
+        "prepare-model",
+        "write the FP32 model as .keras: loaded, or the demo model trained (cached)",
+    )
+    model.add_argument(
+        "model",
+        metavar="MODEL",
+        help="demo, a .keras/.h5/SavedModel path or s3:// URI, or a keras.applications name",
+    )
+    model.add_argument("--dataset", required=True, help=_DATASET_HELP)
+    model.add_argument("--output", "-o", required=True, help="output .keras file")
+    model.add_argument("--weights", help="weights file for a keras.applications name")
+    model.add_argument(
+        "--pretrain-epochs", type=int, default=5, help="demo model only (default: %(default)s)"
+    )
+    model.set_defaults(func=run_prepare_model)
+
+
+def _register_training(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    finetune = _parser(
+        subparsers,
+        "finetune",
+        "quantization-aware fine-tuning of a calibrated model from `qatflow quantize`",
+    )
+    finetune.add_argument("model", metavar="MODEL", help="quantized, calibrated .keras file")
+    finetune.add_argument("--dataset", required=True, help=_DATASET_HELP)
+    finetune.add_argument("--output", "-o", required=True, help="output .keras file")
+    finetune.add_argument("--epochs", type=int, default=2, help="(default: %(default)s)")
+    finetune.add_argument(
+        "--learning-rate", type=float, default=1e-3, help="peak learning rate (default: 0.001)"
+    )
+    finetune.add_argument(
+        "--optimizer",
+        choices=("sgd", "adam"),
+        default="sgd",
+        help="SGD with momentum or Adam (default: %(default)s)",
+    )
+    finetune.add_argument(
+        "--checkpoint-dir",
+        help="checkpoint after every epoch and resume from here after an interruption",
+    )
+    finetune.add_argument(
+        "--early-stopping-patience",
+        type=int,
+        help="stop after this many epochs without a better validation accuracy",
+    )
+    finetune.add_argument("--steps-per-epoch", type=int, help="cap on steps per epoch")
+    finetune.set_defaults(func=run_finetune)
+
+
+def _register_engines(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    engine = _parser(
+        subparsers,
+        "build-engine",
+        "build an inference engine from ONNX: ONNX Runtime on CPU or TensorRT on a GPU",
+    )
+    engine.add_argument("onnx", metavar="MODEL.onnx")
+    engine.add_argument("--output", "-o", required=True, help="output engine file")
+    engine.add_argument(
+        "--runtime",
+        choices=("onnxruntime", "tensorrt"),
+        default="onnxruntime",
+        help="(default: %(default)s; tensorrt needs TensorRT and a GPU)",
+    )
+    engine.add_argument(
+        "--batch-profile",
+        type=int,
+        nargs=3,
+        metavar=("MIN", "OPT", "MAX"),
+        default=(1, 8, 64),
+        help="batch sizes the engine accepts and is tuned for (default: 1 8 64)",
+    )
+    engine.set_defaults(func=run_build_engine)
+
+    evaluate = _parser(
+        subparsers,
+        "evaluate",
+        "accuracy, latency, throughput and size of an engine (or .keras/.onnx model)",
+    )
+    evaluate.add_argument("engine", metavar="ENGINE")
+    evaluate.add_argument("--dataset", required=True, help=_DATASET_HELP)
+    evaluate.add_argument("--output", "-o", required=True, help="output result (.json)")
+    evaluate.add_argument("--reference", help="the FP32 result (.json), for top-1 agreement")
+    evaluate.add_argument(
+        "--latency-iterations", type=int, default=200, help="timed batch-1 runs (default: 200)"
+    )
+    evaluate.add_argument("--warmup", type=int, default=20, help="untimed runs first (default: 20)")
+    evaluate.add_argument(
+        "--throughput-batch", type=int, default=64, help="batch for throughput (default: 64)"
+    )
+    evaluate.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+    evaluate.add_argument("--max-batches", type=int, help="test batches to use (default: all)")
+    evaluate.set_defaults(func=run_evaluate)
+
+    compare = _parser(
+        subparsers,
+        "compare",
+        "tabulate evaluation results side by side and write the report",
+    )
+    compare.add_argument(
+        "results",
+        metavar="VARIANT=RESULT.json",
+        type=_variant_result,
+        nargs="+",
+        help="one per variant; the baseline must be named fp32",
+    )
+    compare.add_argument("--output", "-o", required=True, help="report folder")
+    compare.add_argument("--title", default="qatflow: FP32 vs PTQ INT8 vs QAT INT8")
+    compare.add_argument("--placement", help="placement summary (.md) to add to the report")
+    compare.set_defaults(func=run_compare)
+
+
+def run_prepare_data(args: argparse.Namespace) -> int:
+    """Load and check the dataset, write its spec."""
+    from qatflow import steps
+
+    path = steps.prepare_data(
+        args.dataset,
+        args.output,
+        preprocessing=args.preprocessing,
+        batch_size=args.batch_size,
+        image_size=tuple(args.image_size) if args.image_size else None,
+        channels=args.channels,
+        calibration_size=args.calibration_size,
+        limit=args.limit,
+        seed=args.seed,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def run_prepare_model(args: argparse.Namespace) -> int:
+    """Load (or train) the FP32 model and save it as .keras."""
+    from qatflow import steps
+
+    path = steps.prepare_model(
+        args.model,
+        args.dataset,
+        args.output,
+        weights=args.weights,
+        pretrain_epochs=args.pretrain_epochs,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    """QAT fine-tuning; the history goes beside the output."""
+    from qatflow import steps
+
+    path = steps.finetune(
+        args.model,
+        args.dataset,
+        args.output,
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        optimizer=args.optimizer,
+        checkpoint_dir=args.checkpoint_dir,
+        early_stopping_patience=args.early_stopping_patience,
+        steps_per_epoch=args.steps_per_epoch,
+    )
+    print(f"wrote {path} (history: {steps.side_file(path, '.history.json')})")
+    return 0
+
+
+def run_build_engine(args: argparse.Namespace) -> int:
+    """Build the engine."""
+    from qatflow import steps
+
+    path = steps.build_engine(
+        args.onnx, args.output, runtime=args.runtime, batch_profile=tuple(args.batch_profile)
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate and print the headline numbers."""
+    from qatflow import steps
+    from qatflow.evaluation import EvaluationResult
+
+    path = steps.evaluate(
+        args.engine,
+        args.dataset,
+        args.output,
+        reference_path=args.reference,
+        latency_iterations=args.latency_iterations,
+        warmup=args.warmup,
+        throughput_batch=args.throughput_batch,
+        threads=args.threads,
+        max_batches=args.max_batches,
+    )
+    result = EvaluationResult.load(path)
+    agreement = "" if result.agreement is None else f", agreement {100 * result.agreement:.2f} %"
+    print(
+        f"top-1 {100 * result.top1:.2f} % on {result.num_samples} images{agreement}; "
+        f"latency p50 {result.latency.p50_ms:.2f} ms, p99 {result.latency.p99_ms:.2f} ms "
+        f"(batch 1, {result.runtime}); throughput "
+        f"{result.throughput.images_per_second:.0f} images/s"
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def _variant_result(text: str) -> tuple[str, str]:
+    match = _VARIANT.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected VARIANT=RESULT.json, got {text!r}")
+    return match[1], match[2]
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """Compare the results and print the table."""
+    from qatflow import steps
+    from qatflow.comparison import Comparison
+    from qatflow.errors import QatflowError
+
+    results: dict[str, str] = {}
+    for variant, path in args.results:
+        if variant in results:
+            raise QatflowError(f"variant {variant!r} is given twice")
+        results[variant] = path
+    written = steps.compare(
+        results, args.output, title=args.title, placement_summary=args.placement
+    )
+    print(Comparison.load_json(written).to_text())
+    print(f"\nwrote {written} and the report beside it")
+    return 0
