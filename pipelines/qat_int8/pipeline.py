@@ -44,8 +44,8 @@ PIPELINE_NAME = "qatflow-qat-int8"
 DESCRIPTION = "Keras FP32 vs PTQ INT8 vs QAT INT8: ONNX, engines, comparison, MLflow and S3"
 ENGINE_IMAGES: Mapping[str, str] = {"tensorrt": TENSORRT_IMAGE, "onnxruntime": TENSORFLOW_IMAGE}
 RETRIES = 2
-CODE_VERSION_ENV = "QATFLOW_CODE_VERSION"
 RETRY_BACKOFF = "30s"
+CODE_VERSION_ENV = "QATFLOW_CODE_VERSION"
 
 
 @dataclass(frozen=True)
