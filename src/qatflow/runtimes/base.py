@@ -106,7 +106,7 @@ class Engine(ABC):
     @property
     @abstractmethod
     def device(self) -> str:
-        """``"cpu"`` or the GPU name."""
+        """``"cpu (<machine>)"`` or the GPU name."""
 
     @property
     @abstractmethod
