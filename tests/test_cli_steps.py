@@ -61,6 +61,7 @@ def test_the_whole_flow_by_hand(tmp_path: Path, capsys: pytest.CaptureFixture[st
     )  # fmt: skip
     evaluated = EvaluationResult.load(keras_result)
     assert evaluated.runtime.startswith("tensorflow") and evaluated.agreement >= 0.95
+    assert evaluated.size_bytes == fp32.stat().st_size
 
     report = tmp_path / "report"
     out = qatflow(

@@ -32,7 +32,7 @@ def load_model(
     input_shape: tuple[int, ...] | None = None,
     num_classes: int | None = None,
 ) -> keras.Model:
-    """Load an FP32 model for quantization.
+    """Load a Keras model: an FP32 model to quantize, or one qatflow quantized and saved.
 
     ``uri`` is a ``.keras`` or ``.h5`` file, a SavedModel folder (local or ``s3://``), or a
     ``keras.applications`` name such as ``resnet50``, ``mobilenet_v2`` or ``EfficientNetB0``.
@@ -110,6 +110,8 @@ def _load_file(path: Path, uri: str) -> keras.Model:
         raise ModelError(
             f"unsupported model file {uri}: expected a .keras or .h5 file or a SavedModel folder"
         )
+    import qatflow.quantization  # noqa: F401  (registers qatflow's layers for deserialization)
+
     try:
         model = keras.saving.load_model(path, compile=False)
     except OSError as exc:

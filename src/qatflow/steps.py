@@ -42,7 +42,6 @@ def write_text(path: PathLike, text: str) -> Path:
 
 def load_any_model(uri: PathLike) -> Any:
     """Load a model (file, SavedModel, ``s3://``, or application name), quantized ones included."""
-    import qatflow.quantization  # noqa: F401  (registers QuantizeWrapper for deserialization)
     from qatflow.models import load_model
 
     return load_model(str(uri))
@@ -304,13 +303,10 @@ def evaluate(
     from qatflow.data import load_dataset_from_spec
     from qatflow.evaluation import EvaluationResult
     from qatflow.evaluation import evaluate as run_evaluate
-    from qatflow.models import H5_SUFFIXES, KERAS_SUFFIXES
 
-    keras_file = Path(engine_path).suffix.lower() in KERAS_SUFFIXES + H5_SUFFIXES
-    target = load_any_model(engine_path) if keras_file else str(engine_path)
     reference = EvaluationResult.load(reference_path).predictions if reference_path else None
     result = run_evaluate(
-        target,
+        str(engine_path),
         load_dataset_from_spec(dataset_spec),
         reference_predictions=reference,
         latency_iterations=latency_iterations,

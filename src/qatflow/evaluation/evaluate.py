@@ -38,7 +38,8 @@ def evaluate(
 ) -> EvaluationResult:
     """Measure accuracy, batch-1 latency, throughput and size of one model variant.
 
-    ``model_or_engine`` is a Keras model, a ``qatflow.runtimes`` engine, or an engine file path.
+    ``model_or_engine`` is a Keras model, a ``qatflow.runtimes`` engine, or the path of an
+    engine file or a ``.keras``/``.h5`` model.
     ``dataset`` is a ``DatasetBundle`` (its ``.test`` split and ``.info`` are used) or any
     iterable of ``(images NHWC, int labels)`` batches. Its order must be deterministic so that
     ``reference_predictions`` (the FP32 model's ``result.predictions``) line up image by image.

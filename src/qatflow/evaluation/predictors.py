@@ -42,17 +42,24 @@ class Predictor:
 def make_predictor(
     model_or_engine: Any, *, threads: int | None, model_file: str | os.PathLike[str] | None
 ) -> Predictor:
-    """Wrap a Keras model, an engine, or an engine file path (opened with ``load_engine``)."""
+    """Wrap a Keras model, an engine, or a file path: a ``.keras``/``.h5`` model (loaded with
+    ``qatflow.models.load_model``, its size reported) or an engine (``load_engine``)."""
     import keras
 
+    from qatflow.models import H5_SUFFIXES, KERAS_SUFFIXES, load_model
+
+    if isinstance(model_or_engine, str | os.PathLike):
+        if Path(model_or_engine).suffix.lower() in KERAS_SUFFIXES + H5_SUFFIXES:
+            model_file = model_file or model_or_engine
+            model_or_engine = load_model(str(model_or_engine))
+        else:
+            model_or_engine = load_engine(model_or_engine, threads=threads)
     if isinstance(model_or_engine, keras.Model):
         return keras_predictor(model_or_engine, threads=threads, model_file=model_file)
-    if isinstance(model_or_engine, str | os.PathLike):
-        model_or_engine = load_engine(model_or_engine, threads=threads)
     if isinstance(model_or_engine, Engine):
         return engine_predictor(model_or_engine, threads=threads)
     raise ModelError(
-        f"evaluate: expected a Keras model, an engine or an engine file path, "
+        f"evaluate: expected a Keras model, an engine, or a model or engine file path, "
         f"got {type(model_or_engine).__name__}"
     )
 
