@@ -112,13 +112,13 @@ def resnet50_latency(thread_counts: Sequence[int], runs: int) -> dict[int, dict[
         for threads in thread_counts:
             engines = {name: load_engine(path, threads=threads) for name, path in built.items()}
             p50 = interleaved_p50(engines, calibration[:1], runs)
+            del engines  # their thread pools must not compete with the profiling sessions
             classes = {
                 name: profile_kernel_classes(
                     built[name], calibration[:1], threads=threads, runs=max(20, runs // 4)
                 )
                 for name in ("fp32", "qatflow_int8")
             }
-            del engines
             results[threads] = _report_latency(threads, runs, p50, classes)
     return results
 
