@@ -42,6 +42,8 @@ class EngineMetadata:
     batch_profile: BatchProfile
     build_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     device: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # FidelityReport.to_dict() of the build-time check against the reference (empty if none).
+    fidelity: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict, tagged with the metadata format."""
@@ -67,6 +69,7 @@ class EngineMetadata:
                 batch_profile=_as_profile(data["batch_profile"]),
                 build_options=dict(data.get("build_options", {})),
                 device=dict(data.get("device", {})),
+                fidelity=dict(data.get("fidelity", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RuntimeBackendError(f"{origin}: malformed engine metadata ({exc!r})") from exc

@@ -1,0 +1,257 @@
+"""Which integer encoding ONNX Runtime's x86 CPU kernels compute exactly on this machine.
+
+ONNX Runtime runs an INT8 convolution or matrix product on uint8 activations with either int8
+weights (U8S8) or uint8 weights (U8U8). Without VNNI, its U8S8 kernels add pairs of u8 x s8
+products in int16 with saturation (VPMADDUBSW: 2 x 255 x 127 > 32767), so large activations
+give wrong sums. With AVX-512 VNNI, AVX-VNNI or AMX the products accumulate in int32 and
+nothing saturates. U8U8 (the same int8 weights stored as uint8 with zero-point 128, an exact
+re-encoding) never saturates but is slower.
+
+The CPU flags are read from ``/proc/cpuinfo`` for the record; the decision itself comes from a
+probe that runs ORT's fused kernels on worst-case values and compares them with exact integer
+arithmetic, so it holds for whatever kernel ORT picks on this CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from qatflow.errors import RuntimeBackendError
+
+Encoding = Literal["u8s8", "u8u8"]
+EncodingChoice = Literal["auto", "u8s8", "u8u8"]
+ENCODINGS: tuple[str, ...] = get_args(Encoding)
+ENCODING_CHOICES: tuple[str, ...] = get_args(EncodingChoice)
+# CPU flags (as /proc/cpuinfo spells them) that decide how ORT's integer kernels accumulate.
+INT8_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512bw", "avx2")
+_WEIGHTED_OPS = {"Conv": 1, "MatMul": 1, "Gemm": 1}
+
+
+@dataclass(frozen=True)
+class CpuInt8:
+    """What this CPU offers for INT8: its relevant flags and which encodings ORT runs exactly."""
+
+    flags: tuple[str, ...]
+    exact: tuple[str, ...]
+
+    @property
+    def isa(self) -> str:
+        """A short name: ``amx_int8``, ``avx512_vnni``, ``avx_vnni``, ``avx512bw (no VNNI)``..."""
+        for flag in INT8_FLAGS[:3]:
+            if flag in self.flags:
+                return flag
+        for flag in INT8_FLAGS[3:]:
+            if flag in self.flags:
+                return f"{flag} (no VNNI)"
+        return "x86 without AVX2" if self.flags else "unknown"
+
+    def best_encoding(self) -> Encoding:
+        """U8S8 where it is exact (the fast kernels), else U8U8."""
+        if "u8s8" in self.exact:
+            return "u8s8"
+        if "u8u8" in self.exact:
+            return "u8u8"
+        raise RuntimeBackendError(
+            f"no integer encoding runs exactly on this CPU ({self.isa}) with ONNX Runtime"
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready record for engine metadata and results."""
+        return {"isa": self.isa, "flags": list(self.flags), "exact_encodings": list(self.exact)}
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, ...]:
+    """The INT8-relevant flags of this CPU, in ``/proc/cpuinfo`` spelling.
+
+    AVX2, AVX-512 BW and AVX-512 VNNI come from numpy's CPUID-based detection (what the
+    process can really execute, also under an emulator); AVX-VNNI and AMX, which numpy does not
+    report, from ``cpuinfo``.
+    """
+    present: set[str] = set()
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            present = set(value.split())
+            break
+    features = _numpy_cpu_features()
+    for flag, feature in _NUMPY_FEATURES.items():
+        if feature in features:
+            present.discard(flag)
+            if features[feature]:
+                present.add(flag)
+    return tuple(flag for flag in INT8_FLAGS if flag in present)
+
+
+_NUMPY_FEATURES = {"avx2": "AVX2", "avx512bw": "AVX512BW", "avx512_vnni": "AVX512VNNI"}
+
+
+def _numpy_cpu_features() -> dict[str, bool]:
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # numpy < 2
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__
+        except ImportError:
+            return {}
+    return dict(__cpu_features__)
+
+
+@functools.cache
+def detect() -> CpuInt8:
+    """This machine's INT8 capabilities (flags read once, encodings probed once per process)."""
+    return CpuInt8(flags=cpu_flags(), exact=tuple(e for e in ENCODINGS if probe_exact(e)))  # type: ignore[arg-type]
+
+
+def choose_encoding(requested: str) -> Encoding:
+    """The encoding for ``requested`` (``auto``: the exact fast one on this CPU)."""
+    if requested not in ENCODING_CHOICES:
+        raise RuntimeBackendError(
+            f"encoding must be one of {list(ENCODING_CHOICES)}, got {requested!r}"
+        )
+    if requested == "auto":
+        return detect().best_encoding()
+    return requested  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- the encoding pass
+
+
+def encode_weights(model: onnx.ModelProto, encoding: Encoding) -> int:
+    """Store the int8 weights of Conv/MatMul/Gemm in ``encoding``, in place; returns how many.
+
+    ``u8u8``: int8 ``q`` with zero-point 0 becomes uint8 ``q + 128`` with zero-point 128, which
+    dequantizes to bit-identical values. ``u8s8`` leaves the weights as they are.
+    """
+    if encoding not in ENCODINGS:
+        raise RuntimeBackendError(f"encoding must be one of {list(ENCODINGS)}, got {encoding!r}")
+    if encoding == "u8s8":
+        return 0
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for position, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, position))
+    encoded = 0
+    for dq in graph.node:
+        if dq.op_type != "DequantizeLinear" or dq.input[0] not in initializers:
+            continue
+        users = readers.get(dq.output[0], [])
+        if not users or any(_WEIGHTED_OPS.get(u.op_type) != pos for u, pos in users):
+            continue
+        data = numpy_helper.to_array(initializers[dq.input[0]])
+        zero_name = dq.input[2] if len(dq.input) > 2 else ""
+        zero = (
+            numpy_helper.to_array(initializers[zero_name]) if zero_name in initializers else None
+        )
+        if data.dtype != np.int8 or (zero_name and (zero is None or np.any(zero))):
+            continue
+        scale_name = dq.input[1]
+        scale_shape = (
+            numpy_helper.to_array(initializers[scale_name]).shape
+            if scale_name in initializers
+            else ()
+        )
+        base = dq.input[0]
+        data_name, zero_out = f"{base}_u8", f"{base}_u8_zero_point"
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array((data.astype(np.int16) + 128).astype(np.uint8), data_name),
+                numpy_helper.from_array(np.full(scale_shape, 128, np.uint8), zero_out),
+            ]
+        )
+        del dq.input[:]
+        dq.input.extend([data_name, scale_name, zero_out])
+        encoded += 1
+    _drop_unused_initializers(graph)
+    return encoded
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {name for node in graph.node for name in node.input}
+    keep = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+# --------------------------------------------------------------------------- the probe
+
+
+def probe_model(encoding: Encoding) -> onnx.ModelProto:
+    """A QDQ model whose convolutions and matrix products ORT fuses into integer kernels.
+
+    Worst case for int16 pair sums: uint8 activations at 255 and weights at +127 (half of the
+    output channels) or -127 (the other half). Covers QLinearConv with a channel count that
+    takes MLAS's symmetric kernel (a multiple of 4) and one that does not, QLinearMatMul and
+    QGemm. Output scales are such that a halved (saturated) sum lands on another value.
+    """
+    inits = [
+        numpy_helper.from_array(np.array(1.0 / 255.0, np.float32), "s"),
+        numpy_helper.from_array(np.array(0, np.uint8), "z"),
+        numpy_helper.from_array(np.array(1.0 / 127.0, np.float32), "ws"),
+        numpy_helper.from_array(np.array(0, np.int8), "wz"),
+        numpy_helper.from_array(np.array(128, np.uint8), "z_out"),
+    ]
+    nodes: list[onnx.NodeProto] = []
+    inputs, outputs = [], []
+    # name, op, input shape, weight shape, output scale (exact |sum| / 100; None: float output)
+    cases = (
+        ("conv8", "Conv", [1, 8, 6, 6], (16, 8, 3, 3), 0.72),
+        ("conv3", "Conv", [1, 3, 6, 6], (16, 3, 3, 3), 0.27),
+        ("matmul", "MatMul", [1, 288], (288, 16), 2.88),
+        ("gemm", "Gemm", [1, 288], (288, 16), None),
+    )
+    for name, op, shape, weight_shape, out_scale in cases:
+        weights = np.full(weight_shape, 127, np.int8)
+        channel_axis = 0 if op == "Conv" else 1
+        np.moveaxis(weights, channel_axis, 0)[weight_shape[channel_axis] // 2 :] = -127
+        inits.append(numpy_helper.from_array(weights, f"{name}_wq"))
+        attrs = {"pads": [1, 1, 1, 1]} if op == "Conv" else {}
+        nodes += [
+            helper.make_node("QuantizeLinear", [name, "s", "z"], [f"{name}_xq"]),
+            helper.make_node("DequantizeLinear", [f"{name}_xq", "s", "z"], [f"{name}_x"]),
+            helper.make_node("DequantizeLinear", [f"{name}_wq", "ws", "wz"], [f"{name}_w"]),
+            helper.make_node(op, [f"{name}_x", f"{name}_w"], [f"{name}_y"], **attrs),
+        ]
+        inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+        if out_scale is None:
+            outputs.append(helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None))
+            continue
+        inits.append(numpy_helper.from_array(np.array(out_scale, np.float32), f"{name}_s"))
+        nodes.append(
+            helper.make_node("QuantizeLinear", [f"{name}_y", f"{name}_s", "z_out"], [f"{name}_q"])
+        )
+        outputs.append(helper.make_tensor_value_info(f"{name}_q", TensorProto.UINT8, None))
+    graph = helper.make_graph(nodes, "qatflow_int8_probe", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    encode_weights(model, encoding)
+    return model
+
+
+def probe_exact(encoding: Encoding) -> bool:
+    """Whether ORT's fused integer kernels match float math on the worst-case probe model."""
+    from qatflow.runtimes.reference import run_optimized, run_reference
+
+    model = probe_model(encoding)
+    feeds = {
+        i.name: np.ones([d.dim_value for d in i.type.tensor_type.shape.dim], np.float32)
+        for i in model.graph.input
+    }
+    names = [o.name for o in model.graph.output]
+    expected = run_reference(model, feeds, names)
+    fused = run_optimized(model, feeds, names)
+    return all(
+        np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        for a, b in zip(expected, fused, strict=True)
+    )

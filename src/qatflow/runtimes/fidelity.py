@@ -1,0 +1,160 @@
+"""The fidelity gate: an engine's outputs checked against its reference before it is written.
+
+The reference is the QDQ ONNX model the engine was built from, run as plain float math
+(:mod:`qatflow.runtimes.reference`). Integer kernels round differently from float math now and
+then (ONNX Runtime stores a Conv bias as int32 in units of ``s_x * s_w``), and a network can
+turn such one-step differences into a flipped top-1 where the reference itself is torn between
+two classes. So the gate compares decisions where the reference makes one:
+
+* ``tolerance``: a logit tolerance, ``DEFAULT_TOLERANCE`` of the reference's output range
+  (max - min over every checked sample and class);
+* pass when the 99th percentile of per-sample max ``|engine - reference|`` is within the
+  tolerance, and top-1 agreement is at least ``DEFAULT_MIN_AGREEMENT`` over the samples whose
+  reference top-1 leads its runner-up by more than the tolerance (``decided``).
+
+Plain top-1 agreement over all samples and the max error are recorded beside the verdict.
+A saturating kernel (U8S8 without VNNI) moves most logits by a large part of the range and
+fails both conditions by far.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from qatflow.runtimes.reference import run_optimized, run_reference
+
+DEFAULT_MIN_AGREEMENT = 0.999
+DEFAULT_TOLERANCE = 0.05
+ERROR_PERCENTILE = 99.0
+
+Feeds = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class FidelityReport:
+    """How closely an engine reproduced its reference on the checked samples."""
+
+    samples: int
+    agreement: float
+    decided_samples: int
+    decided_agreement: float
+    max_abs_error: float
+    p99_abs_error: float
+    output_range: float
+    tolerance: float
+    min_agreement: float
+    data: str
+    passed: bool
+    diverging_tensor: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (engine metadata, evaluation results, MLflow)."""
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line for logs and error messages."""
+        verdict = "passed" if self.passed else "FAILED"
+        return (
+            f"fidelity {verdict}: top-1 agreement {self.agreement:.2%} over {self.samples} "
+            f"samples ({self.decided_agreement:.2%} over the {self.decided_samples} the "
+            f"reference decides by more than {self.tolerance:.4g}, need "
+            f">= {self.min_agreement:.1%}); p99 |error| {self.p99_abs_error:.4g} "
+            f"(tolerance {self.tolerance:.4g}), max {self.max_abs_error:.4g}; data: {self.data}"
+        )
+
+
+def compare_outputs(
+    reference: np.ndarray,
+    engine: np.ndarray,
+    *,
+    data: str,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> FidelityReport:
+    """Score ``engine`` outputs against ``reference`` outputs (both ``(samples, classes)``)."""
+    ref = np.asarray(reference, np.float64).reshape(len(reference), -1)
+    got = np.asarray(engine, np.float64).reshape(len(engine), -1)
+    if ref.shape != got.shape:
+        raise ValueError(f"engine output shape {got.shape} differs from reference {ref.shape}")
+    span = float(ref.max() - ref.min()) if ref.size else 0.0
+    allowed = tolerance * span
+    errors = np.abs(got - ref).max(axis=1)
+    agree = ref.argmax(axis=1) == got.argmax(axis=1)
+    ordered = np.sort(ref, axis=1)
+    margin = ordered[:, -1] - ordered[:, -2] if ref.shape[1] > 1 else np.full(len(ref), np.inf)
+    decided = margin > allowed
+    decided_agreement = float(agree[decided].mean()) if decided.any() else 1.0
+    p99 = float(np.percentile(errors, ERROR_PERCENTILE)) if len(errors) else 0.0
+    passed = bool(len(ref)) and decided_agreement >= min_agreement and p99 <= allowed
+    return FidelityReport(
+        samples=len(ref),
+        agreement=float(agree.mean()) if len(ref) else 0.0,
+        decided_samples=int(decided.sum()),
+        decided_agreement=decided_agreement,
+        max_abs_error=float(errors.max()) if len(errors) else 0.0,
+        p99_abs_error=p99,
+        output_range=span,
+        tolerance=allowed,
+        min_agreement=min_agreement,
+        data=data,
+        passed=passed,
+    )
+
+
+def collect(
+    batches: Iterable[np.ndarray], run: Callable[[np.ndarray], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """All inputs of ``batches`` and ``run``'s outputs on them, concatenated."""
+    inputs, outputs = [], []
+    for batch in batches:
+        inputs.append(np.asarray(batch))
+        outputs.append(np.asarray(run(inputs[-1])))
+    if not inputs:
+        raise ValueError("no batches to check fidelity on")
+    return np.concatenate(inputs), np.concatenate(outputs)
+
+
+def reference_outputs(model: onnx.ModelProto, input_name: str, batch: np.ndarray) -> np.ndarray:
+    """The first output of ``model`` on ``batch``, run as float math."""
+    return run_reference(model, {input_name: batch})[0]
+
+
+def first_divergence(
+    prepared: onnx.ModelProto, input_name: str, batch: np.ndarray, *, threshold: float = 0.01
+) -> tuple[str, float] | None:
+    """The first quantized tensor of ``prepared`` whose fused integer value differs from float math.
+
+    Every QuantizeLinear output (the integer tensors ORT's kernels produce) is compared, in graph
+    order, between ``prepared`` run with ORT's optimizations (integer kernels) and without (float
+    math). Returns the tensor's name and the fraction of its elements that differ, for the first
+    one where more than ``threshold`` of them do; None if none does.
+    """
+    names = [n.output[0] for n in prepared.graph.node if n.op_type == "QuantizeLinear"]
+    if not names:
+        return None
+    feeds = {input_name: batch}
+    expected = run_reference(prepared, feeds, names)
+    fused = run_optimized(prepared, feeds, names)
+    for name, want, got in zip(names, expected, fused, strict=True):
+        differs = float(np.mean(want.astype(np.int32) != got.astype(np.int32)))
+        if differs > threshold:
+            return name, differs
+    return None
+
+
+def synthetic_batches(
+    input_shape: Sequence[int | None], low: float, high: float, *, samples: int = 64, seed: int = 0
+) -> list[np.ndarray]:
+    """The fallback when no data is given: half uniform in ``[low, high]``, half two-level
+    (each value ``low`` or ``high``, the worst case for integer saturation)."""
+    rng = np.random.default_rng(seed)
+    shape = [samples // 2, *(int(d or 1) for d in input_shape[1:])]
+    uniform = rng.uniform(low, high, shape).astype(np.float32)
+    binary = np.where(rng.random(shape) < 0.5, low, high).astype(np.float32)
+    return [uniform, binary]
