@@ -19,11 +19,17 @@ from qatflow.storage import write_json
 FORMAT = "qatflow.comparison"
 VERSION = 1
 _GATE_TOLERANCE = 1e-9
+NONE_MARK = "\u2013"  # en dash: no build-time fidelity check, or no kernel record
+FIDELITY_EXPLANATION = "INT8 engine vs the same QDQ model run as float math, checked at build time"
 
 
 @dataclass(frozen=True)
 class ComparisonRow:
-    """One variant's numbers; deltas, agreement and speedup are relative to the baseline."""
+    """One variant's numbers; deltas, agreement and speedup are relative to the baseline.
+
+    ``fidelity`` and ``engine`` are the variant's ``EvaluationResult.fidelity`` (its engine's
+    build-time check against its own reference, not against the baseline) and ``.engine``.
+    """
 
     variant: str
     top1: float
@@ -36,6 +42,15 @@ class ComparisonRow:
     throughput: float
     size_mb: float | None
     runtime: str
+    fidelity: dict[str, Any] | None = None
+    engine: dict[str, str] | None = None
+
+    @property
+    def fidelity_passed(self) -> bool | None:
+        """The build-time fidelity verdict; ``None`` when the engine recorded no check."""
+        if not self.fidelity or "passed" not in self.fidelity:
+            return None
+        return bool(self.fidelity["passed"])
 
     def tracking_metrics(self) -> dict[str, float | None]:
         """This row under ``qatflow.tracking.METRIC_KEYS`` names; ``None`` where n/a."""
@@ -57,11 +72,13 @@ HEADERS = (
     "Top-5 (%)",
     "Delta top-1 (pts)",
     "Agree (%)",
+    "Fidelity",
     "p50 (ms)",
     "p99 (ms)",
     "Speedup",
     "Img/s",
     "Size (MB)",
+    "Encoding / ISA",
 )
 
 
@@ -103,11 +120,13 @@ class Comparison:
             _optional(row.top5, lambda v: f"{100 * v:.2f}"),
             "baseline" if is_base else f"{row.delta_top1_points:+.2f}",
             "baseline" if is_base else f"{100 * row.agreement:.2f}",
+            fidelity_cell(row.fidelity),
             f"{row.latency_p50_ms:.3f}",
             f"{row.latency_p99_ms:.3f}",
             "baseline" if is_base else f"{row.speedup:.2f}x",
             f"{row.throughput:.1f}",
             _optional(row.size_mb, lambda v: f"{v:.3f}"),
+            engine_cell(row.engine),
         ]
 
     def to_markdown(self) -> str:
@@ -213,6 +232,8 @@ def _row(name: str, result: EvaluationResult, base: EvaluationResult) -> Compari
         throughput=result.throughput.images_per_second,
         size_mb=result.size_mb,
         runtime=result.runtime,
+        fidelity=None if result.fidelity is None else dict(result.fidelity),
+        engine=None if result.engine is None else dict(result.engine),
     )
 
 
@@ -234,7 +255,8 @@ def _check_comparable(
 
 
 def _notes(results: Mapping[str, EvaluationResult], order: list[str]) -> tuple[str, ...]:
-    """Warn when latency numbers were not measured under the same conditions."""
+    """Warn about engines that failed their fidelity check, and about speed numbers that were
+    not measured under the same conditions."""
     conditions: dict[str, Callable[[EvaluationResult], str]] = {
         "runtime": lambda r: f"{r.runtime} {r.runtime_version}",
         "device": lambda r: r.device,
@@ -243,12 +265,43 @@ def _notes(results: Mapping[str, EvaluationResult], order: list[str]) -> tuple[s
         "throughput batch size": lambda r: str(r.throughput.batch_size),
     }
     notes = []
+    for name in order:
+        fidelity = results[name].fidelity
+        if fidelity and fidelity.get("passed") is False:
+            agreement = _percent(fidelity.get("agreement"))
+            notes.append(
+                f"{name}: the engine FAILED its build-time fidelity check ({agreement or 'no'} "
+                f"top-1 agreement with the same QDQ model run as float math, on "
+                f"{fidelity.get('data') or 'unrecorded data'}): its accuracy measures the "
+                "integer kernels, not the quantized model."
+            )
     for label, describe in conditions.items():
         values = {name: describe(results[name]) for name in order}
         if len(set(values.values())) > 1:
             listed = ", ".join(f"{name}: {value}" for name, value in values.items())
             notes.append(f"Speed numbers are not like for like: {label} differs ({listed}).")
     return tuple(notes)
+
+
+def fidelity_cell(fidelity: Mapping[str, Any] | None) -> str:
+    """``99.90% pass``, ``61.25% FAIL``: the check's top-1 agreement and verdict; else NONE_MARK."""
+    if not fidelity:
+        return NONE_MARK
+    verdict = "pass" if fidelity.get("passed") else "FAIL"
+    agreement = _percent(fidelity.get("agreement"))
+    return f"{agreement} {verdict}" if agreement else verdict
+
+
+def engine_cell(engine: Mapping[str, str] | None) -> str:
+    """``u8s8 / avx512_vnni``: the integer encoding and CPU ISA where known, else ``NONE_MARK``."""
+    parts = [str(engine[key]) for key in ("encoding", "isa") if engine and engine.get(key)]
+    return " / ".join(parts) or NONE_MARK
+
+
+def _percent(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return f"{100 * value:.2f}%"
 
 
 def _optional(value: float | None, fmt: Callable[[float], str]) -> str:

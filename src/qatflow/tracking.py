@@ -12,6 +12,7 @@ import contextlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -40,6 +41,15 @@ METRIC_KEYS = (
     "speedup_vs_fp32",
     "accuracy_delta_vs_fp32",
 )
+# Build-time fidelity of a variant's engine (EvaluationResult.fidelity): metric -> report key.
+FIDELITY_METRICS = {
+    "fidelity_agreement": "agreement",
+    "fidelity_decided_agreement": "decided_agreement",
+    "fidelity_p99_abs_error": "p99_abs_error",
+}
+# Kernel provenance of a variant's engine (EvaluationResult.engine): param -> provenance key.
+ENGINE_PARAMS = {"engine_encoding": "encoding", "engine_isa": "isa"}
+FIDELITY_TAG = "qatflow.fidelity"
 CHAMPION_ALIAS = "champion"
 ACCURACY_TAG = "qatflow.accuracy_top1"
 PARENT_TAG = "mlflow.parentRunId"
@@ -319,6 +329,37 @@ class Tracker:
                 f"every variant logs exactly {expected} (extras go through log_metrics)"
             )
         self.log_metrics(run_id, metrics)
+
+    def log_engine_fidelity(
+        self,
+        run_id: str,
+        fidelity: Mapping[str, Any] | None,
+        engine: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Log a variant engine's build-time fidelity check and the kernels it was built for.
+
+        ``fidelity`` and ``engine`` are ``EvaluationResult.fidelity``/``.engine`` (or the same
+        fields of its ``ComparisonRow``). Logs the ``FIDELITY_METRICS`` that are present, the
+        ``ENGINE_PARAMS`` that are known, and tags ``qatflow.fidelity`` ``passed``/``failed``.
+        Nothing is logged for what is ``None`` (a Keras model, an engine without a check).
+        """
+        fidelity = fidelity or {}
+        metrics = {
+            metric: float(fidelity[key])
+            for metric, key in FIDELITY_METRICS.items()
+            if _is_finite_number(fidelity.get(key))
+        }
+        if metrics:
+            self.log_metrics(run_id, metrics)
+        params = {
+            param: engine[key]
+            for param, key in ENGINE_PARAMS.items()
+            if engine and engine.get(key) not in (None, "")
+        }
+        if params:
+            self.log_params(run_id, params)
+        if "passed" in fidelity:
+            self.set_tags(run_id, {FIDELITY_TAG: "passed" if fidelity["passed"] else "failed"})
 
     def set_tags(self, run_id: str, tags: Mapping[str, object]) -> None:
         """Set redacted tags on ``run_id``."""
@@ -665,6 +706,10 @@ class Tracker:
     def _write(self, doc_name: str, doc: Mapping[str, Any]) -> None:
         with atomic_output(self.offline_dir / f"{doc_name}.json") as tmp:
             tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _now_ms() -> int:

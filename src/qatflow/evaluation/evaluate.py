@@ -97,6 +97,8 @@ def evaluate(
         agreement=match,
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         predictions=predictions,
+        fidelity=predictor.fidelity,
+        engine=predictor.engine,
     )
     log.info(
         "%s: top-1 %.4f on %d images, p50 %.3f ms, %.1f images/s (%s %s, %s threads)",
@@ -109,7 +111,18 @@ def evaluate(
         result.runtime_version,
         result.threads,
     )
+    if result.fidelity is not None and result.fidelity.get("passed") is False:
+        log.warning(
+            "%s failed its build-time fidelity check (top-1 agreement %s with the same QDQ "
+            "model run as float math): its accuracy reflects the kernels, not the model",
+            result.source,
+            _percent(result.fidelity.get("agreement")),
+        )
     return result
+
+
+def _percent(value: Any) -> str:
+    return f"{100 * value:.2f}%" if isinstance(value, int | float) else "unknown"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from qatflow.errors import ModelError
-from qatflow.runtimes import Engine, load_engine
+from qatflow.evaluation.result import json_safe
+from qatflow.runtimes import Engine, EngineMetadata, load_engine
 
 log = logging.getLogger("qatflow.evaluation")
 
@@ -26,6 +27,7 @@ class Predictor:
 
     ``input_shape`` is NHWC with ``None`` for free dimensions; ``fixed_batch`` is set when the
     engine only accepts one batch size, and ``run`` then pads or splits batches to that size.
+    ``fidelity`` and ``engine`` come from an engine's build metadata (see ``engine_provenance``).
     """
 
     run: Callable[[np.ndarray], np.ndarray]
@@ -37,6 +39,8 @@ class Predictor:
     device: str
     threads: int | None
     size_bytes: int | None
+    fidelity: dict[str, Any] | None = None
+    engine: dict[str, str] | None = None
 
 
 def make_predictor(
@@ -112,6 +116,7 @@ def engine_predictor(engine: Engine, *, threads: int | None) -> Predictor:
             threads,
         )
     run = engine.run if fixed is None else _fixed_batch_runner(engine.run, fixed)
+    fidelity, provenance = engine_provenance(engine.metadata)
     return Predictor(
         run=run,
         source=str(engine.path),
@@ -122,7 +127,27 @@ def engine_predictor(engine: Engine, *, threads: int | None) -> Predictor:
         device=engine.device,
         threads=engine.threads,
         size_bytes=engine.size_bytes,
+        fidelity=fidelity,
+        engine=provenance,
     )
+
+
+def engine_provenance(
+    metadata: EngineMetadata,
+) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
+    """The build-time fidelity report and the kernel provenance recorded in engine metadata.
+
+    Returns ``(fidelity, engine)``: ``fidelity`` is ``metadata.fidelity`` (``None`` when empty,
+    i.e. no check was made); ``engine`` holds ``encoding`` (``build_options["encoding"]``) and
+    ``isa`` (``device["isa"]``) where recorded, ``None`` when neither is.
+    """
+    provenance: dict[str, str] = {}
+    for key, recorded in (("encoding", metadata.build_options), ("isa", metadata.device)):
+        value = recorded.get(key)
+        if value is not None and str(value):
+            provenance[key] = str(value)
+    fidelity = json_safe(dict(metadata.fidelity)) if metadata.fidelity else None
+    return fidelity, provenance or None
 
 
 def _fixed_batch_runner(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,11 @@ class EvaluationResult:
     ``predictions`` holds this model's top-1 class per evaluated image, in dataset order, so an
     FP32 result can serve as ``reference_predictions`` for the INT8 variants. ``agreement`` is
     the fraction of images where it matches that reference (``None`` without one).
+
+    ``fidelity`` is the engine's build-time check against its reference, the same QDQ model run
+    as float math (``qatflow.runtimes.fidelity.FidelityReport.to_dict()``), and ``engine`` the
+    kernels it was built for: ``encoding`` (``u8s8``/``u8u8``) and CPU ``isa``, where known.
+    Both are ``None`` for Keras models and engines that recorded nothing (older results too).
     """
 
     source: str
@@ -41,6 +47,8 @@ class EvaluationResult:
     agreement: float | None
     created_at: str
     predictions: np.ndarray = field(compare=False, repr=False)
+    fidelity: dict[str, Any] | None = None
+    engine: dict[str, str] | None = None
 
     @property
     def top1(self) -> float:
@@ -80,11 +88,16 @@ class EvaluationResult:
             "agreement": self.agreement,
             "created_at": self.created_at,
             "predictions": self.predictions.tolist(),
+            "fidelity": None if self.fidelity is None else json_safe(self.fidelity),
+            "engine": None if self.engine is None else dict(self.engine),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvaluationResult:
-        """Inverse of :meth:`to_dict`; raises ``DataError`` for anything else."""
+        """Inverse of :meth:`to_dict`; raises ``DataError`` for anything else.
+
+        Results written before ``fidelity``/``engine`` existed load with both ``None``.
+        """
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise DataError(f"not a {FORMAT} document")
         if data.get("version") != VERSION:
@@ -104,6 +117,8 @@ class EvaluationResult:
                 agreement=None if data["agreement"] is None else float(data["agreement"]),
                 created_at=str(data["created_at"]),
                 predictions=frozen_array(data["predictions"]),
+                fidelity=_optional_mapping(data.get("fidelity"), "fidelity"),
+                engine=_engine_provenance(data.get("engine")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"malformed {FORMAT}: {type(exc).__name__}: {exc}") from exc
@@ -130,3 +145,29 @@ def frozen_array(values: Any) -> np.ndarray:
     array = np.array(values, dtype=np.int64).reshape(-1)
     array.setflags(write=False)
     return array
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as strict-JSON data: NaN/Inf become ``None``, numpy scalars plain numbers."""
+    if isinstance(value, dict):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _optional_mapping(value: Any, key: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError(f"{key} must be an object or null, got {type(value).__name__}")
+    return dict(value)
+
+
+def _engine_provenance(value: Any) -> dict[str, str] | None:
+    mapping = _optional_mapping(value, "engine")
+    return None if mapping is None else {str(k): str(v) for k, v in mapping.items()}

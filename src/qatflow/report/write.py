@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from qatflow.comparison import Comparison, markdown_table
+from qatflow.comparison import (
+    FIDELITY_EXPLANATION,
+    NONE_MARK,
+    Comparison,
+    engine_cell,
+    fidelity_cell,
+    markdown_table,
+)
 from qatflow.errors import DataError, PipelineError
 from qatflow.evaluation import EvaluationResult
 from qatflow.report import plots
@@ -108,7 +115,13 @@ def _markdown(
         f"*Agree* is the share of test images whose top-1 class equals `{base}`'s. "
         f"*Speedup* is `{base}` p50 / variant p50 at batch 1. *Img/s* is throughput at "
         f"batch {throughput_batch}. Top-5 is n/a with five classes or fewer.",
+        f"*Fidelity*: {FIDELITY_EXPLANATION} (top-1 agreement, and the check's pass/FAIL); "
+        f"{NONE_MARK} where no check was recorded (Keras models, older engines). "
+        "*Encoding / ISA*: the integer weight encoding and the CPU instruction set the engine "
+        "was built for.",
     ]
+    if any(results[name].fidelity for name in comparison.variants):
+        parts += ["## Build-time fidelity", _fidelity(comparison, results)]
     for name in images:
         parts += [f"## {_PLOT_SECTIONS[name]}", f"![{_PLOT_SECTIONS[name]}]({_plot_ref(name)})"]
     for heading, body in extra_sections.items():
@@ -145,6 +158,54 @@ def _details(comparison: Comparison, results: Mapping[str, EvaluationResult]) ->
             ]
         )
     return markdown_table(headers, rows, numeric=False)
+
+
+def _fidelity(comparison: Comparison, results: Mapping[str, EvaluationResult]) -> str:
+    """Each engine's build-time check: verdict, agreement, error against tolerance, data."""
+    headers = (
+        "Variant",
+        "Fidelity",
+        "Decided agreement (%)",
+        "p99 abs error (tolerance)",
+        "Max abs error",
+        "Checked on",
+        "Encoding / ISA",
+    )
+    rows = [_fidelity_cells(name, results[name]) for name in comparison.variants]
+    note = (
+        f"{FIDELITY_EXPLANATION}. It passes when the p99 of the per-sample max absolute logit "
+        "error is within the tolerance (a share of the reference's output range) and top-1 "
+        "agreement reaches the minimum on the samples the reference decides by more than the "
+        "tolerance (*decided*)."
+    )
+    return note + "\n\n" + markdown_table(headers, rows, numeric=False)
+
+
+def _fidelity_cells(name: str, result: EvaluationResult) -> list[str]:
+    check = result.fidelity or {}
+    decided = _number(check.get("decided_agreement"), lambda v: f"{100 * v:.2f}")
+    if decided != NONE_MARK and check.get("decided_samples") is not None:
+        decided += f" of {check['decided_samples']}"
+    if decided != NONE_MARK:
+        decided += _number(check.get("min_agreement"), lambda v: f" (need {100 * v:.2f})", "")
+    p99 = _number(check.get("p99_abs_error"), "{:.4g}".format)
+    if p99 != NONE_MARK:
+        p99 += f" ({_number(check.get('tolerance'), '{:.4g}'.format)})"
+    return [
+        name,
+        fidelity_cell(result.fidelity),
+        decided,
+        p99,
+        _number(check.get("max_abs_error"), "{:.4g}".format),
+        str(check.get("data") or NONE_MARK),
+        engine_cell(result.engine),
+    ]
+
+
+def _number(value: object, fmt: Callable[[float], str], missing: str = NONE_MARK) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return missing
+    return fmt(float(value))
 
 
 def _plot_ref(name: str) -> str:

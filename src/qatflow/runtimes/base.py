@@ -330,29 +330,45 @@ def build_engine(
     runtime: RuntimeName = "onnxruntime",
     *,
     batch_profile: tuple[int, int, int] = (1, 8, 64),
+    fidelity_data: Any = None,
+    fidelity_samples: int = 256,
     **runtime_options: Any,
 ) -> Path:
-    """Build an engine for ``runtime`` from an ONNX file; return the engine path.
+    """Build an engine for ``runtime`` from an ONNX file, check it, and return the engine path.
 
-    ``onnxruntime`` options: ``threads``, ``execution_mode``, ``optimization_level``,
-    ``int8_rewrite``. ``tensorrt`` options: ``fp16``, ``workspace_bytes``,
-    ``builder_optimization_level``, ``timing_cache``, ``layer_info``. See docs/runtimes.md.
+    Every engine is checked against its reference (the same ONNX run as float math) on
+    ``fidelity_data`` (an array of inputs or an iterable of batches, at most
+    ``fidelity_samples`` samples; None: synthetic inputs over the input's quantization range)
+    before it is written; an engine that fails the check is an error (see
+    :mod:`qatflow.runtimes.fidelity`).
+
+    ``onnxruntime`` options: ``threads``, ``encoding``, ``execution_mode``,
+    ``optimization_level``, ``int8_rewrite``. ``tensorrt`` options: ``fp16``,
+    ``workspace_bytes``, ``builder_optimization_level``, ``timing_cache``, ``layer_info``.
+    See docs/runtimes.md.
     """
+    from qatflow.runtimes.fidelity import FidelityCheck
+
     if runtime not in RUNTIMES:
         raise RuntimeBackendError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
     source, output = Path(onnx_path), Path(output_path)
     if not source.is_file():
         raise RuntimeBackendError(f"ONNX file {source} does not exist")
     profile = validate_batch_profile(batch_profile)
+    if isinstance(fidelity_samples, bool) or not isinstance(fidelity_samples, int):
+        raise RuntimeBackendError(f"fidelity_samples must be an integer, got {fidelity_samples!r}")
+    if fidelity_samples < 1:
+        raise RuntimeBackendError(f"fidelity_samples must be at least 1, got {fidelity_samples}")
+    check = FidelityCheck(fidelity_data, fidelity_samples)
     if runtime == "onnxruntime":
         from qatflow.runtimes.onnxruntime_backend import OrtBuildOptions, build_ort_engine
 
         ort_options = options_from_kwargs(OrtBuildOptions, runtime, runtime_options)
-        return build_ort_engine(source, output, profile, ort_options)
+        return build_ort_engine(source, output, profile, ort_options, check)
     from qatflow.runtimes.tensorrt_backend import TensorRTBuildOptions, build_tensorrt_engine
 
     trt_options = options_from_kwargs(TensorRTBuildOptions, runtime, runtime_options)
-    return build_tensorrt_engine(source, output, profile, trt_options)
+    return build_tensorrt_engine(source, output, profile, trt_options, check)
 
 
 def load_engine(path: str | os.PathLike[str], *, threads: int | None = None) -> Engine:

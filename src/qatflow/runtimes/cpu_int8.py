@@ -152,9 +152,7 @@ def encode_weights(model: onnx.ModelProto, encoding: Encoding) -> int:
             continue
         data = numpy_helper.to_array(initializers[dq.input[0]])
         zero_name = dq.input[2] if len(dq.input) > 2 else ""
-        zero = (
-            numpy_helper.to_array(initializers[zero_name]) if zero_name in initializers else None
-        )
+        zero = numpy_helper.to_array(initializers[zero_name]) if zero_name in initializers else None
         if data.dtype != np.int8 or (zero_name and (zero is None or np.any(zero))):
             continue
         scale_name = dq.input[1]

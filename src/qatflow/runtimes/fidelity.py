@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from qatflow.errors import RuntimeBackendError
 from qatflow.runtimes.reference import run_optimized, run_reference
 
 DEFAULT_MIN_AGREEMENT = 0.999
@@ -148,13 +149,94 @@ def first_divergence(
     return None
 
 
+DEFAULT_SAMPLES = 256
+FidelityData = np.ndarray | Iterable[Any]
+
+
+def fidelity_batches(
+    model: onnx.ModelProto,
+    data: FidelityData | None,
+    *,
+    max_samples: int = DEFAULT_SAMPLES,
+    batch_size: int = 32,
+) -> tuple[list[np.ndarray], str]:
+    """Input batches to check an engine on, and a label saying where they came from.
+
+    ``data``: an array of inputs (first axis the samples), or an iterable of batches (arrays, or
+    ``(inputs, labels)`` tuples as a dataset yields); at most ``max_samples`` are used. Without
+    data, :func:`synthetic_batches` over the input's quantization range (see there).
+    """
+    if data is None:
+        low, high = input_range(model)
+        graph_input = _graph_input(model)
+        dims = [d.dim_value or None for d in graph_input.type.tensor_type.shape.dim]
+        batches = synthetic_batches(dims, low, high, samples=min(max_samples, 64))
+        return batches, f"synthetic: uniform and two-level inputs in [{low:.4g}, {high:.4g}]"
+    if isinstance(data, np.ndarray):
+        chunks: Iterable[Any] = (data[i : i + batch_size] for i in range(0, len(data), batch_size))
+    else:
+        chunks = data
+    batches: list[np.ndarray] = []
+    taken = 0
+    for item in chunks:
+        batch = np.asarray(item[0] if isinstance(item, tuple | list) else item, np.float32)
+        batch = batch[: max_samples - taken]
+        if len(batch):
+            batches.append(batch)
+            taken += len(batch)
+        if taken >= max_samples:
+            break
+    if not batches:
+        raise ValueError("the fidelity data holds no samples")
+    return batches, f"{taken} samples of the given data"
+
+
+@dataclass(frozen=True)
+class FidelityCheck:
+    """What ``build_engine`` checks an engine on: the data (see :func:`fidelity_batches`)."""
+
+    data: FidelityData | None = None
+    samples: int = DEFAULT_SAMPLES
+
+    def batches(self, model: onnx.ModelProto, source: object) -> tuple[list[np.ndarray], str]:
+        """:func:`fidelity_batches` for ``model``; bad data raises RuntimeBackendError."""
+        try:
+            return fidelity_batches(model, self.data, max_samples=self.samples)
+        except (ValueError, TypeError) as exc:
+            raise RuntimeBackendError(f"{source}: fidelity data: {exc}") from exc
+
+
+def _graph_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    initializers = {init.name for init in model.graph.initializer}
+    return next(i for i in model.graph.input if i.name not in initializers)
+
+
+def input_range(model: onnx.ModelProto) -> tuple[float, float]:
+    """The range a QuantizeLinear right after the input can represent, else ``(0, 1)``."""
+    from qatflow.onnx_graph import GraphIndex
+
+    index = GraphIndex(model.graph)
+    name = _graph_input(model).name
+    for node in index.consumers.get(name, []):
+        if node.op_type != "QuantizeLinear":
+            continue
+        scale = index.constant(node.input[1])
+        zero = index.constant(node.input[2]) if len(node.input) > 2 else np.zeros((), np.uint8)
+        if scale is None or zero is None or scale.size != 1 or zero.size != 1:
+            continue
+        info = np.iinfo(zero.dtype)
+        s, z = float(scale.reshape(())), int(zero.reshape(()))
+        return (info.min - z) * s, (info.max - z) * s
+    return 0.0, 1.0
+
+
 def synthetic_batches(
     input_shape: Sequence[int | None], low: float, high: float, *, samples: int = 64, seed: int = 0
 ) -> list[np.ndarray]:
     """The fallback when no data is given: half uniform in ``[low, high]``, half two-level
     (each value ``low`` or ``high``, the worst case for integer saturation)."""
     rng = np.random.default_rng(seed)
-    shape = [samples // 2, *(int(d or 1) for d in input_shape[1:])]
+    shape = [max(samples // 2, 1), *(int(d or 1) for d in input_shape[1:])]
     uniform = rng.uniform(low, high, shape).astype(np.float32)
     binary = np.where(rng.random(shape) < 0.5, low, high).astype(np.float32)
     return [uniform, binary]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import logging
 import platform
@@ -35,6 +36,21 @@ from qatflow.runtimes.base import (
     profile_shapes,
     sidecar_path,
     version_tuple,
+)
+from qatflow.runtimes.cpu_int8 import (
+    ENCODING_CHOICES,
+    Encoding,
+    EncodingChoice,
+    choose_encoding,
+    detect,
+    encode_weights,
+)
+from qatflow.runtimes.fidelity import (
+    FidelityCheck,
+    FidelityReport,
+    compare_outputs,
+    first_divergence,
+    reference_outputs,
 )
 from qatflow.storage import atomic_output
 
@@ -77,6 +93,8 @@ class OrtBuildOptions:
     """ONNX Runtime build options (``build_engine(..., runtime="onnxruntime", **options)``).
 
     threads: intra-op threads recorded as the engine's default (None: physical cores at load).
+    encoding: integer weight encoding, ``"auto"`` (the exact fast one on this CPU, see
+        :mod:`qatflow.runtimes.cpu_int8`), ``"u8s8"`` or ``"u8u8"``.
     execution_mode: ``"sequential"`` or ``"parallel"`` (inter-op parallelism of branches).
     optimization_level: ORT level baked into the saved model; ``"extended"`` (default) fuses
         QDQ pairs into integer kernels and stays portable; ``"all"`` adds layout transforms
@@ -85,6 +103,7 @@ class OrtBuildOptions:
     """
 
     threads: int | None = None
+    encoding: EncodingChoice = "auto"
     execution_mode: ExecutionMode = "sequential"
     optimization_level: OptimizationLevel = "extended"
     int8_rewrite: bool = True
@@ -92,6 +111,10 @@ class OrtBuildOptions:
     def __post_init__(self) -> None:
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise RuntimeBackendError(f"threads must be a positive integer, got {self.threads!r}")
+        if self.encoding not in ENCODING_CHOICES:
+            raise RuntimeBackendError(
+                f"encoding must be one of {list(ENCODING_CHOICES)}, got {self.encoding!r}"
+            )
         if self.execution_mode not in _MODES:
             raise RuntimeBackendError(
                 f"execution_mode must be one of {sorted(_MODES)}, got {self.execution_mode!r}"
@@ -106,21 +129,42 @@ class OrtBuildOptions:
 # --------------------------------------------------------------------------- graph passes
 
 
-def ort_graph_passes(model: onnx.ModelProto, *, int8_rewrite: bool) -> list[tuple[str, GraphPass]]:
+def ort_graph_passes(
+    model: onnx.ModelProto,
+    *,
+    int8_rewrite: bool,
+    encoding: Encoding = "u8s8",
+    requantize: str = "calibrated",
+    calibration: list[dict[str, np.ndarray]] | None = None,
+) -> list[tuple[str, GraphPass]]:
     """Ordered ONNX graph passes applied before ORT optimizes and saves the model.
 
-    Holds ``rewrite_for_ort_int8`` when ``int8_rewrite`` is on, the graph has QuantizeLinear
-    nodes and ``qatflow.runtimes.ort_int8`` is importable.
+    For a graph with QuantizeLinear nodes: ``rewrite_for_ort_int8`` (when ``int8_rewrite`` is on
+    and ``qatflow.runtimes.ort_int8`` is importable, with ``requantize`` and ``calibration``),
+    then the weight ``encoding`` (:func:`qatflow.runtimes.cpu_int8.encode_weights`).
     """
     passes: list[tuple[str, GraphPass]] = []
-    if int8_rewrite and has_qdq(model):
+    if not has_qdq(model):
+        return passes
+    if int8_rewrite:
         rewrite = _int8_rewrite_pass()
         if rewrite is not None:
-            passes.append((f"{_INT8_REWRITE_MODULE}.rewrite_for_ort_int8", rewrite))
+
+            def rewritten(graph: onnx.ModelProto) -> onnx.ModelProto:
+                return rewrite(graph, calibration=calibration, requantize=requantize)  # type: ignore[call-arg]
+
+            passes.append((f"{_INT8_REWRITE_MODULE}.rewrite_for_ort_int8", rewritten))
+    if encoding != "u8s8":
+
+        def encoded(graph: onnx.ModelProto) -> onnx.ModelProto:
+            encode_weights(graph, encoding)
+            return graph
+
+        passes.append((f"qatflow.runtimes.cpu_int8.encode_weights({encoding})", encoded))
     return passes
 
 
-def _int8_rewrite_pass() -> GraphPass | None:
+def _int8_rewrite_pass() -> Callable[..., onnx.ModelProto] | None:
     try:
         from qatflow.runtimes.ort_int8 import rewrite_for_ort_int8
     except ModuleNotFoundError as exc:
@@ -128,8 +172,7 @@ def _int8_rewrite_pass() -> GraphPass | None:
             raise
         logger.info("%s is not available; QDQ graph left as exported", _INT8_REWRITE_MODULE)
         return None
-    rewrite: GraphPass = rewrite_for_ort_int8
-    return rewrite
+    return rewrite_for_ort_int8
 
 
 def _apply_passes(
@@ -181,34 +224,57 @@ def read_ort_metadata(model: onnx.ModelProto, path: Path) -> EngineMetadata | No
 
 
 def build_ort_engine(
-    source: Path, output: Path, batch_profile: BatchProfile, options: OrtBuildOptions
+    source: Path,
+    output: Path,
+    batch_profile: BatchProfile,
+    options: OrtBuildOptions,
+    check: FidelityCheck,
 ) -> Path:
-    """Optimize ``source`` offline with ONNX Runtime and save it, with metadata, at ``output``."""
+    """Optimize ``source`` offline with ONNX Runtime, check it against its reference and save it.
+
+    ``check`` says which inputs the engine is compared with its reference on.
+    When the engine fails the check and the int8 rewrite added requantization points, it is
+    rebuilt once with ``requantize="none"`` (those tensors stay float); if it still fails,
+    nothing is written and the error names the first diverging tensor.
+    """
     import onnxruntime as ort
 
     model = _read_onnx(source)
     input_name, dims, output_name = onnx_io(model, source)
     profile_shapes(input_name, dims, batch_profile, source)
-    passes = ort_graph_passes(model, int8_rewrite=options.int8_rewrite)
-    model = _apply_passes(model, passes, source)
-    with tempfile.TemporaryDirectory(prefix="qatflow-ort-") as tmp:
-        prepared = source
-        if passes:
-            prepared = Path(tmp) / "prepared.onnx"
-            onnx.save(model, prepared)
-        optimized_path = Path(tmp) / "optimized.onnx"
-        session_options = _session_options(
-            options.threads or physical_cores(), options.execution_mode, options.optimization_level
+    quantized = has_qdq(model)
+    encoding = choose_encoding(options.encoding) if quantized else None
+    batches, data_label = check.batches(model, source)
+    inputs = np.concatenate(batches)
+    # With data the engine is compared with the source model; synthetic inputs (no data) are
+    # out of distribution, so they check the kernels only: engine vs the prepared graph.
+    reference = None if check.data is None else _outputs(model, inputs, input_name, output_name)
+    calibration = None if check.data is None else [{input_name: b} for b in batches]
+    threads = options.threads or physical_cores()
+    attempts = ["calibrated", "none"] if quantized and options.int8_rewrite else ["calibrated"]
+    for requantize in attempts:
+        passes = ort_graph_passes(
+            model,
+            int8_rewrite=options.int8_rewrite,
+            encoding=encoding or "u8s8",
+            requantize=requantize,
+            calibration=calibration,
         )
-        session_options.optimized_model_filepath = str(optimized_path)
-        try:
-            ort.InferenceSession(str(prepared), session_options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            after = f" (after graph passes {[name for name, _ in passes]})" if passes else ""
-            raise RuntimeBackendError(
-                f"{source}: ONNX Runtime {ort.__version__} cannot optimize this model{after}: {exc}"
-            ) from exc
-        optimized = onnx.load(optimized_path)
+        prepared = _apply_passes(model, passes, source)
+        optimized = _optimize(prepared, source, passes, threads, options)
+        expected = (
+            reference
+            if reference is not None
+            else _outputs(prepared, inputs, input_name, output_name)
+        )
+        got = _outputs(optimized, inputs, input_name, output_name, threads, options.execution_mode)
+        report = compare_outputs(expected, got, data=data_label)
+        if report.passed:
+            break
+        logger.warning("%s: %s (requantize=%s)", source, report.summary(), requantize)
+    else:
+        raise _fidelity_error(source, prepared, input_name, inputs, report, encoding)
+    logger.info("%s: %s", source, report.summary())
     ops = collections.Counter(node.op_type for node in optimized.graph.node)
     metadata = EngineMetadata(
         runtime="onnxruntime",
@@ -221,9 +287,13 @@ def build_ort_engine(
         batch_profile=batch_profile,
         build_options={
             **dataclasses.asdict(options),
+            "encoding": encoding,
+            "requantize": requantize if quantized and options.int8_rewrite else None,
             "graph_passes": [name for name, _ in passes],
             "optimized_ops": dict(sorted(ops.items())),
         },
+        device=detect().to_dict(),
+        fidelity=report.to_dict(),
     )
     write_ort_metadata(optimized, metadata)
     with atomic_output(output) as tmp_output:
@@ -231,6 +301,84 @@ def build_ort_engine(
         _check_plain_session(tmp_output, output)
     logger.info("ONNX Runtime engine %s built from %s (ops %s)", output, source, dict(ops))
     return output
+
+
+def _outputs(
+    model: onnx.ModelProto,
+    inputs: np.ndarray,
+    input_name: str,
+    output_name: str,
+    threads: int | None = None,
+    execution_mode: str = "sequential",
+) -> np.ndarray:
+    """``output_name`` of ``model`` on ``inputs``, in batches of 32: as float math (the
+    reference) without ``threads``, else in a session as ``load_ort_engine`` opens one."""
+    if threads is None:
+        run = functools.partial(reference_outputs, model, input_name)
+    else:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(
+            model.SerializeToString(),
+            _session_options(threads, execution_mode, "all"),
+            providers=["CPUExecutionProvider"],
+        )
+        run = lambda batch: session.run([output_name], {input_name: batch})[0]  # noqa: E731
+    return np.concatenate([run(inputs[i : i + 32]) for i in range(0, len(inputs), 32)])
+
+
+def _optimize(
+    prepared: onnx.ModelProto,
+    source: Path,
+    passes: list[tuple[str, GraphPass]],
+    threads: int,
+    options: OrtBuildOptions,
+) -> onnx.ModelProto:
+    """ORT's offline optimization of ``prepared`` at ``options.optimization_level``."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="qatflow-ort-") as tmp:
+        prepared_path = Path(tmp) / "prepared.onnx"
+        onnx.save(prepared, prepared_path)
+        optimized_path = Path(tmp) / "optimized.onnx"
+        session_options = _session_options(
+            threads, options.execution_mode, options.optimization_level
+        )
+        session_options.optimized_model_filepath = str(optimized_path)
+        try:
+            ort.InferenceSession(
+                str(prepared_path), session_options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            after = f" (after graph passes {[name for name, _ in passes]})" if passes else ""
+            raise RuntimeBackendError(
+                f"{source}: ONNX Runtime {ort.__version__} cannot optimize this model{after}: {exc}"
+            ) from exc
+        return onnx.load(optimized_path)
+
+
+def _fidelity_error(
+    source: Path,
+    prepared: onnx.ModelProto,
+    input_name: str,
+    inputs: np.ndarray,
+    report: FidelityReport,
+    encoding: str | None,
+) -> RuntimeBackendError:
+    isa = detect().isa
+    divergence = first_divergence(prepared, input_name, inputs[:32])
+    where = (
+        f"first diverging tensor {divergence[0]!r} ({divergence[1]:.1%} of its values differ "
+        "between the integer kernels and float math)"
+        if divergence
+        else "no quantized tensor diverges between integer kernels and float math, so the "
+        "graph passes themselves moved the result"
+    )
+    return RuntimeBackendError(
+        f"{source}: the ONNX Runtime engine (encoding {encoding}, CPU {isa}) disagrees with its "
+        f"reference, the same QDQ model run as float math: {report.summary()}; {where}. "
+        "No engine was written. Try --encoding u8u8, or report the model."
+    )
 
 
 def _check_plain_session(path: Path, final: Path) -> None:
@@ -340,6 +488,7 @@ def load_ort_engine(path: Path, *, threads: int | None = None) -> OnnxRuntimeEng
                 metadata.runtime_version,
                 ort.__version__,
             )
+    check_encoding_exact(path, metadata)
     options = metadata.build_options
     chosen = threads or options.get("threads") or physical_cores()
     session_options = _session_options(chosen, options.get("execution_mode", "sequential"), "all")
@@ -354,6 +503,22 @@ def load_ort_engine(path: Path, *, threads: int | None = None) -> OnnxRuntimeEng
             f"{built}): {exc}"
         ) from exc
     return OnnxRuntimeEngine(path, metadata, session, chosen)
+
+
+def check_encoding_exact(path: Path, metadata: EngineMetadata) -> None:
+    """Refuse an engine whose integer encoding this CPU's ORT kernels do not compute exactly."""
+    encoding = metadata.build_options.get("encoding")
+    here = detect()
+    if not encoding or encoding in here.exact:
+        return
+    built = metadata.device.get("isa", "an unknown CPU")
+    raise RuntimeBackendError(
+        f"{path}: this engine stores {encoding} integer weights, exact on the CPU it was built "
+        f"on ({built}), but ONNX Runtime's {encoding} kernels saturate on this CPU "
+        f"({here.isa}; exact here: {', '.join(here.exact) or 'none'}), so its results would be "
+        f"wrong. Rebuild it on this machine: qatflow build-engine {metadata.source_onnx} "
+        f"--output {path} --encoding auto"
+    )
 
 
 def _plain_model_metadata(model: onnx.ModelProto, path: Path) -> EngineMetadata:
@@ -376,6 +541,7 @@ __all__ = [
     "OnnxRuntimeEngine",
     "OrtBuildOptions",
     "build_ort_engine",
+    "check_encoding_exact",
     "load_ort_engine",
     "ort_graph_passes",
     "read_ort_metadata",

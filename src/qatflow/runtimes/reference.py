@@ -46,8 +46,7 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
             for info in (*inferred.graph.value_info, *inferred.graph.input)
         }
         probe.graph.output.extend(
-            helper.make_tensor_value_info(n, types.get(n, TensorProto.FLOAT), None)
-            for n in missing
+            helper.make_tensor_value_info(n, types.get(n, TensorProto.FLOAT), None) for n in missing
         )
     return probe
 

@@ -7,6 +7,10 @@ version), so it is unit-tested without TensorRT:
   quantization; no calibrator), ``BuilderFlag.FP16`` on request for the float layers.
 * TensorRT 11 is strongly typed only: no precision flags; FP16 float layers come from
   converting the ONNX to mixed precision (Q/DQ kept in FP32) before parsing.
+
+Before anything is written, the built plan is deserialized and run on the fidelity data
+(:mod:`qatflow.runtimes.fidelity`) and its outputs are compared with the source ONNX run as
+float math; an engine that fails the check is an error and leaves no files behind.
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx
 
 from qatflow.errors import RuntimeBackendError
 from qatflow.runtimes.base import (
     BatchProfile,
+    Engine,
     EngineMetadata,
+    check_batch,
     engine_input_shape,
     file_sha256,
     has_qdq,
@@ -36,6 +43,8 @@ from qatflow.runtimes.base import (
     sidecar_path,
     version_tuple,
 )
+from qatflow.runtimes.fidelity import FidelityCheck, FidelityReport, collect, compare_outputs
+from qatflow.runtimes.fidelity import reference_outputs as reference_outputs
 from qatflow.storage import atomic_output
 
 if TYPE_CHECKING:
@@ -90,6 +99,9 @@ class BuildPlan:
     builder_flags: tuple[str, ...]
     fp16_onnx_conversion: bool
     notes: tuple[str, ...]
+    # The precisions the plan allows besides FP32: "int8" (Q/DQ layers), "fp16" (float
+    # layers), both ("int8+fp16"), or "fp32" for neither.
+    precision: str = "fp32"
 
 
 def plan_build(trt_version: str, has_qdq: bool, fp16: bool) -> BuildPlan:
@@ -101,6 +113,7 @@ def plan_build(trt_version: str, has_qdq: bool, fp16: bool) -> BuildPlan:
             f"{' or '.join(str(m) for m in SUPPORTED_MAJORS)}"
         )
     notes: list[str] = []
+    precision = "+".join(p for p, used in (("int8", has_qdq), ("fp16", fp16)) if used) or "fp32"
     if major == 10:
         flags: list[str] = []
         notes.append("TensorRT 10: weakly typed network")
@@ -112,12 +125,14 @@ def plan_build(trt_version: str, has_qdq: bool, fp16: bool) -> BuildPlan:
         if fp16:
             flags.append("FP16")
             notes.append("FP16 flag set: layers outside Q/DQ may run in FP16")
-        return BuildPlan(trt_version, major, False, tuple(flags), False, tuple(notes))
+        return BuildPlan(
+            trt_version, major, False, tuple(flags), False, tuple(notes), precision
+        )
     notes.append("TensorRT 11: strongly typed network; precision comes from the graph")
     notes.append("Q/DQ layers run in INT8" if has_qdq else "no Q/DQ: no INT8 layers")
     if fp16:
         notes.append("FP16: ONNX converted to mixed precision, Q/DQ and graph I/O kept FP32")
-    return BuildPlan(trt_version, major, True, (), fp16, tuple(notes))
+    return BuildPlan(trt_version, major, True, (), fp16, tuple(notes), precision)
 
 
 def network_flags(trt: ModuleType, plan: BuildPlan) -> int:
@@ -255,20 +270,43 @@ class _Stopwatch:
 
 
 def build_tensorrt_engine(
-    source: Path, output: Path, batch_profile: BatchProfile, options: TensorRTBuildOptions
+    source: Path,
+    output: Path,
+    batch_profile: BatchProfile,
+    options: TensorRTBuildOptions,
+    check: FidelityCheck,
 ) -> Path:
-    """Build a TensorRT plan from ``source``; write it, its sidecar and its build log."""
+    """Build a TensorRT plan from ``source``, check it against its reference, then write it.
+
+    The plan is deserialized and run (pycuda, within ``batch_profile``) on the inputs of
+    ``check``; its outputs are compared with ``source`` itself run as float math (not with the
+    FP16-converted ONNX of a TensorRT 11 FP16 build). The report goes into the sidecar and the
+    build log. An engine that fails the check raises RuntimeBackendError and nothing (plan,
+    sidecar, build log, timing cache) is written.
+    """
+    # Imported here: tensorrt_inference imports this module.
+    from qatflow.runtimes.tensorrt_inference import (
+        TensorRTEngine,
+        deserialize_plan,
+        import_pycuda,
+    )
+
     trt = import_tensorrt()
+    # Checked before the (long) build: the fidelity check runs the plan through pycuda.
+    cuda = import_pycuda(source, "checking a TensorRT engine against its reference")
     started = time.perf_counter()
     clock = _Stopwatch()
-    model = onnx.load(source)
-    input_name, dims, output_name = onnx_io(model, source)
+    source_model = onnx.load(source)
+    input_name, dims, output_name = onnx_io(source_model, source)
     shapes = profile_shapes(input_name, dims, batch_profile, source)
-    plan = plan_build(str(trt.__version__), has_qdq(model), options.fp16)
+    plan = plan_build(str(trt.__version__), has_qdq(source_model), options.fp16)
     logger.info("TensorRT build plan for %s: %s", source, "; ".join(plan.notes))
+    with clock.phase("reference"):
+        inputs, expected, data_label = _reference(source_model, source, input_name, dims, check)
+    model = source_model
     if plan.fp16_onnx_conversion:
         with clock.phase("fp16_conversion"):
-            model = convert_to_mixed_fp16(model)
+            model = convert_to_mixed_fp16(source_model)
     messages: list[str] = []
     trt_logger = _make_logger(trt, messages)
     builder: trt_t.Builder = trt.Builder(trt_logger)
@@ -284,8 +322,9 @@ def build_tensorrt_engine(
         detail = "; ".join(messages[-5:]) or "no message from TensorRT"
         raise RuntimeBackendError(f"{source}: TensorRT could not build an engine: {detail}")
     plan_bytes = bytes(serialized)
+    engine = deserialize_plan(trt, trt_logger, plan_bytes, source)
     with clock.phase("inspect"):
-        layers, layer_error = _layer_info(trt, trt_logger, plan_bytes, options.layer_info)
+        layers, layer_error = _layer_info(trt, engine, options.layer_info)
     gpu = gpu_info()
     metadata = EngineMetadata(
         runtime="tensorrt",
@@ -299,6 +338,21 @@ def build_tensorrt_engine(
         build_options=_options_dict(options, cache_path),
         device=gpu,
     )
+    with clock.phase("fidelity"):
+        runner = TensorRTEngine(
+            output,
+            metadata,
+            trt=trt,
+            cuda=cuda,
+            engine=engine,
+            device_name=str(gpu.get("name", "cuda:0")),
+        )
+        report = _check_fidelity(runner, source, inputs, expected, data_label)
+        del runner, engine  # release the check's device buffers and execution context
+    if not report.passed:
+        raise fidelity_error(source, plan, report)
+    logger.info("%s: TensorRT %s", source, report.summary())
+    metadata = dataclasses.replace(metadata, fidelity=report.to_dict())
     clock.timings["total"] = round(time.perf_counter() - started, 3)
     log = {
         "format": BUILD_LOG_FORMAT,
@@ -319,6 +373,7 @@ def build_tensorrt_engine(
             "loaded": cache_loaded,
             "saved": cache_path is not None,
         },
+        "fidelity": metadata.fidelity,
         "timings_s": clock.timings,
         "messages": messages,
         "layers": layers,
@@ -329,6 +384,55 @@ def build_tensorrt_engine(
         "TensorRT engine %s built from %s in %.1f s", output, source, clock.timings["total"]
     )
     return output
+
+
+def _reference(
+    model: onnx.ModelProto,
+    source: Path,
+    input_name: str,
+    dims: tuple[int | str | None, ...],
+    check: FidelityCheck,
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """The check's inputs, the outputs of ``model`` (the source ONNX) on them, the data label."""
+    batches, data_label = check.batches(model, source)
+    shape = engine_input_shape(dims)
+
+    def reference(batch: np.ndarray) -> np.ndarray:
+        try:
+            check_batch(batch, input_name, shape)
+        except RuntimeBackendError as exc:
+            raise RuntimeBackendError(f"{source}: fidelity data: {exc}") from exc
+        return reference_outputs(model, input_name, batch)
+
+    inputs, expected = collect(batches, reference)
+    return inputs, expected, data_label
+
+
+def _check_fidelity(
+    engine: Engine, source: Path, inputs: np.ndarray, expected: np.ndarray, data_label: str
+) -> FidelityReport:
+    """Run ``engine`` on ``inputs`` (split to its profile) and score it against ``expected``."""
+    try:
+        got = engine.run(inputs)
+        return compare_outputs(expected, got, data=data_label)
+    except (RuntimeBackendError, ValueError) as exc:
+        raise RuntimeBackendError(
+            f"{source}: cannot check the built TensorRT engine against its reference: {exc}"
+        ) from exc
+
+
+def fidelity_error(source: Path, plan: BuildPlan, report: FidelityReport) -> RuntimeBackendError:
+    """The error for an engine that failed its fidelity check (nothing has been written)."""
+    hint = (
+        " Try fp16=False (FP16 float layers lose precision), or report the model."
+        if "fp16" in plan.precision
+        else " Report the model with its build log messages."
+    )
+    return RuntimeBackendError(
+        f"{source}: the TensorRT {plan.trt_version} engine (precision {plan.precision}) "
+        f"disagrees with its reference, the source ONNX run as float math on ONNX Runtime: "
+        f"{report.summary()}. No engine was written.{hint}"
+    )
 
 
 def _configure(
@@ -388,14 +492,12 @@ def _attach_timing_cache(config: trt_t.IBuilderConfig, path: Path | None) -> boo
 
 
 def _layer_info(
-    trt: ModuleType, trt_logger: trt_t.ILogger, plan_bytes: bytes, wanted: bool
+    trt: ModuleType, engine: trt_t.ICudaEngine, wanted: bool
 ) -> tuple[Any, str | None]:
     """Per-layer engine information from the engine inspector, or the reason it is missing."""
     if not wanted:
         return None, "layer_info=False"
     try:
-        runtime: trt_t.Runtime = trt.Runtime(trt_logger)
-        engine: trt_t.ICudaEngine = runtime.deserialize_cuda_engine(plan_bytes)
         inspector = engine.create_engine_inspector()
         text = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
         return json.loads(text), None
