@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from qatflow.comparison import Comparison, compare
+from qatflow.comparison import FIDELITY_EXPLANATION, NONE_MARK, Comparison, compare
 from qatflow.errors import DataError, PipelineError
 from qatflow.evaluation import (
     ClassificationMetrics,
@@ -32,6 +33,8 @@ def make_result(
     runtime: str = "onnxruntime",
     threads: int | None = 2,
     num_classes: int = 6,
+    fidelity: dict[str, Any] | None = None,
+    engine: dict[str, str] | None = None,
 ) -> EvaluationResult:
     """A result as ``evaluate`` would build it from these top-1 predictions and timings."""
     top1 = np.asarray(predictions)
@@ -54,7 +57,28 @@ def make_result(
         agreement=None,
         created_at="2026-01-01T00:00:00+00:00",
         predictions=frozen_array(top1),
+        fidelity=fidelity,
+        engine=engine,
     )
+
+
+def fidelity_report(agreement: float = 0.999, *, passed: bool = True) -> dict[str, Any]:
+    """A ``FidelityReport.to_dict()`` as an engine's build-time check records it."""
+    return {
+        "samples": 1000,
+        "agreement": agreement,
+        "decided_samples": 980,
+        "decided_agreement": 1.0 if passed else agreement,
+        "max_abs_error": 0.02 if passed else 3.5,
+        "p99_abs_error": 0.0125 if passed else 2.25,
+        "output_range": 20.0,
+        "tolerance": 1.0,
+        "min_agreement": 0.999,
+        "data": "calibration images (64)",
+        "passed": passed,
+        "diverging_tensor": None if passed else "conv1/quant:0",
+        "details": {},
+    }
 
 
 FP32 = [0, 0, 1, 1, 2, 2, 3, 3, 4, 0]  # 9/10 correct
@@ -149,27 +173,80 @@ def test_markdown_and_text_views(results: dict[str, EvaluationResult]) -> None:
     markdown = comparison.to_markdown()
     lines = markdown.splitlines()
     assert lines[0] == (
-        "| Variant | Top-1 (%) | Top-5 (%) | Delta top-1 (pts) | Agree (%) | p50 (ms) | p99 (ms) "
-        "| Speedup | Img/s | Size (MB) |"
+        "| Variant | Top-1 (%) | Top-5 (%) | Delta top-1 (pts) | Agree (%) | Fidelity | p50 (ms) "
+        "| p99 (ms) | Speedup | Img/s | Size (MB) | Encoding / ISA |"
     )
     assert lines[1].startswith("|---|---:|")
     assert lines[2] == (
-        "| fp32 | 90.00 | 90.00 | baseline | baseline | 2.000 | 3.940 | baseline | 50.0 | 4.000 |"
+        f"| fp32 | 90.00 | 90.00 | baseline | baseline | {NONE_MARK} | 2.000 | 3.940 | baseline "
+        f"| 50.0 | 4.000 | {NONE_MARK} |"
     )
-    assert lines[3].startswith("| qat_int8 | 100.00 | 100.00 | +10.00 | 90.00 | 1.000 |")
-    assert lines[4].startswith("| ptq_int8 | 70.00 | 80.00 | -20.00 | 80.00 | 2.000 |")
-    assert lines[4].endswith("| 1.00x | 100.0 | n/a |")
+    assert lines[3].startswith(f"| qat_int8 | 100.00 | 100.00 | +10.00 | 90.00 | {NONE_MARK} |")
+    assert lines[4].startswith(f"| ptq_int8 | 70.00 | 80.00 | -20.00 | 80.00 | {NONE_MARK} |")
+    assert lines[4].endswith(f"| 1.00x | 100.0 | n/a | {NONE_MARK} |")
     assert "- Speed numbers are not like for like: runtime differs" in markdown
 
     text = comparison.to_text().splitlines()
     assert text[0].split()[0] == "Variant"
     assert set(text[1]) <= {"-", " "}
     assert text[2].split() == [
-        "fp32", "90.00", "90.00", "baseline", "baseline", "2.000", "3.940", "baseline",
-        "50.0", "4.000",
+        "fp32", "90.00", "90.00", "baseline", "baseline", NONE_MARK, "2.000", "3.940",
+        "baseline", "50.0", "4.000", NONE_MARK,
     ]  # fmt: skip
     assert len({len(line) for line in text[:2]}) == 1  # header and rule aligned
     assert text[-1].startswith("note: Speed numbers are not like for like")
+
+
+def test_fidelity_and_engine_columns(results: dict[str, EvaluationResult]) -> None:
+    results["qat_int8"] = make_result(
+        QAT,
+        fidelity=fidelity_report(0.999),
+        engine={"encoding": "u8s8", "isa": "avx512_vnni"},
+    )
+    results["ptq_int8"] = make_result(
+        PTQ,
+        fidelity=fidelity_report(0.6125, passed=False),
+        engine={"encoding": "u8s8", "isa": "avx2 (no VNNI)"},
+    )
+    results["fp32"] = make_result(FP32, engine={"isa": "avx512_vnni"})  # float: no encoding
+    comparison = compare(results)
+    fp32, qat, ptq = comparison.rows
+    assert fp32.fidelity is None and fp32.fidelity_passed is None
+    assert fp32.engine == {"isa": "avx512_vnni"}
+    assert qat.fidelity == fidelity_report(0.999) and qat.fidelity_passed is True
+    assert ptq.fidelity_passed is False
+    assert ptq.engine == {"encoding": "u8s8", "isa": "avx2 (no VNNI)"}
+
+    headers, cells = comparison.table()
+    fidelity = headers.index("Fidelity")
+    engine = headers.index("Encoding / ISA")
+    assert [row[fidelity] for row in cells] == [NONE_MARK, "99.90% pass", "61.25% FAIL"]
+    assert [row[engine] for row in cells] == [
+        "avx512_vnni",
+        "u8s8 / avx512_vnni",
+        "u8s8 / avx2 (no VNNI)",
+    ]
+    markdown = comparison.to_markdown()
+    assert "| 90.00 | 99.90% pass | 2.000 |" in markdown
+    assert markdown.splitlines()[3].endswith("| u8s8 / avx512_vnni |")
+    assert "99.90% pass" in comparison.to_text()
+
+    # A failed check is called out: that variant's accuracy measures the kernels.
+    (note,) = comparison.notes
+    assert note.startswith("ptq_int8: the engine FAILED its build-time fidelity check")
+    assert "61.25% top-1 agreement" in note and "calibration images (64)" in note
+    assert f"- {note}" in markdown
+    assert "QDQ model run as float math" in FIDELITY_EXPLANATION
+
+
+def test_fidelity_without_agreement_still_shows_the_verdict(
+    results: dict[str, EvaluationResult],
+) -> None:
+    results["qat_int8"] = make_result(QAT, fidelity={"passed": False})
+    comparison = compare(results)
+    headers, cells = comparison.table()
+    assert cells[1][headers.index("Fidelity")] == "FAIL"
+    assert "(no top-1 agreement" in comparison.notes[0]
 
 
 def test_top5_not_applicable_is_shown_as_na() -> None:
@@ -188,6 +265,29 @@ def test_json_round_trip(results: dict[str, EvaluationResult], tmp_path: Path) -
     assert [row["variant"] for row in data["rows"]] == ["fp32", "qat_int8", "ptq_int8"]
     assert Comparison.load_json(path) == comparison
     assert Comparison.from_dict(comparison.to_dict()) == comparison
+    assert data["rows"][0]["fidelity"] is None and data["rows"][0]["engine"] is None
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(DataError, match=r"bad\.json"):
         Comparison.load_json(tmp_path / "bad.json")
+
+
+def test_json_round_trip_with_fidelity_and_old_rows(
+    results: dict[str, EvaluationResult], tmp_path: Path
+) -> None:
+    results["qat_int8"] = make_result(
+        QAT, fidelity=fidelity_report(), engine={"encoding": "u8u8", "isa": "avx2 (no VNNI)"}
+    )
+    comparison = compare(results)
+    path = comparison.save_json(tmp_path / "comparison.json")
+    data = json.loads(path.read_text())
+    assert data["rows"][1]["fidelity"]["passed"] is True
+    assert data["rows"][1]["engine"] == {"encoding": "u8u8", "isa": "avx2 (no VNNI)"}
+    loaded = Comparison.load_json(path)
+    assert loaded == comparison
+    assert loaded.row("qat_int8").fidelity == fidelity_report()
+    # A comparison.json written before these fields existed still loads.
+    for row in data["rows"]:
+        del row["fidelity"], row["engine"]
+    old = Comparison.from_dict(data)
+    assert old.row("qat_int8").fidelity is None and old.row("qat_int8").engine is None
+    assert NONE_MARK in old.table()[1][1]

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import tensorflow as tf
 import tf2onnx
+from tests.test_comparison import fidelity_report
 
 from qatflow.data import DatasetBundle, load_dataset
 from qatflow.errors import DataError, ModelError, PipelineError, StorageError
 from qatflow.evaluation import ClassificationMetrics, EvaluationResult, evaluate
 from qatflow.evaluation.metrics import agreement, confusion_matrix, top_k_indices
 from qatflow.runtimes import build_engine, load_engine
+from qatflow.runtimes.cpu_int8 import detect
+from qatflow.runtimes.onnxruntime_backend import write_ort_metadata
 
 SHAPE = (8, 8, 1)
 CLASSES = 7
@@ -147,6 +154,7 @@ def test_keras_model_metrics_latency_and_predictions(
     assert result.throughput.iterations == 1  # latency_iterations // 10, at least 1
     assert result.throughput.images_per_second > 0
     assert result.size_bytes is None and result.agreement is None
+    assert result.fidelity is None and result.engine is None  # no engine, no build-time check
 
 
 def test_keras_model_file_size_is_reported(
@@ -179,6 +187,11 @@ def test_onnx_runtime_engine_agrees_with_keras_reference(
     assert result.size_bytes == engine_path.stat().st_size
     assert result.source == str(engine_path)
     assert result.throughput.iterations == 3 and result.throughput.warmup == 1
+    # The engine's build-time fidelity check and kernel record travel into the result.
+    metadata = load_engine(engine_path).metadata
+    assert metadata.fidelity and result.fidelity == metadata.fidelity
+    assert result.fidelity["passed"] is True and result.fidelity["agreement"] == 1.0
+    assert result.engine == {"isa": metadata.device["isa"]}  # float model: no int encoding
 
 
 def test_engine_path_is_loaded_with_the_requested_threads(
@@ -226,6 +239,65 @@ def test_plain_numpy_batches_and_small_dataset_tiles_throughput_batch(
     assert result.throughput.warmup == 0
 
 
+def _engine_with_metadata(model: keras.Model, folder: Path, **fields: Any) -> Path:
+    """The tiny model as an ORT engine whose qatflow metadata carries ``fields``."""
+    plain = _export(model, folder / "plain.onnx")
+    metadata = dataclasses.replace(
+        load_engine(plain).metadata, runtime_version=ort.__version__, **fields
+    )
+    proto = onnx.load(plain)
+    write_ort_metadata(proto, metadata)
+    path = folder / "checked.ort.onnx"
+    onnx.save(proto, path)
+    return path
+
+
+def test_engine_fidelity_and_kernel_record_reach_the_result(
+    model: keras.Model,
+    data: tuple[np.ndarray, np.ndarray],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    encoding = detect().best_encoding()  # one this CPU runs exactly, so the engine loads
+    failed = {**fidelity_report(0.6125, passed=False), "max_abs_error": math.nan}
+    path = _engine_with_metadata(
+        model,
+        tmp_path,
+        build_options={"threads": 1, "encoding": encoding},
+        device={"isa": "avx2 (no VNNI)", "flags": ["avx2"], "exact_encodings": ["u8u8"]},
+        fidelity=failed,
+    )
+    with caplog.at_level(logging.WARNING, logger="qatflow.evaluation"):
+        result = evaluate(str(path), _dataset(*data), max_batches=1, **FAST)
+    assert result.engine == {"encoding": encoding, "isa": "avx2 (no VNNI)"}
+    assert result.fidelity is not None
+    assert result.fidelity["passed"] is False and result.fidelity["agreement"] == 0.6125
+    assert result.fidelity["diverging_tensor"] == "conv1/quant:0"
+    assert result.fidelity["max_abs_error"] is None  # NaN is kept out of strict JSON
+    assert {k: v for k, v in result.fidelity.items() if k != "max_abs_error"} == {
+        k: v for k, v in failed.items() if k != "max_abs_error"
+    }
+    assert any("failed its build-time fidelity check" in r.getMessage() for r in caplog.records)
+    assert "61.25%" in caplog.text
+
+    saved = result.save(tmp_path / "qat_int8.json")
+    json.loads(saved.read_text(), parse_constant=lambda c: pytest.fail(f"constant {c}"))
+    loaded = EvaluationResult.load(saved)
+    assert loaded == result
+    assert loaded.fidelity == result.fidelity and loaded.engine == result.engine
+    assert loaded.to_dict() == result.to_dict()
+
+
+def test_engine_without_fidelity_or_kernel_record(
+    model: keras.Model, data: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    plain = _export(model, tmp_path / "plain.onnx")  # no qatflow metadata at all
+    result = evaluate(str(plain), _dataset(*data), max_batches=1, **FAST)
+    assert result.runtime == "onnxruntime"
+    assert result.fidelity is None and result.engine is None
+    assert EvaluationResult.from_dict(result.to_dict()) == result
+
+
 # --- JSON --------------------------------------------------------------------------------------
 
 
@@ -246,6 +318,28 @@ def test_json_round_trip_is_lossless_and_strict(
     assert loaded.to_dict() == result.to_dict()
     assert np.array_equal(loaded.predictions, result.predictions)
     assert loaded.latency.p99_ms == result.latency.p99_ms
+    assert loaded.fidelity is None and loaded.engine is None
+    assert json.loads(text)["fidelity"] is None and json.loads(text)["engine"] is None
+
+
+def test_results_written_before_fidelity_existed_still_load(
+    model: keras.Model, data: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    result = dataclasses.replace(
+        evaluate(model, _dataset(*data), max_batches=1, **FAST),
+        fidelity=fidelity_report(),
+        engine={"encoding": "u8s8", "isa": "avx512_vnni"},
+    )
+    document = result.to_dict()
+    assert document["fidelity"] == fidelity_report()
+    assert EvaluationResult.from_dict(document) == result
+    old = {k: v for k, v in document.items() if k not in ("fidelity", "engine")}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    loaded = EvaluationResult.load(tmp_path / "old.json")
+    assert loaded.fidelity is None and loaded.engine is None
+    assert loaded.top1 == result.top1
+    with pytest.raises(DataError, match=r"malformed.*fidelity must be an object"):
+        EvaluationResult.from_dict({**document, "fidelity": [0.9]})
 
 
 def test_load_rejects_missing_and_foreign_files(tmp_path: Path) -> None:

@@ -14,9 +14,9 @@ import pytest
 import tensorflow as tf
 import tf2onnx
 from matplotlib.image import imread
-from tests.test_comparison import FP32, PTQ, QAT, make_result
+from tests.test_comparison import FP32, PTQ, QAT, fidelity_report, make_result
 
-from qatflow.comparison import compare
+from qatflow.comparison import FIDELITY_EXPLANATION, NONE_MARK, compare
 from qatflow.errors import DataError, PipelineError
 from qatflow.evaluation import EvaluationResult, evaluate
 from qatflow.report import write_report
@@ -69,6 +69,8 @@ def test_markdown_and_html_hold_table_plots_and_extra_sections(
     assert (
         "| qat_int8 | `onnxruntime-model` | onnxruntime 1.0 | cpu | 2 | 50 at batch 1" in markdown
     )
+    assert f"*Fidelity*: {FIDELITY_EXPLANATION}" in markdown  # the column is always explained
+    assert "## Build-time fidelity" not in markdown  # no engine recorded a check
 
     page = files.html.read_text()
     assert page.startswith("<!DOCTYPE html>") and "<title>FP32 vs PTQ vs QAT</title>" in page
@@ -81,6 +83,54 @@ def test_markdown_and_html_hold_table_plots_and_extra_sections(
     assert sorted(base64.b64decode(e) for e in embedded) == sorted(
         p.read_bytes() for p in files.plots.values()
     )
+
+
+def test_fidelity_column_explanation_and_section(
+    results: dict[str, EvaluationResult], tmp_path: Path
+) -> None:
+    results["qat_int8"] = make_result(
+        QAT, fidelity=fidelity_report(0.999), engine={"encoding": "u8s8", "isa": "avx512_vnni"}
+    )
+    results["ptq_int8"] = make_result(
+        PTQ,
+        fidelity=fidelity_report(0.6125, passed=False),
+        engine={"encoding": "u8s8", "isa": "avx2 (no VNNI)"},
+    )
+    comparison = compare(results)
+    files = write_report(comparison, results, tmp_path, title="fidelity")
+    markdown = files.markdown.read_text()
+    table = comparison.to_markdown()
+    assert "| Agree (%) | Fidelity |" in table and "| Encoding / ISA |" in table
+    for line in table.splitlines():
+        assert line in markdown
+    assert "| 99.90% pass |" in markdown and "| 61.25% FAIL |" in markdown
+    explanation = (
+        "*Fidelity*: INT8 engine vs the same QDQ model run as float math, checked at build time"
+    )
+    assert explanation in markdown
+    assert "- ptq_int8: the engine FAILED its build-time fidelity check" in markdown
+
+    section = markdown.split("## Build-time fidelity\n\n", 1)[1].split("\n## ", 1)[0]
+    assert section.startswith(FIDELITY_EXPLANATION + ". It passes when")
+    assert (
+        "| Variant | Fidelity | Decided agreement (%) | p99 abs error (tolerance) | Max abs error "
+        "| Checked on | Encoding / ISA |"
+    ) in section
+    assert f"| fp32 | {NONE_MARK} | {NONE_MARK} | {NONE_MARK} | {NONE_MARK} | {NONE_MARK} |" in (
+        section
+    )
+    assert (
+        "| qat_int8 | 99.90% pass | 100.00 of 980 (need 99.90) | 0.0125 (1) | 0.02 "
+        "| calibration images (64) | u8s8 / avx512_vnni |"
+    ) in section
+    assert "| ptq_int8 | 61.25% FAIL | 61.25 of 980 (need 99.90) | 2.25 (1) | 3.5 |" in section
+
+    page = files.html.read_text()
+    assert "<th" in page and ">Fidelity</th>" in page and ">Encoding / ISA</th>" in page
+    assert '<td style="text-align:right">61.25% FAIL</td>' in page
+    assert "<h2>Build-time fidelity</h2>" in page
+    assert "<td>u8s8 / avx2 (no VNNI)</td>" in page
+    assert "<em>Fidelity</em>: INT8 engine vs the same QDQ model run as float math" in page
 
 
 def test_only_baseline_and_one_variant_and_rewrite(
@@ -144,6 +194,12 @@ def test_end_to_end_from_real_evaluations(tmp_path: Path) -> None:
     markdown = files.markdown.read_text()
     assert "| fp32_ort | " in markdown and "runtime differs" in markdown
     assert f"`{engine}`" in markdown
+    # The ORT engine's build-time check shows in the table and its own section.
+    fidelity = results["fp32_ort"].fidelity
+    assert fidelity is not None and fidelity["passed"] is True
+    assert "| 100.00% pass |" in markdown
+    assert "## Build-time fidelity" in markdown
+    assert f"| {fidelity['data']} |" in markdown
     for path in files.plots.values():
         _png_size(path.read_bytes())
 

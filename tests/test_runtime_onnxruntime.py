@@ -208,7 +208,8 @@ def _fake_rewrite_module(calls: list[str], mode: str = "ok") -> types.ModuleType
     """A stand-in ort_int8 pass that marks the graph it rewrote (or fails, or breaks it)."""
     module = types.ModuleType(HOOK)
 
-    def rewrite_for_ort_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+    def rewrite_for_ort_int8(model: onnx.ModelProto, **options: object) -> onnx.ModelProto:
+        assert set(options) <= {"calibration", "requantize", "relu"}
         if mode == "raise":
             raise ValueError("cannot rewrite")
         calls.append(model.graph.name)

@@ -1,13 +1,15 @@
 """TensorRT build and inference decisions, checked through build_engine/load_engine.
 
 TensorRT and a GPU are not available here, so most tests install a fake ``tensorrt`` (and
-``pycuda``) module that records the builder calls and emulates an engine: they verify our
-decisions (flags per TensorRT version, profiles, timing cache, buffers, chunking, errors),
-not TensorRT. Tests marked ``tensorrt`` run the real thing and skip without it.
+``pycuda``) module that records the builder calls and emulates an engine: its plan holds the
+parsed ONNX, which it runs with ONNX Runtime (optionally distorted). They verify our decisions
+(flags per TensorRT version, profiles, timing cache, buffers, chunking, the fidelity gate,
+errors), not TensorRT. Tests marked ``tensorrt`` run the real thing and skip without it.
 """
 
 from __future__ import annotations
 
+import base64
 import enum
 import json
 import sys
@@ -23,8 +25,9 @@ import pytest
 from tests.test_runtimes_base import CLASSES, make_model, sample_batch, save_model
 
 from qatflow.errors import RuntimeBackendError
-from qatflow.runtimes import build_engine, load_engine
+from qatflow.runtimes import build_engine, load_engine, tensorrt_backend
 from qatflow.runtimes.base import sidecar_path
+from qatflow.runtimes.reference import run_reference
 from qatflow.runtimes.tensorrt_backend import (
     BuildPlan,
     build_log_path,
@@ -112,7 +115,11 @@ class FakeGPU:
 
 
 class FakeTensorRT:
-    """A ``tensorrt`` module stand-in recording builder calls; plans are JSON it can run."""
+    """A ``tensorrt`` module stand-in recording builder calls; plans are JSON it can run.
+
+    A plan holds the profile and the parsed ONNX; executing it runs that ONNX as float math
+    with ONNX Runtime, then ``distort`` (if given) on the logits: a wrong engine.
+    """
 
     def __init__(
         self,
@@ -123,6 +130,7 @@ class FakeTensorRT:
         build_ok: bool = True,
         cache_compatible: bool = True,
         strongly_typed_flag: bool = True,
+        distort: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         self.calls: list[tuple[Any, ...]] = []
         self.parsed: list[bytes] = []
@@ -166,14 +174,17 @@ class FakeTensorRT:
         class Network:
             def __init__(self, flags: int) -> None:
                 self.flags = flags
+                self.model = b""
 
         class OnnxParser:
             def __init__(self, network: Network, logger: ILogger) -> None:
                 self.errors = [ParserError(*e) for e in parse_errors]
+                self.network = network
 
             def parse(self, model: bytes, path: str) -> bool:
                 fake.calls.append(("parse", path))
                 fake.parsed.append(model)
+                self.network.model = model
                 return not self.errors
 
             @property
@@ -251,12 +262,16 @@ class FakeTensorRT:
                     self.logger.log(Severity.ERROR, "out of GPU memory")
                     return None
                 self.logger.log(Severity.WARNING, "some layers stay in FP32")
-                return json.dumps({"profile": config.profiles[0].shapes}).encode()
+                onnx_text = base64.b64encode(network.model).decode()
+                return json.dumps(
+                    {"profile": config.profiles[0].shapes, "onnx": onnx_text}
+                ).encode()
 
         class Engine:
             def __init__(self, plan: dict[str, Any]) -> None:
                 ((self.input, shapes),) = plan["profile"].items()
                 self.profile = [tuple(s) for s in shapes]
+                self.model = onnx.load_from_string(base64.b64decode(plan["onnx"]))
                 self.tensors = {
                     self.input: (TensorIOMode.INPUT, (-1, *shapes[0][1:])),
                     "logits": (TensorIOMode.OUTPUT, (-1, CLASSES)),
@@ -313,7 +328,11 @@ class FakeTensorRT:
                 assert stream == 0xABC and set(self.addresses) == set(self.engine.tensors)
                 count = int(np.prod(self.shape))
                 raw = gpu.memory[self.addresses[self.engine.input]][: count * 4]
-                logits = fake_logits(raw.view(np.float32).reshape(self.shape))
+                batch = raw.view(np.float32).reshape(self.shape)
+                logits = run_reference(self.engine.model, {self.engine.input: batch})[0]
+                if distort is not None:
+                    logits = distort(logits)
+                logits = np.ascontiguousarray(logits, np.float32)
                 gpu.memory[self.addresses["logits"]][: logits.nbytes] = logits.reshape(-1).view(
                     np.uint8
                 )
@@ -353,10 +372,9 @@ class FakeTensorRT:
         )
 
 
-def fake_logits(batch: np.ndarray) -> np.ndarray:
-    """What the fake engine computes: per-sample sums times (1..CLASSES)."""
-    sums = batch.reshape(len(batch), -1).sum(axis=1, dtype=np.float32)
-    return (sums[:, None] * np.arange(1, CLASSES + 1, dtype=np.float32)).astype(np.float32)
+def reference(source: Path, batch: np.ndarray) -> np.ndarray:
+    """The source ONNX run as float math: what a faithful engine returns."""
+    return run_reference(onnx.load(source), {"input": batch})[0]
 
 
 @pytest.fixture
@@ -366,9 +384,9 @@ def gpu() -> FakeGPU:
 
 @pytest.fixture
 def install(monkeypatch: pytest.MonkeyPatch, gpu: FakeGPU) -> Iterator[Callable[..., FakeTensorRT]]:
-    """Install a fake tensorrt of a given version (and, on request, a fake pycuda)."""
+    """Install a fake tensorrt of a given version and a fake pycuda (none: pycuda=False)."""
 
-    def _install(version: str = "10.13.0.35", *, pycuda: bool = False, **kw: Any) -> FakeTensorRT:
+    def _install(version: str = "10.13.0.35", *, pycuda: bool = True, **kw: Any) -> FakeTensorRT:
         fake = FakeTensorRT(version, gpu, **kw)
         monkeypatch.setitem(sys.modules, "tensorrt", fake.module)
         for name, module in (gpu.module() if pycuda else {"pycuda.driver": None}).items():
@@ -391,19 +409,25 @@ def called(fake: FakeTensorRT, name: str) -> list[tuple[Any, ...]]:
 
 
 @pytest.mark.parametrize(
-    ("version", "qdq", "fp16", "typed", "flags", "convert"),
+    ("version", "qdq", "fp16", "typed", "flags", "convert", "precision"),
     [
-        ("10.13.0.35", True, False, False, ("INT8",), False),
-        ("10.0.1", True, True, False, ("INT8", "FP16"), False),
-        ("10.13.0", False, True, False, ("FP16",), False),
-        ("10.13.0", False, False, False, (), False),
-        ("11.0.0", True, False, True, (), False),
-        ("11.4.1.2", True, True, True, (), True),
-        ("11.0.0", False, True, True, (), True),
+        ("10.13.0.35", True, False, False, ("INT8",), False, "int8"),
+        ("10.0.1", True, True, False, ("INT8", "FP16"), False, "int8+fp16"),
+        ("10.13.0", False, True, False, ("FP16",), False, "fp16"),
+        ("10.13.0", False, False, False, (), False, "fp32"),
+        ("11.0.0", True, False, True, (), False, "int8"),
+        ("11.4.1.2", True, True, True, (), True, "int8+fp16"),
+        ("11.0.0", False, True, True, (), True, "fp16"),
     ],
 )
 def test_plan_build(
-    version: str, qdq: bool, fp16: bool, typed: bool, flags: tuple[str, ...], convert: bool
+    version: str,
+    qdq: bool,
+    fp16: bool,
+    typed: bool,
+    flags: tuple[str, ...],
+    convert: bool,
+    precision: str,
 ) -> None:
     plan = plan_build(version, qdq, fp16)
     assert (plan.strongly_typed, plan.builder_flags, plan.fp16_onnx_conversion) == (
@@ -411,6 +435,7 @@ def test_plan_build(
         flags,
         convert,
     )
+    assert plan.precision == precision
     assert plan.major == int(version.split(".")[0]) and plan.notes
 
 
@@ -555,7 +580,15 @@ def test_tensorrt_10_qdq_build(
     }
     assert log["layers"]["Layers"][0]["Precision"] == "INT8"
     assert log["messages"] == ["WARNING: some layers stay in FP32"]
-    assert set(log["timings_s"]) == {"parse", "build", "inspect", "total"}
+    assert set(log["timings_s"]) == {"reference", "parse", "build", "inspect", "fidelity", "total"}
+    # No fidelity data: 64 synthetic samples in two batches, run as one 64-row input split to
+    # the profile max of 32; the fake engine runs the parsed (= source) ONNX, so no error.
+    (context,) = fake.contexts
+    assert context.input_shapes == [(32, 8, 8, 3), (32, 8, 8, 3)]
+    assert sidecar["fidelity"] == log["fidelity"]
+    assert sidecar["fidelity"]["passed"] and sidecar["fidelity"]["samples"] == 64
+    assert sidecar["fidelity"]["data"].startswith("synthetic")
+    assert sidecar["fidelity"]["max_abs_error"] == 0.0
     assert sorted(p.name for p in engine.parent.iterdir()) == [
         "qdq.plan",
         "qdq.plan.build-log.json",
@@ -661,6 +694,131 @@ def test_build_without_tensorrt_runtime(
         build_engine(qdq_onnx, tmp_path / "e.plan", runtime="tensorrt")
 
 
+# ------------------------------------------------------------------------ fidelity gate (fake TRT)
+
+
+def test_fidelity_check_runs_the_plan_within_the_profile_and_is_recorded(
+    install: Callable[..., FakeTensorRT], qdq_onnx: Path, tmp_path: Path
+) -> None:
+    fake = install(distort=lambda logits: logits + 1e-3)
+    data = sample_batch(19)
+    path = build_engine(
+        qdq_onnx,
+        tmp_path / "e.plan",
+        runtime="tensorrt",
+        batch_profile=(2, 4, 8),
+        fidelity_data=data,
+    )
+    (context,) = fake.contexts
+    assert context.input_shapes == [(8, 8, 8, 3), (8, 8, 8, 3), (3, 8, 8, 3)]
+    sidecar = json.loads(sidecar_path(path).read_text())
+    log = json.loads(build_log_path(path).read_text())
+    report = sidecar["fidelity"]
+    assert log["fidelity"] == report
+    assert report["passed"] and report["samples"] == 19 and report["agreement"] == 1.0
+    assert report["data"] == "19 samples of the given data"
+    assert report["max_abs_error"] == pytest.approx(1e-3, rel=1e-2)
+    expected = reference(qdq_onnx, data)
+    assert report["output_range"] == pytest.approx(float(expected.max() - expected.min()))
+    assert load_engine(path).metadata.fidelity == report
+    # One sample is below the profile min of 2: the check pads it, as inference does.
+    fake = install()
+    build_engine(
+        qdq_onnx,
+        tmp_path / "one.plan",
+        runtime="tensorrt",
+        batch_profile=(2, 4, 8),
+        fidelity_data=data[:1],
+    )
+    (context,) = fake.contexts
+    assert context.input_shapes == [(2, 8, 8, 3)]
+    assert json.loads(sidecar_path(tmp_path / "one.plan").read_text())["fidelity"]["samples"] == 1
+
+
+@pytest.mark.parametrize(
+    ("version", "fp16", "precision"),
+    [("10.13.0.35", False, "int8"), ("11.0.0.1", True, "int8+fp16")],
+)
+def test_engine_that_disagrees_with_its_reference_is_not_written(
+    install: Callable[..., FakeTensorRT],
+    qdq_onnx: Path,
+    tmp_path: Path,
+    version: str,
+    fp16: bool,
+    precision: str,
+) -> None:
+    fake = install(version, distort=lambda logits: -logits)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeBackendError) as info:
+        build_engine(qdq_onnx, out / "e.plan", runtime="tensorrt", fp16=fp16)
+    message = str(info.value)
+    assert message.startswith(
+        f"{qdq_onnx}: the TensorRT {version} engine (precision {precision}) disagrees with its "
+        "reference, the source ONNX run as float math on ONNX Runtime: fidelity FAILED: "
+    )
+    assert "over 64 samples" in message and "No engine was written." in message
+    assert ("Try fp16=False" in message) is fp16
+    assert called(fake, "build") == [()] and fake.contexts[0].input_shapes  # built and run
+    assert not out.exists()  # no plan, sidecar, build log or "auto" timing cache
+    cache = tmp_path / "shared.cache"
+    cache.write_bytes(b"old")
+    install(version, distort=lambda logits: -logits)
+    with pytest.raises(RuntimeBackendError, match="fidelity FAILED"):
+        build_engine(qdq_onnx, tmp_path / "e.plan", runtime="tensorrt", timing_cache=cache)
+    assert cache.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qdq.onnx", "shared.cache"]
+
+
+def test_fidelity_reference_is_the_source_onnx_not_its_fp16_conversion(
+    install: Callable[..., FakeTensorRT],
+    qdq_onnx: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = install("11.0.0.1")
+    seen: list[onnx.ModelProto] = []
+    real = tensorrt_backend.reference_outputs
+
+    def spy(model: onnx.ModelProto, input_name: str, batch: np.ndarray) -> np.ndarray:
+        seen.append(model)
+        return real(model, input_name, batch)
+
+    monkeypatch.setattr(tensorrt_backend, "reference_outputs", spy)
+    engine = build_engine(qdq_onnx, tmp_path / "e.plan", runtime="tensorrt", fp16=True)
+    parsed = onnx.load_from_string(fake.parsed[0])
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in parsed.graph.initializer)
+    source = onnx.load(qdq_onnx)
+    assert len(seen) == 2 and all(model == source for model in seen)  # two synthetic batches
+    # The fake engine runs the FP16 graph it parsed: close to the FP32 source, not equal.
+    report = json.loads(sidecar_path(engine).read_text())["fidelity"]
+    assert report["passed"] and 0 < report["max_abs_error"] <= report["tolerance"]
+
+
+def test_fidelity_prerequisites_fail_before_the_build(
+    install: Callable[..., FakeTensorRT], qdq_onnx: Path, tmp_path: Path
+) -> None:
+    fake = install(pycuda=False)
+    with pytest.raises(
+        RuntimeBackendError,
+        match=r"qdq\.onnx: checking a TensorRT engine against its reference needs pycuda",
+    ):
+        build_engine(qdq_onnx, tmp_path / "e.plan", runtime="tensorrt")
+    assert fake.calls == []
+    fake = install()
+    with pytest.raises(
+        RuntimeBackendError,
+        match=r"qdq\.onnx: fidelity data: input 'input' expects shape \(N, 8, 8, 3\)",
+    ):
+        build_engine(
+            qdq_onnx,
+            tmp_path / "e.plan",
+            runtime="tensorrt",
+            fidelity_data=np.zeros((4, 3, 8, 8), np.float32),
+        )
+    assert called(fake, "build") == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qdq.onnx"]
+
+
 # --------------------------------------------------------------------------- loading and running
 
 
@@ -685,8 +843,8 @@ def test_load_and_run_splits_and_pads_batches(
     )
     assert engine.size_bytes == path.stat().st_size
     batch = sample_batch(19)
-    np.testing.assert_allclose(engine.run(batch), fake_logits(batch), rtol=1e-5)
-    np.testing.assert_allclose(engine.run(batch[:1]), fake_logits(batch[:1]), rtol=1e-5)
+    np.testing.assert_allclose(engine.run(batch), reference(qdq_onnx, batch), rtol=1e-5)
+    np.testing.assert_allclose(engine.run(batch[:1]), reference(qdq_onnx, batch[:1]), rtol=1e-5)
     (context,) = fake.contexts
     assert [s[0] for s in context.input_shapes] == [8, 8, 3, 2]  # 19 = 8+8+3, then 1 padded to 2
     assert set(context.addresses) == {"input", "logits", "features"}
@@ -765,7 +923,7 @@ def test_build_plan_is_recorded_in_full(
     engine = build_engine(qdq_onnx, tmp_path / "e.plan", runtime="tensorrt")
     log = json.loads(build_log_path(engine).read_text())
     assert BuildPlan(**{**log["plan"], "builder_flags": (), "notes": ()}) == BuildPlan(
-        "11.0.0", 11, True, (), False, ()
+        "11.0.0", 11, True, (), False, (), "int8"
     )
     assert log["options"]["timing_cache"] == str(tmp_path / "tensorrt.timing-cache")
 

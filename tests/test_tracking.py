@@ -22,11 +22,16 @@ import onnx
 import pytest
 from mlflow import MlflowClient
 from onnx import TensorProto, helper
+from tests.test_comparison import FP32, PTQ, QAT, fidelity_report, make_result
 
+from qatflow.comparison import compare
 from qatflow.tracking import (
     ACCURACY_TAG,
     CHAMPION_ALIAS,
     DEFAULT_TRACKING_URI,
+    ENGINE_PARAMS,
+    FIDELITY_METRICS,
+    FIDELITY_TAG,
     METRIC_KEYS,
     OFFLINE_PREFIX,
     PARENT_TAG,
@@ -352,6 +357,74 @@ def test_sqlite_store_directly(
     assert not (tmp_path / "out" / "mlflow-offline").exists()
 
 
+def test_engine_fidelity_is_logged_per_variant(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'fidelity.db'}"
+    comparison = compare(
+        {
+            "fp32": make_result(FP32),  # a Keras model: no engine, no check
+            "ptq_int8": make_result(
+                PTQ,
+                fidelity=fidelity_report(0.6125, passed=False),
+                engine={"encoding": "u8s8", "isa": "avx2 (no VNNI)"},
+            ),
+            "qat_int8": make_result(
+                QAT, fidelity=fidelity_report(0.999), engine={"encoding": "u8u8", "isa": "amx_int8"}
+            ),
+        }
+    )
+    tracker = Tracker(tmp_path / "out", tracking_uri=uri)
+    parent = tracker.start_pipeline_run()
+    for variant in VARIANTS:
+        row = comparison.row(variant)
+        with tracker.ending(tracker.start_variant_run(parent, variant)) as child:
+            tracker.log_variant_metrics(child, row.tracking_metrics())
+            tracker.log_engine_fidelity(child, row.fidelity, row.engine)
+    tracker.end_run(parent)
+
+    runs = {run.data.tags["variant"]: run for run in _children(MlflowClient(uri), parent)}
+    qat, ptq, fp32 = runs["qat_int8"].data, runs["ptq_int8"].data, runs["fp32"].data
+    assert set(FIDELITY_METRICS) == {
+        "fidelity_agreement",
+        "fidelity_decided_agreement",
+        "fidelity_p99_abs_error",
+    }
+    assert set(qat.metrics) == set(METRIC_KEYS) | set(FIDELITY_METRICS)
+    assert qat.metrics["fidelity_agreement"] == pytest.approx(0.999)
+    assert qat.metrics["fidelity_decided_agreement"] == 1.0
+    assert qat.metrics["fidelity_p99_abs_error"] == pytest.approx(0.0125)
+    assert {key: qat.params[key] for key in ENGINE_PARAMS} == {
+        "engine_encoding": "u8u8",
+        "engine_isa": "amx_int8",
+    }
+    assert qat.tags[FIDELITY_TAG] == "passed"
+    assert ptq.tags[FIDELITY_TAG] == "failed"
+    assert ptq.metrics["fidelity_agreement"] == pytest.approx(0.6125)
+    assert ptq.metrics["fidelity_p99_abs_error"] == pytest.approx(2.25)
+    assert ptq.params["engine_isa"] == "avx2 (no VNNI)"
+    # Nothing measured, nothing logged: no zeros that would look like a failed check.
+    assert set(fp32.metrics) == set(METRIC_KEYS)
+    assert not set(ENGINE_PARAMS) & set(fp32.params)
+    assert FIDELITY_TAG not in fp32.tags
+
+
+def test_partial_fidelity_logs_what_is_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'partial.db'}"
+    tracker = Tracker(tmp_path / "out", tracking_uri=uri)
+    run = tracker.start_variant_run(tracker.start_pipeline_run(), "qat_int8")
+    check = {**fidelity_report(), "p99_abs_error": None, "decided_agreement": float("nan")}
+    tracker.log_engine_fidelity(run, check, {"isa": "avx512_vnni"})
+    data = MlflowClient(uri).get_run(run).data
+    assert data.metrics == {"fidelity_agreement": pytest.approx(0.999)}
+    assert data.params == {"engine_isa": "avx512_vnni"}
+    assert data.tags[FIDELITY_TAG] == "passed"
+
+
 def test_unreachable_server_falls_back_offline(
     tmp_path: Path, onnx_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -361,6 +434,9 @@ def test_unreachable_server_falls_back_offline(
         parent = tracker.start_pipeline_run("offline", params={"db_password": "hunter2"})
         child = tracker.start_variant_run(parent, "qat_int8")
         tracker.log_variant_metrics(child, _variant_metrics(0.7))
+        tracker.log_engine_fidelity(
+            child, fidelity_report(0.6125, passed=False), {"encoding": "u8s8", "isa": "avx2"}
+        )
         tracker.log_artifact(child, onnx_file)
         assert tracker.register_onnx_model(child, onnx_file, "m", accuracy_top1=0.7) is None
         decision = tracker.promote_if_better("m", "1", 0.7, 0.71, max_fp32_gap=0.02)
@@ -381,7 +457,10 @@ def test_unreachable_server_falls_back_offline(
     assert parent_doc["status"] == "FINISHED"
     assert child_doc["parent_run_id"] == parent
     assert child_doc["tags"]["variant"] == "qat_int8"
-    assert set(child_doc["metrics"]) == set(METRIC_KEYS)
+    assert child_doc["tags"][FIDELITY_TAG] == "failed"
+    assert set(child_doc["metrics"]) == set(METRIC_KEYS) | set(FIDELITY_METRICS)
+    assert child_doc["metrics"]["fidelity_agreement"] == 0.6125
+    assert child_doc["params"] == {"engine_encoding": "u8s8", "engine_isa": "avx2"}
     assert child_doc["artifacts"][0]["path"] == str(onnx_file)
     assert child_doc["registered_models"][0]["model_name"] == "m"
     registry = json.loads((offline / "registry.json").read_text())

@@ -1,7 +1,7 @@
 """KFP component ``build_engine``: an ONNX model to a runtime engine (ONNX Runtime or TensorRT)."""
 
 from kfp import dsl
-from kfp.dsl import Input, Model, Output
+from kfp.dsl import Dataset, Input, Model, Output
 
 from qatflow.images import TENSORRT_IMAGE
 
@@ -14,8 +14,14 @@ def build_engine(
     batch_min: int = 1,
     batch_opt: int = 8,
     batch_max: int = 64,
+    encoding: str = "auto",
+    dataset: Input[Dataset] | None = None,
 ) -> None:
     """Build the engine for ``runtime`` with the batch profile (min, opt, max).
+
+    Before it is written, the engine is checked against the ONNX model run as float math on
+    the calibration split of ``dataset`` (without one: synthetic inputs, kernels only); a
+    failed check fails the task. ``encoding`` (ONNX Runtime): ``auto``, ``u8s8`` or ``u8u8``.
 
     ``engine`` is a folder: ``engine.plan`` plus its ``engine.plan.json`` metadata for
     TensorRT, or the optimized ``engine.onnx`` for ONNX Runtime. The default image is the
@@ -32,6 +38,8 @@ def build_engine(
         os.path.join(engine.path, name),
         runtime=runtime,
         batch_profile=(batch_min, batch_opt, batch_max),
+        dataset_spec=dataset.path if dataset is not None else None,
+        encoding=encoding,
     )
     engine.framework = runtime
     engine.metadata.update(

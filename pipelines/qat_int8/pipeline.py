@@ -115,6 +115,7 @@ def build_pipeline(
         batch_profile_min: int = 1,
         batch_profile_opt: int = 8,
         batch_profile_max: int = 64,
+        int8_encoding: str = "auto",
         latency_iterations: int = 200,
         eval_max_batches: int = 0,
         accuracy_gate: float = 1.0,
@@ -143,6 +144,8 @@ def build_pipeline(
             batch_profile_min: smallest batch the engine accepts.
             batch_profile_opt: batch the engine is tuned for.
             batch_profile_max: largest batch the engine accepts.
+            int8_encoding: ONNX Runtime integer weight encoding: auto (exact for the CPU of
+                the engine node), u8s8 or u8u8.
             latency_iterations: timed single-image runs per evaluation.
             eval_max_batches: test batches to evaluate (0 = the whole test split).
             accuracy_gate: max top-1 drop in points of QAT INT8 vs FP32 and vs the champion.
@@ -186,6 +189,8 @@ def build_pipeline(
                 batch_min=batch_profile_min,
                 batch_opt=batch_profile_opt,
                 batch_max=batch_profile_max,
+                encoding=int8_encoding,
+                dataset=dataset,
             )
             settings(on_engine_node(engine), f"{variant}: build engine", cache=True)
             extra = {} if reference is None else {"reference": reference}

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from qatflow.errors import DataError
+from qatflow.errors import DataError, RuntimeBackendError
 from qatflow.storage import atomic_output, write_json
 
 log = logging.getLogger("qatflow.steps")
@@ -276,11 +276,32 @@ def build_engine(
     *,
     runtime: str = "onnxruntime",
     batch_profile: tuple[int, int, int] = (1, 8, 64),
+    dataset_spec: PathLike | None = None,
+    encoding: str = "auto",
 ) -> Path:
-    """Build the runtime engine for an ONNX model (ONNX Runtime on CPU or TensorRT on a GPU)."""
+    """Build the runtime engine for an ONNX model (ONNX Runtime on CPU or TensorRT on a GPU).
+
+    The engine is checked against the ONNX run as float math before it is written: on the
+    calibration split of ``dataset_spec`` (a dataset spec, URI or ``.npy`` of inputs), or without
+    one on synthetic inputs, which check the integer kernels only. ``encoding`` (ONNX Runtime
+    only): ``auto``, ``u8s8`` or ``u8u8``.
+    """
     from qatflow.runtimes import build_engine as build
 
-    return build(onnx_path, output_path, runtime=runtime, batch_profile=batch_profile)  # type: ignore[arg-type]
+    options: dict[str, Any] = {}
+    if runtime == "onnxruntime":
+        options["encoding"] = encoding
+    elif encoding != "auto":
+        raise RuntimeBackendError(f"encoding {encoding!r} applies to onnxruntime only")
+    data = None if dataset_spec is None else calibration_batches(dataset_spec)
+    return build(
+        onnx_path,
+        output_path,
+        runtime=runtime,  # type: ignore[arg-type]
+        batch_profile=batch_profile,
+        fidelity_data=data,
+        **options,
+    )
 
 
 def evaluate(

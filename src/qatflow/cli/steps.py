@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import re
 
+from qatflow.runtimes.cpu_int8 import ENCODING_CHOICES
+
 _FLOW = """\
 The pipeline's steps by hand (the same functions the KFP components call):
   qatflow prepare-data fashion-mnist --output data.json
@@ -148,6 +150,19 @@ def _register_engines(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         default=(1, 8, 64),
         help="batch sizes the engine accepts and is tuned for (default: 1 8 64)",
     )
+    engine.add_argument(
+        "--dataset",
+        help="data the engine is checked on before it is written: its calibration split "
+        "(a dataset spec .json, a dataset URI, or a .npy of inputs); without it, synthetic "
+        "inputs check the integer kernels only. " + _DATASET_HELP,
+    )
+    engine.add_argument(
+        "--encoding",
+        choices=ENCODING_CHOICES,
+        default="auto",
+        help="ONNX Runtime integer weight encoding: auto picks u8s8 where this CPU's kernels "
+        "compute it exactly (VNNI/AMX), else u8u8 (default: %(default)s)",
+    )
     engine.set_defaults(func=run_build_engine)
 
     evaluate = _parser(
@@ -246,7 +261,12 @@ def run_build_engine(args: argparse.Namespace) -> int:
     from qatflow import steps
 
     path = steps.build_engine(
-        args.onnx, args.output, runtime=args.runtime, batch_profile=tuple(args.batch_profile)
+        args.onnx,
+        args.output,
+        runtime=args.runtime,
+        batch_profile=tuple(args.batch_profile),
+        dataset_spec=args.dataset,
+        encoding=args.encoding,
     )
     print(f"wrote {path}")
     return 0

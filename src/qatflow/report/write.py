@@ -115,8 +115,9 @@ def _markdown(
         f"*Agree* is the share of test images whose top-1 class equals `{base}`'s. "
         f"*Speedup* is `{base}` p50 / variant p50 at batch 1. *Img/s* is throughput at "
         f"batch {throughput_batch}. Top-5 is n/a with five classes or fewer.",
-        f"*Fidelity*: {FIDELITY_EXPLANATION} (top-1 agreement, and the check's pass/FAIL); "
-        f"{NONE_MARK} where no check was recorded (Keras models, older engines). "
+        f"*Fidelity*: {FIDELITY_EXPLANATION} (top-1 agreement, and the check's pass/FAIL; "
+        f"an FP32 engine is checked against its ONNX model the same way); {NONE_MARK} where no "
+        "check was recorded (Keras models, older engines). "
         "*Encoding / ISA*: the integer weight encoding and the CPU instruction set the engine "
         "was built for.",
     ]

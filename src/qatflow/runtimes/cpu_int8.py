@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import onnx
@@ -97,14 +97,14 @@ _NUMPY_FEATURES = {"avx2": "AVX2", "avx512bw": "AVX512BW", "avx512_vnni": "AVX51
 
 
 def _numpy_cpu_features() -> dict[str, bool]:
-    try:
-        from numpy._core._multiarray_umath import __cpu_features__
-    except ImportError:  # numpy < 2
+    import importlib
+
+    for module in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):
         try:
-            from numpy.core._multiarray_umath import __cpu_features__
-        except ImportError:
-            return {}
-    return dict(__cpu_features__)
+            return dict(importlib.import_module(module).__cpu_features__)
+        except (ImportError, AttributeError):
+            continue
+    return {}
 
 
 @functools.cache
@@ -215,7 +215,7 @@ def probe_model(encoding: Encoding) -> onnx.ModelProto:
         channel_axis = 0 if op == "Conv" else 1
         np.moveaxis(weights, channel_axis, 0)[weight_shape[channel_axis] // 2 :] = -127
         inits.append(numpy_helper.from_array(weights, f"{name}_wq"))
-        attrs = {"pads": [1, 1, 1, 1]} if op == "Conv" else {}
+        attrs: dict[str, Any] = {"pads": [1, 1, 1, 1]} if op == "Conv" else {}
         nodes += [
             helper.make_node("QuantizeLinear", [name, "s", "z"], [f"{name}_xq"]),
             helper.make_node("DequantizeLinear", [f"{name}_xq", "s", "z"], [f"{name}_x"]),
@@ -223,14 +223,15 @@ def probe_model(encoding: Encoding) -> onnx.ModelProto:
             helper.make_node(op, [f"{name}_x", f"{name}_w"], [f"{name}_y"], **attrs),
         ]
         inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+        out_shape = [1, 16, 6, 6] if op == "Conv" else [1, 16]
         if out_scale is None:
-            outputs.append(helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None))
+            outputs.append(helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, out_shape))
             continue
         inits.append(numpy_helper.from_array(np.array(out_scale, np.float32), f"{name}_s"))
         nodes.append(
             helper.make_node("QuantizeLinear", [f"{name}_y", f"{name}_s", "z_out"], [f"{name}_q"])
         )
-        outputs.append(helper.make_tensor_value_info(f"{name}_q", TensorProto.UINT8, None))
+        outputs.append(helper.make_tensor_value_info(f"{name}_q", TensorProto.UINT8, out_shape))
     graph = helper.make_graph(nodes, "qatflow_int8_probe", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     encode_weights(model, encoding)

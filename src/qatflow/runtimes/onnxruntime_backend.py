@@ -74,6 +74,7 @@ _DTYPES: dict[str, type[np.generic]] = {
     "tensor(int8)": np.int8,
 }
 _INT8_REWRITE_MODULE = "qatflow.runtimes.ort_int8"
+_FIDELITY_BATCH = 32
 _METADATA_PREFIX = "qatflow."
 _STRING_FIELDS = frozenset(
     {
@@ -151,7 +152,7 @@ def ort_graph_passes(
         if rewrite is not None:
 
             def rewritten(graph: onnx.ModelProto) -> onnx.ModelProto:
-                return rewrite(graph, calibration=calibration, requantize=requantize)  # type: ignore[call-arg]
+                return rewrite(graph, calibration=calibration, requantize=requantize)
 
             passes.append((f"{_INT8_REWRITE_MODULE}.rewrite_for_ort_int8", rewritten))
     if encoding != "u8s8":
@@ -245,10 +246,18 @@ def build_ort_engine(
     quantized = has_qdq(model)
     encoding = choose_encoding(options.encoding) if quantized else None
     batches, data_label = check.batches(model, source)
+    chunk = dims[0] if isinstance(dims[0], int) else _FIDELITY_BATCH
     inputs = np.concatenate(batches)
+    inputs = inputs[: len(inputs) - len(inputs) % chunk]
+    if not len(inputs):
+        raise RuntimeBackendError(
+            f"{source}: the fidelity data holds fewer samples than the model's fixed batch {chunk}"
+        )
     # With data the engine is compared with the source model; synthetic inputs (no data) are
     # out of distribution, so they check the kernels only: engine vs the prepared graph.
-    reference = None if check.data is None else _outputs(model, inputs, input_name, output_name)
+    reference = (
+        None if check.data is None else _outputs(model, inputs, input_name, output_name, chunk)
+    )
     calibration = None if check.data is None else [{input_name: b} for b in batches]
     threads = options.threads or physical_cores()
     attempts = ["calibrated", "none"] if quantized and options.int8_rewrite else ["calibrated"]
@@ -265,9 +274,11 @@ def build_ort_engine(
         expected = (
             reference
             if reference is not None
-            else _outputs(prepared, inputs, input_name, output_name)
+            else _outputs(prepared, inputs, input_name, output_name, chunk)
         )
-        got = _outputs(optimized, inputs, input_name, output_name, threads, options.execution_mode)
+        got = _outputs(
+            optimized, inputs, input_name, output_name, chunk, threads, options.execution_mode
+        )
         report = compare_outputs(expected, got, data=data_label)
         if report.passed:
             break
@@ -308,11 +319,13 @@ def _outputs(
     inputs: np.ndarray,
     input_name: str,
     output_name: str,
+    chunk: int,
     threads: int | None = None,
     execution_mode: str = "sequential",
 ) -> np.ndarray:
-    """``output_name`` of ``model`` on ``inputs``, in batches of 32: as float math (the
+    """``output_name`` of ``model`` on ``inputs``, in batches of ``chunk``: as float math (the
     reference) without ``threads``, else in a session as ``load_ort_engine`` opens one."""
+    run: Callable[[np.ndarray], np.ndarray]
     if threads is None:
         run = functools.partial(reference_outputs, model, input_name)
     else:
@@ -324,7 +337,7 @@ def _outputs(
             providers=["CPUExecutionProvider"],
         )
         run = lambda batch: session.run([output_name], {input_name: batch})[0]  # noqa: E731
-    return np.concatenate([run(inputs[i : i + 32]) for i in range(0, len(inputs), 32)])
+    return np.concatenate([run(inputs[i : i + chunk]) for i in range(0, len(inputs), chunk)])
 
 
 def _optimize(
@@ -369,7 +382,7 @@ def _fidelity_error(
     divergence = first_divergence(prepared, input_name, inputs[:32])
     where = (
         f"first diverging tensor {divergence[0]!r} ({divergence[1]:.1%} of its values differ "
-        "between the integer kernels and float math)"
+        "by more than one step between the integer kernels and float math)"
         if divergence
         else "no quantized tensor diverges between integer kernels and float math, so the "
         "graph passes themselves moved the result"

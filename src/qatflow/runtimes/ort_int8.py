@@ -477,7 +477,8 @@ def _merge_equal_quantizers(rw: _Rewriter) -> None:
         seen: dict[_QParams, str] = {}
         for node in rw.consumers(name):
             params = rw.activation_q(node)
-            if params is None or rw.is_output(node.output[0]):
+            # Only Qs *of* ``name``: a shared scale or zero-point constant is read by many Qs.
+            if params is None or node.input[0] != name or rw.is_output(node.output[0]):
                 continue
             if params in seen:
                 rw.rewire(node.output[0], seen[params])

@@ -43,8 +43,13 @@ from qatflow.runtimes.base import (
     sidecar_path,
     version_tuple,
 )
-from qatflow.runtimes.fidelity import FidelityCheck, FidelityReport, collect, compare_outputs
-from qatflow.runtimes.fidelity import reference_outputs as reference_outputs
+from qatflow.runtimes.fidelity import (
+    FidelityCheck,
+    FidelityReport,
+    collect,
+    compare_outputs,
+    reference_outputs,
+)
 from qatflow.storage import atomic_output
 
 if TYPE_CHECKING:
@@ -125,9 +130,7 @@ def plan_build(trt_version: str, has_qdq: bool, fp16: bool) -> BuildPlan:
         if fp16:
             flags.append("FP16")
             notes.append("FP16 flag set: layers outside Q/DQ may run in FP16")
-        return BuildPlan(
-            trt_version, major, False, tuple(flags), False, tuple(notes), precision
-        )
+        return BuildPlan(trt_version, major, False, tuple(flags), False, tuple(notes), precision)
     notes.append("TensorRT 11: strongly typed network; precision comes from the graph")
     notes.append("Q/DQ layers run in INT8" if has_qdq else "no Q/DQ: no INT8 layers")
     if fp16:
@@ -491,9 +494,7 @@ def _attach_timing_cache(config: trt_t.IBuilderConfig, path: Path | None) -> boo
     return False
 
 
-def _layer_info(
-    trt: ModuleType, engine: trt_t.ICudaEngine, wanted: bool
-) -> tuple[Any, str | None]:
+def _layer_info(trt: ModuleType, engine: trt_t.ICudaEngine, wanted: bool) -> tuple[Any, str | None]:
     """Per-layer engine information from the engine inspector, or the reason it is missing."""
     if not wanted:
         return None, "layer_info=False"

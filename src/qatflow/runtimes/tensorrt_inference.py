@@ -3,6 +3,10 @@
 Buffers are sized once for the largest profile batch and reused; larger batches are split
 into chunks, and a last chunk smaller than the profile minimum is zero-padded. The sizing and
 chunking rules are pure functions below.
+
+A :class:`TensorRTEngine` runs any deserialized engine: :func:`load_tensorrt_engine` makes one
+from a plan file, and the builder makes one from the plan it holds in memory (before anything
+is written) to check it against its reference.
 """
 
 from __future__ import annotations
@@ -206,16 +210,30 @@ def _io_buffers(trt: ModuleType, engine: trt_t.ICudaEngine, max_batch: int) -> l
     return buffers
 
 
-def _import_pycuda(path: Path) -> ModuleType:
+def import_pycuda(where: Path, purpose: str = "running TensorRT engines") -> ModuleType:
+    """``pycuda.driver``, with a CUDA context on device 0 (``pycuda.autoinit``)."""
     try:
         import pycuda.autoinit  # noqa: F401  (creates the CUDA context on device 0)
         import pycuda.driver as cuda
     except ImportError as exc:
         raise RuntimeBackendError(
-            f"{path}: running TensorRT engines needs pycuda and a CUDA GPU "
+            f"{where}: {purpose} needs pycuda and a CUDA GPU "
             f"(pip install 'qatflow[tensorrt]'): {exc}"
         ) from exc
     return cuda
+
+
+def deserialize_plan(
+    trt: ModuleType, trt_logger: trt_t.ILogger, plan: bytes, where: Path
+) -> trt_t.ICudaEngine:
+    """Deserialize a plan held in memory (the engine keeps its runtime alive)."""
+    runtime: trt_t.Runtime = trt.Runtime(trt_logger)
+    engine: trt_t.ICudaEngine | None = runtime.deserialize_cuda_engine(plan)
+    if engine is None:
+        raise RuntimeBackendError(
+            f"{where}: TensorRT {trt.__version__} could not deserialize this engine"
+        )
+    return engine
 
 
 def load_tensorrt_engine(path: Path, metadata: EngineMetadata) -> TensorRTEngine:
@@ -227,15 +245,10 @@ def load_tensorrt_engine(path: Path, metadata: EngineMetadata) -> TensorRTEngine
             f"{path} is a TensorRT {metadata.runtime_version} engine, but {exc}"
         ) from exc
     check_same_version(path, "TensorRT", metadata.runtime_version, str(trt.__version__), 3)
-    cuda = _import_pycuda(path)
+    cuda = import_pycuda(path)
     current = gpu_info()
     check_gpu(path, metadata.device, current)
-    runtime: trt_t.Runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(path.read_bytes())
-    if engine is None:
-        raise RuntimeBackendError(
-            f"{path}: TensorRT {trt.__version__} could not deserialize this engine"
-        )
+    engine = deserialize_plan(trt, trt.Logger(trt.Logger.WARNING), path.read_bytes(), path)
     name = str(current.get("name", "cuda:0"))
     logger.info("loaded TensorRT engine %s on %s", path, name)
     return TensorRTEngine(path, metadata, trt=trt, cuda=cuda, engine=engine, device_name=name)

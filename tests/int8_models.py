@@ -1,0 +1,70 @@
+"""Small TensorRT-style QDQ ONNX models built with onnx alone (no TensorFlow), for engine tests
+that must also run under an emulated CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+RELU_RANGE = 16.0
+
+
+def saturating_cnn(seed: int = 0) -> onnx.ModelProto:
+    """Q/DQ -> Conv(8->16, 3x3, large same-sign weights) -> Relu -> Q/DQ -> GAP -> Dense(10).
+
+    On near-binary inputs the convolution's u8 x s8 pair sums exceed int16, so U8S8 kernels
+    without VNNI saturate, while float math and U8U8 kernels do not.
+    """
+    rng = np.random.default_rng(seed)
+    signs = np.where(rng.random((16, 8, 3, 3)) < 0.5, 1, -1)
+    weights = rng.uniform(0.8, 1.0, (16, 8, 3, 3)) * signs
+    weight_scale = (np.abs(weights).reshape(16, -1).max(axis=1) / 127).astype(np.float32)
+    weights_q = np.clip(np.rint(weights / weight_scale[:, None, None, None]), -127, 127)
+    dense = rng.normal(0, 0.5, (16, 10))
+    dense_scale = np.float32(np.abs(dense).max() / 127)
+    inits = [
+        numpy_helper.from_array(np.array(1 / 127, np.float32), "x_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "zero"),
+        numpy_helper.from_array(weights_q.astype(np.int8), "w_q"),
+        numpy_helper.from_array(weight_scale, "w_scale"),
+        numpy_helper.from_array(np.zeros(16, np.int8), "w_zero"),
+        numpy_helper.from_array(rng.normal(0, 1, 16).astype(np.float32), "bias"),
+        numpy_helper.from_array(np.array(RELU_RANGE / 127, np.float32), "r_scale"),
+        numpy_helper.from_array(np.array(1 / 127, np.float32), "g_scale"),
+        numpy_helper.from_array(np.rint(dense / dense_scale).astype(np.int8), "d_q"),
+        numpy_helper.from_array(np.array(dense_scale, np.float32), "d_scale"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 10).astype(np.float32), "d_bias"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "zero"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "x_scale", "zero"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w"], axis=0),
+        helper.make_node("Conv", ["xd", "w", "bias"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("QuantizeLinear", ["r", "r_scale", "zero"], ["rq"]),
+        helper.make_node("DequantizeLinear", ["rq", "r_scale", "zero"], ["rd"]),
+        helper.make_node("GlobalAveragePool", ["rd"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("QuantizeLinear", ["f", "g_scale", "zero"], ["fq"]),
+        helper.make_node("DequantizeLinear", ["fq", "g_scale", "zero"], ["fd"]),
+        helper.make_node("DequantizeLinear", ["d_q", "d_scale", "zero"], ["d"]),
+        helper.make_node("MatMul", ["fd", "d"], ["m"]),
+        helper.make_node("Add", ["m", "d_bias"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "saturating_cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def near_binary(count: int, seed: int = 1) -> np.ndarray:
+    """Inputs for :func:`saturating_cnn` with most values 0 or 1 (the saturation worst case)."""
+    rng = np.random.default_rng(seed)
+    return (rng.random((count, 8, 8, 8)) < 0.6).astype(np.float32)

@@ -1,0 +1,90 @@
+"""The fidelity gate: scoring against the reference, data for it, and localizing a divergence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tests.int8_models import near_binary, saturating_cnn
+
+from qatflow.errors import RuntimeBackendError
+from qatflow.runtimes.fidelity import (
+    FidelityCheck,
+    compare_outputs,
+    fidelity_batches,
+    first_divergence,
+    input_range,
+)
+from qatflow.runtimes.ort_int8 import rewrite_for_ort_int8
+
+RNG = np.random.default_rng(0)
+
+
+def logits(samples: int = 2000) -> np.ndarray:
+    out = RNG.normal(0, 1, (samples, 10))
+    out[np.arange(samples), RNG.integers(0, 10, samples)] += 4.0
+    return out
+
+
+def test_identical_outputs_pass() -> None:
+    ref = logits()
+    report = compare_outputs(ref, ref.copy(), data="same")
+    assert report.passed and report.agreement == 1.0 and report.max_abs_error == 0.0
+    assert report.decided_samples <= report.samples == 2000
+    assert "passed" in report.summary() and report.to_dict()["data"] == "same"
+
+
+def test_a_flip_on_a_near_tie_is_not_a_disagreement_but_a_decided_one_is() -> None:
+    ref = np.zeros((1000, 3))
+    ref[:, 0] = 1.0
+    ref[0] = [0.500, 0.499, 0.0]  # the reference itself is torn on sample 0
+    got = ref.copy()
+    got[0] = [0.499, 0.500, 0.0]
+    report = compare_outputs(ref, got, data="tie")
+    assert report.agreement == pytest.approx(0.999) and report.decided_agreement == 1.0
+    assert report.passed
+    got[1] = [0.0, 1.0, 0.0]  # a decided sample changes its mind
+    got[2] = [0.0, 1.0, 0.0]
+    failed = compare_outputs(ref, got, data="flip")
+    assert not failed.passed and failed.decided_agreement < 0.999
+    assert "FAILED" in failed.summary()
+
+
+def test_large_errors_fail_even_when_top1_agrees() -> None:
+    ref = logits(500)
+    got = ref + RNG.normal(0, 0.2, ref.shape) * (ref.max() - ref.min())
+    got[np.arange(500), ref.argmax(1)] += 100.0
+    report = compare_outputs(ref, got, data="noisy")
+    assert report.agreement == 1.0 and not report.passed
+    assert report.p99_abs_error > report.tolerance
+
+
+def test_shape_mismatch_is_an_error() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        compare_outputs(np.zeros((4, 10)), np.zeros((4, 5)), data="x")
+
+
+def test_fidelity_batches_from_arrays_iterables_and_nothing() -> None:
+    model = saturating_cnn()
+    data = near_binary(100)
+    batches, label = fidelity_batches(model, data, max_samples=70, batch_size=32)
+    assert [len(b) for b in batches] == [32, 32, 6] and label == "70 samples of the given data"
+    pairs = [(data[:40], np.zeros(40)), (data[40:], np.zeros(60))]
+    batches, _ = fidelity_batches(model, iter(pairs), max_samples=50)
+    assert [len(b) for b in batches] == [40, 10]
+    batches, label = fidelity_batches(model, None)
+    low, high = input_range(model)
+    assert (low, high) == pytest.approx((-128 / 127, 1.0))
+    assert label.startswith("synthetic") and len(batches) == 2
+    assert all(b.shape[1:] == (8, 8, 8) and b.min() >= low and b.max() <= high for b in batches)
+    assert set(np.unique(batches[1])) == {np.float32(low), np.float32(high)}
+    with pytest.raises(RuntimeBackendError, match="fidelity data: the fidelity data holds no"):
+        FidelityCheck(np.zeros((0, 8, 8, 8), np.float32)).batches(model, "m.onnx")
+
+
+def test_first_divergence_is_none_for_exact_kernels() -> None:
+    """U8U8 kernels are exact on every CPU: no quantized tensor diverges."""
+    from qatflow.runtimes.cpu_int8 import encode_weights
+
+    prepared = rewrite_for_ort_int8(saturating_cnn())
+    encode_weights(prepared, "u8u8")
+    assert first_divergence(prepared, "x", near_binary(16)) is None
