@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# qemu-user runs the engine tests on an emulated AVX2 CPU without VNNI (tests/test_engine_encoding.py).
+QEMU := /usr/bin/qemu-x86_64
 TENSORRT_STUBS := tensorrt-stubs==10.13.0.35.1
 # Keep TensorFlow on the CPU and quiet in every target.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
@@ -11,7 +13,7 @@ export CUDA_VISIBLE_DEVICES ?=
 
 .PHONY: setup test test-all lint run bench mlflow-ui images compile clean data
 
-setup: $(STAMP) data
+setup: $(STAMP) data $(QEMU)
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +28,10 @@ data: $(FASHION_MNIST)
 $(FASHION_MNIST):
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist
+
+$(QEMU):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq qemu-user
 
 # `make test` is the CI suite; tests marked slow (the 91% demo pretrain, ~8 min on 2 cores)
 # run with `make test-all`.

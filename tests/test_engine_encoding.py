@@ -1,0 +1,174 @@
+"""ONNX Runtime engines: the encoding chosen for the CPU, the fidelity gate, the load check.
+
+Both encodings are forced on whatever CPU runs the suite: an encoding this CPU computes exactly
+must build and match the reference; one it does not must be refused with nothing written. The
+last test runs the same checks on an emulated AVX2 CPU without VNNI (qemu-user), where U8S8
+kernels saturate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from tests.int8_models import near_binary, saturating_cnn
+
+from qatflow.errors import RuntimeBackendError
+from qatflow.runtimes import build_engine, load_engine, onnxruntime_backend
+from qatflow.runtimes.cpu_int8 import CpuInt8, detect
+from qatflow.runtimes.fidelity import compare_outputs
+from qatflow.runtimes.reference import run_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    path = tmp_path / "qdq.onnx"
+    onnx.save(saturating_cnn(), path)
+    return path
+
+
+@pytest.mark.parametrize("encoding", ["u8s8", "u8u8"])
+def test_forced_encoding_is_exact_here_or_refused(
+    source: Path, tmp_path: Path, encoding: str
+) -> None:
+    out = tmp_path / "out" / f"{encoding}.onnx"
+    data = near_binary(128)
+    if encoding not in detect().exact:
+        with pytest.raises(RuntimeBackendError, match="disagrees with its reference") as info:
+            build_engine(source, out, fidelity_data=data, encoding=encoding)
+        assert f"encoding {encoding}" in str(info.value) and detect().isa in str(info.value)
+        assert "first diverging tensor" in str(info.value)
+        assert not out.exists()
+        return
+    build_engine(source, out, fidelity_data=data, encoding=encoding)
+    engine = load_engine(out)
+    metadata = engine.metadata
+    assert metadata.build_options["encoding"] == encoding
+    assert metadata.device == detect().to_dict()
+    assert metadata.fidelity["passed"] and metadata.fidelity["samples"] == 128
+    reference = run_reference(saturating_cnn(), {"x": data})[0]
+    assert compare_outputs(reference, engine.run(data), data="test").passed
+    assert metadata.build_options["optimized_ops"].get("QLinearConv") == 1
+
+
+def test_auto_picks_the_exact_fast_encoding(source: Path, tmp_path: Path) -> None:
+    build_engine(source, tmp_path / "auto.onnx")  # no data: synthetic inputs, kernels only
+    metadata = load_engine(tmp_path / "auto.onnx").metadata
+    assert metadata.build_options["encoding"] == detect().best_encoding()
+    assert metadata.fidelity["passed"] and metadata.fidelity["data"].startswith("synthetic")
+
+
+def test_float_models_get_no_encoding_but_are_checked(tmp_path: Path) -> None:
+    from tests.test_runtime_onnxruntime import make_model, save_model
+
+    path = save_model(make_model(), tmp_path / "fp32.onnx")
+    metadata = load_engine(build_engine(path, tmp_path / "e.onnx")).metadata
+    assert metadata.build_options["encoding"] is None and metadata.fidelity["passed"]
+
+
+def test_loading_where_the_encoding_saturates_is_refused(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = build_engine(source, tmp_path / "e.onnx", encoding="u8u8")
+    model = onnx.load(engine)
+    options = next(p for p in model.metadata_props if p.key == "qatflow.build_options")
+    options.value = json.dumps({**json.loads(options.value), "encoding": "u8s8"})
+    onnx.save(model, engine)
+    avx2 = CpuInt8(("avx2",), ("u8u8",))
+    monkeypatch.setattr(onnxruntime_backend, "detect", lambda: avx2)
+    with pytest.raises(RuntimeBackendError, match="saturate on this CPU") as info:
+        load_engine(engine)
+    message = str(info.value)
+    assert "avx2 (no VNNI)" in message and detect().isa in message
+    assert f"qatflow build-engine {source.resolve()} --output {engine}" in message
+
+
+def test_a_failing_engine_is_rebuilt_then_refused_and_nothing_is_written(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass that corrupts the weights stands in for a wrong kernel."""
+    attempts: list[str] = []
+    real_passes = onnxruntime_backend.ort_graph_passes
+
+    def negate(model: onnx.ModelProto) -> onnx.ModelProto:
+        for init in model.graph.initializer:
+            value = onnx.numpy_helper.to_array(init)
+            if value.dtype == np.int8 and value.ndim == 4:
+                init.CopyFrom(onnx.numpy_helper.from_array(-value, init.name))
+        return model
+
+    def passes(model: onnx.ModelProto, **options: object) -> list[object]:
+        attempts.append(str(options["requantize"]))
+        return [*real_passes(model, **options), ("negate", negate)]  # type: ignore[arg-type]
+
+    monkeypatch.setattr(onnxruntime_backend, "ort_graph_passes", passes)
+    out = tmp_path / "out" / "e.onnx"
+    with pytest.raises(RuntimeBackendError, match="No engine was written"):
+        build_engine(source, out, fidelity_data=near_binary(64))
+    assert attempts == ["calibrated", "none"]
+    assert not out.exists()
+
+
+EMULATED = """
+import json, sys
+import onnx
+sys.path.insert(0, {root!r})
+from tests.int8_models import near_binary, saturating_cnn
+from qatflow.errors import RuntimeBackendError
+from qatflow.runtimes import build_engine, load_engine
+from qatflow.runtimes.cpu_int8 import detect
+out = {{"isa": detect().isa, "exact": list(detect().exact)}}
+onnx.save(saturating_cnn(), sys.argv[1] + "/qdq.onnx")
+try:
+    build_engine(sys.argv[1] + "/qdq.onnx", sys.argv[1] + "/u8s8.onnx",
+                 fidelity_data=near_binary(64), encoding="u8s8")
+    out["u8s8"] = "built"
+except RuntimeBackendError as exc:
+    out["u8s8"] = str(exc)
+build_engine(sys.argv[1] + "/qdq.onnx", sys.argv[1] + "/auto.onnx", fidelity_data=near_binary(64))
+out["auto"] = load_engine(sys.argv[1] + "/auto.onnx").metadata.build_options["encoding"]
+try:
+    load_engine(sys.argv[2])
+    out["native"] = "loaded"
+except RuntimeBackendError as exc:
+    out["native"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+def test_on_an_emulated_avx2_cpu_u8s8_is_refused_and_auto_is_exact(
+    source: Path, tmp_path: Path
+) -> None:
+    qemu = shutil.which("qemu-x86_64")
+    assert qemu, "qemu-user is needed for the AVX2 test: `make setup` installs it"
+    native = build_engine(source, tmp_path / "native.onnx")  # auto on this CPU
+    script = tmp_path / "emulated.py"
+    script.write_text(EMULATED.format(root=str(ROOT)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [qemu, "-cpu", "Haswell", sys.executable, str(script), str(tmp_path), str(native)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["isa"] == "avx2 (no VNNI)" and result["exact"] == ["u8u8"]
+    assert "disagrees with its reference" in result["u8s8"]
+    assert "first diverging tensor" in result["u8s8"]
+    assert result["auto"] == "u8u8"
+    if "u8s8" in detect().exact:  # built here as u8s8: refused on the AVX2 CPU
+        assert "saturate on this CPU (avx2 (no VNNI)" in result["native"]
+    else:
+        assert result["native"] == "loaded"
