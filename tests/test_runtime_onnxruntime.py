@@ -24,17 +24,15 @@ from qatflow.runtimes.onnxruntime_backend import (
     read_ort_metadata,
     write_ort_metadata,
 )
+from qatflow.runtimes.reference import run_reference
 
 INTEGER_OPS = {"QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "QGemm"}
 HOOK = "qatflow.runtimes.ort_int8"
 
 
 def reference(model_path: Path, batch: np.ndarray) -> np.ndarray:
-    """Outputs of the unoptimized source model."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    return np.asarray(session.run(None, {"input": batch})[0])
+    """Outputs of the source model run as float math (the engines' reference)."""
+    return run_reference(onnx.load(model_path), {"input": batch})[0]
 
 
 def ops(path: Path) -> Counter[str]:
