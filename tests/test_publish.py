@@ -20,7 +20,15 @@ from tests.test_tracking import mlflow_server
 from qatflow.comparison import Comparison
 from qatflow.errors import DataError, PipelineError, StorageError
 from qatflow.publish import publish
-from qatflow.tracking import CHAMPION_ALIAS, METRIC_KEYS, OFFLINE_PREFIX, PARENT_TAG, VARIANTS
+from qatflow.tracking import (
+    CHAMPION_ALIAS,
+    FIDELITY_METRICS,
+    FIDELITY_TAG,
+    METRIC_KEYS,
+    OFFLINE_PREFIX,
+    PARENT_TAG,
+    VARIANTS,
+)
 
 __all__ = ["mlflow_server", "s3_endpoint"]
 
@@ -99,7 +107,9 @@ def test_publish_to_server_and_s3(
     children = _children(client, parent_id)
     assert set(children) == set(VARIANTS) == set(summary["mlflow"]["child_run_ids"])
     for variant, run in children.items():
-        assert set(run.data.metrics) == {*METRIC_KEYS, "agreement_vs_fp32"}, variant
+        # Every variant is an engine checked against its reference at build time.
+        assert set(run.data.metrics) == {*METRIC_KEYS, "agreement_vs_fp32", *FIDELITY_METRICS}
+        assert run.data.tags[FIDELITY_TAG] == "passed", variant
         assert run.data.params["runtime"] == "onnxruntime"
         artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
         assert artifacts == {"onnx", "engine", "evaluation"}, variant
@@ -181,7 +191,11 @@ def test_unreachable_mlflow_keeps_everything_offline(chain: Chain, tmp_path: Pat
     assert parent["params"]["qat.epochs"] == "1"
     for variant, run_id in mlflow["child_run_ids"].items():
         child = json.loads((offline / f"{run_id}.json").read_text())
-        assert set(child["metrics"]) == {*METRIC_KEYS, "agreement_vs_fp32"} - {"accuracy_top5"}
+        assert set(child["metrics"]) == {
+            *METRIC_KEYS,
+            "agreement_vs_fp32",
+            *FIDELITY_METRICS,
+        } - {"accuracy_top5"}
         assert child["tags"]["variant"] == variant
         assert {a["artifact_path"] for a in child["artifacts"]} == {"onnx", "engine", "evaluation"}
 

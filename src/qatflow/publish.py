@@ -171,6 +171,7 @@ def publish(
             with tracker.ending(child):
                 tracker.log_variant_metrics(child, metrics[variant], omit=omitted)
                 tracker.log_metrics(child, {"agreement_vs_fp32": row.agreement})
+                tracker.log_engine_fidelity(child, row.fidelity, row.engine)
                 tracker.log_artifact(child, onnx[variant], "onnx")
                 tracker.log_artifact(child, engines[variant], "engine")
                 tracker.log_artifact(child, results[variant], "evaluation")
