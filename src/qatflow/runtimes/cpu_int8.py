@@ -233,7 +233,8 @@ def probe_model(encoding: Encoding) -> onnx.ModelProto:
         )
         outputs.append(helper.make_tensor_value_info(f"{name}_q", TensorProto.UINT8, out_shape))
     graph = helper.make_graph(nodes, "qatflow_int8_probe", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    # IR 8 (opset 17): loadable by every ONNX Runtime the project supports, whatever onnx made.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     encode_weights(model, encoding)
     return model
 
