@@ -24,7 +24,7 @@ from tests.test_tracking import mlflow_server
 
 from qatflow.errors import PipelineError
 from qatflow.local_run import run_local
-from qatflow.tracking import METRIC_KEYS, PARENT_TAG
+from qatflow.tracking import FIDELITY_METRICS, METRIC_KEYS, PARENT_TAG
 
 __all__ = ["mlflow_server", "s3_endpoint"]
 
@@ -95,7 +95,7 @@ def test_mlflow_parent_and_variant_runs(smoke: Run, mlflow_server: str) -> None:
     )
     assert sorted(run.data.tags["variant"] for run in children) == VARIANTS
     for run in children:
-        assert set(run.data.metrics) == {*METRIC_KEYS, "agreement_vs_fp32"}
+        assert set(run.data.metrics) == {*METRIC_KEYS, "agreement_vs_fp32", *FIDELITY_METRICS}
     version = smoke.summary["registry"]["version"]
     assert version == "1" and smoke.summary["registry"]["gate"]["version"] == "1"
     assert f"MLflow: parent run {parent.info.run_id}" in smoke.stdout
@@ -139,7 +139,7 @@ def test_cached_rerun_with_mlflow_unreachable(smoke: Run, tmp_path: Path) -> Non
     for variant, run_id in mlflow["child_run_ids"].items():
         child = json.loads((tmp_path / "mlflow-offline" / f"{run_id}.json").read_text())
         assert child["tags"]["variant"] == variant
-        assert set(child["metrics"]) == {*METRIC_KEYS, "agreement_vs_fp32"}
+        assert set(child["metrics"]) == {*METRIC_KEYS, "agreement_vs_fp32", *FIDELITY_METRICS}
     assert rerun.summary["registry"]["version"] is None
 
 

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import keras
 import numpy as np
-import onnxruntime as ort
+import onnx
 import pytest
 from tests.model_zoo import small_cnn
 
 import qatflow
+import qatflow.errors
 from qatflow.data import load_dataset
+from qatflow.runtimes import build_engine, load_engine
+from qatflow.runtimes.cpu_int8 import detect
+from qatflow.runtimes.fidelity import compare_outputs
+from qatflow.runtimes.reference import run_reference
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +42,7 @@ def test_int8_onnx_agrees_with_keras_qdq_and_fp32(trained, tmp_path):
     qmodel = qatflow.quantize_model(model)
     qatflow.calibrate(qmodel, data.calibration, method="percentile", num_batches=4)
     path = qatflow.export_onnx(qmodel, tmp_path / "trained_int8.onnx")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    onnx_logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+    onnx_logits = run_reference(onnx.load(path), {"image": x})[0]
     qdq_logits = qmodel.predict(x, verbose=0)
     fp32_logits = model.predict(x, verbose=0)
 
@@ -60,3 +64,30 @@ def test_int8_onnx_agrees_with_keras_qdq_and_fp32(trained, tmp_path):
     assert max_abs_diff <= 0.05 * np.abs(qdq_logits).max()
     assert agreement_fp32 >= 0.96
     assert abs(accuracy["fp32"] - accuracy["int8_onnx"]) <= 0.02
+
+
+@pytest.mark.parametrize("encoding", ["u8s8", "u8u8"])
+def test_int8_engine_matches_its_reference_in_each_exact_encoding(trained, tmp_path, encoding):
+    """The engine of a trained model against the QDQ ONNX run as float math, on held-out images
+    (the build checked it on calibration images). An encoding this CPU does not compute
+    exactly is refused at build time instead."""
+    model, data, x, _ = trained
+    qmodel = qatflow.quantize_model(model)
+    qatflow.calibrate(qmodel, data.calibration, method="percentile", num_batches=4)
+    path = qatflow.export_onnx(qmodel, tmp_path / "int8.onnx")
+    if encoding not in detect().exact:
+        with pytest.raises(qatflow.errors.RuntimeBackendError, match="disagrees"):
+            build_engine(
+                path, tmp_path / "e.onnx", fidelity_data=data.calibration, encoding=encoding
+            )
+        return
+    engine = load_engine(
+        build_engine(path, tmp_path / "e.onnx", fidelity_data=data.calibration, encoding=encoding)
+    )
+    assert engine.metadata.build_options["encoding"] == encoding
+    assert engine.metadata.fidelity["passed"]
+    report = compare_outputs(
+        run_reference(onnx.load(path), {"image": x})[0], engine.run(x), data="test"
+    )
+    print(report.summary())
+    assert report.passed

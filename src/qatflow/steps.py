@@ -282,10 +282,11 @@ def build_engine(
     """Build the runtime engine for an ONNX model (ONNX Runtime on CPU or TensorRT on a GPU).
 
     The engine is checked against the ONNX run as float math before it is written: on the
-    calibration split of ``dataset_spec`` (a dataset spec, URI or ``.npy`` of inputs), or without
-    one on synthetic inputs, which check the integer kernels only. ``encoding`` (ONNX Runtime
-    only): ``auto``, ``u8s8`` or ``u8u8``.
+    calibration split of the dataset spec ``dataset_spec``, or without one on synthetic inputs,
+    which check the integer kernels only. ``encoding`` (ONNX Runtime only): ``auto``, ``u8s8``
+    or ``u8u8``.
     """
+    from qatflow.data import load_dataset_from_spec
     from qatflow.runtimes import build_engine as build
 
     options: dict[str, Any] = {}
@@ -293,7 +294,7 @@ def build_engine(
         options["encoding"] = encoding
     elif encoding != "auto":
         raise RuntimeBackendError(f"encoding {encoding!r} applies to onnxruntime only")
-    data = None if dataset_spec is None else calibration_batches(dataset_spec)
+    data = None if dataset_spec is None else load_dataset_from_spec(dataset_spec).calibration
     return build(
         onnx_path,
         output_path,

@@ -152,9 +152,8 @@ def _register_engines(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     )
     engine.add_argument(
         "--dataset",
-        help="data the engine is checked on before it is written: its calibration split "
-        "(a dataset spec .json, a dataset URI, or a .npy of inputs); without it, synthetic "
-        "inputs check the integer kernels only. " + _DATASET_HELP,
+        help="check the engine on this dataset's calibration split before it is written "
+        "(without it, synthetic inputs check the integer kernels only): " + _DATASET_HELP,
     )
     engine.add_argument(
         "--encoding",

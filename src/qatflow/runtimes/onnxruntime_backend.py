@@ -75,6 +75,12 @@ _DTYPES: dict[str, type[np.generic]] = {
 }
 _INT8_REWRITE_MODULE = "qatflow.runtimes.ort_int8"
 _FIDELITY_BATCH = 32
+# rewrite_for_ort_int8 (relu, requantize): the fast default, then the exact fallback. Relus stay
+# exact in both: "absorb" keeps values above 127 x scale that TensorRT clips, and a QAT model
+# learns to rely on that clipping (its smoke-run engine agreed on 95.5 % only; docs/exact-int8.md).
+RewriteMode = tuple[str, str]
+FAST_REWRITE: RewriteMode = ("exact", "calibrated")
+EXACT_REWRITE: RewriteMode = ("exact", "none")
 _METADATA_PREFIX = "qatflow."
 _STRING_FIELDS = frozenset(
     {
@@ -135,24 +141,28 @@ def ort_graph_passes(
     *,
     int8_rewrite: bool,
     encoding: Encoding = "u8s8",
-    requantize: str = "calibrated",
+    rewrite: RewriteMode = FAST_REWRITE,
     calibration: list[dict[str, np.ndarray]] | None = None,
 ) -> list[tuple[str, GraphPass]]:
     """Ordered ONNX graph passes applied before ORT optimizes and saves the model.
 
     For a graph with QuantizeLinear nodes: ``rewrite_for_ort_int8`` (when ``int8_rewrite`` is on
-    and ``qatflow.runtimes.ort_int8`` is importable, with ``requantize`` and ``calibration``),
-    then the weight ``encoding`` (:func:`qatflow.runtimes.cpu_int8.encode_weights`).
+    and ``qatflow.runtimes.ort_int8`` is importable, with the ``(relu, requantize)`` options of
+    ``rewrite`` and ``calibration``), then the weight ``encoding``
+    (:func:`qatflow.runtimes.cpu_int8.encode_weights`).
     """
     passes: list[tuple[str, GraphPass]] = []
     if not has_qdq(model):
         return passes
     if int8_rewrite:
-        rewrite = _int8_rewrite_pass()
-        if rewrite is not None:
+        rewrite_pass = _int8_rewrite_pass()
+        if rewrite_pass is not None:
+            relu, requantize = rewrite
 
             def rewritten(graph: onnx.ModelProto) -> onnx.ModelProto:
-                return rewrite(graph, calibration=calibration, requantize=requantize)
+                return rewrite_pass(
+                    graph, calibration=calibration, relu=relu, requantize=requantize
+                )
 
             passes.append((f"{_INT8_REWRITE_MODULE}.rewrite_for_ort_int8", rewritten))
     if encoding != "u8s8":
@@ -235,7 +245,8 @@ def build_ort_engine(
 
     ``check`` says which inputs the engine is compared with its reference on.
     When the engine fails the check and the int8 rewrite added requantization points, it is
-    rebuilt once with ``requantize="none"`` (those tensors stay float); if it still fails,
+    rebuilt once with the exact rewrite (``relu="exact", requantize="none"``: Relus kept and the
+    requantized tensors left float); if it still fails,
     nothing is written and the error names the first diverging tensor.
     """
     import onnxruntime as ort
@@ -260,13 +271,13 @@ def build_ort_engine(
     )
     calibration = None if check.data is None else [{input_name: b} for b in batches]
     threads = options.threads or physical_cores()
-    attempts = ["calibrated", "none"] if quantized and options.int8_rewrite else ["calibrated"]
-    for requantize in attempts:
+    rewrites = [FAST_REWRITE, EXACT_REWRITE] if quantized and options.int8_rewrite else []
+    for rewrite in rewrites or [FAST_REWRITE]:
         passes = ort_graph_passes(
             model,
             int8_rewrite=options.int8_rewrite,
             encoding=encoding or "u8s8",
-            requantize=requantize,
+            rewrite=rewrite,
             calibration=calibration,
         )
         prepared = _apply_passes(model, passes, source)
@@ -282,7 +293,7 @@ def build_ort_engine(
         report = compare_outputs(expected, got, data=data_label)
         if report.passed:
             break
-        logger.warning("%s: %s (requantize=%s)", source, report.summary(), requantize)
+        logger.warning("%s: %s (rewrite relu/requantize %s)", source, report.summary(), rewrite)
     else:
         raise _fidelity_error(source, prepared, input_name, inputs, report, encoding)
     logger.info("%s: %s", source, report.summary())
@@ -299,7 +310,9 @@ def build_ort_engine(
         build_options={
             **dataclasses.asdict(options),
             "encoding": encoding,
-            "requantize": requantize if quantized and options.int8_rewrite else None,
+            "rewrite": dict(zip(("relu", "requantize"), rewrite, strict=True))
+            if rewrites
+            else None,
             "graph_passes": [name for name, _ in passes],
             "optimized_ops": dict(sorted(ops.items())),
         },

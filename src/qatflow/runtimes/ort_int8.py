@@ -280,23 +280,37 @@ def _fold_weight_quantize(rw: _Rewriter) -> None:
     rw.reindex()
 
 
-def _moved_axis(
+def _moved_channels(
     rw: _Rewriter, node: onnx.NodeProto, shape: tuple[int, ...], axis: int
-) -> int | None:
-    """Where channel ``axis`` of a tensor of ``shape`` ends up after ``node``; None if mixed."""
+) -> tuple[int, np.ndarray] | None:
+    """Where channel ``axis`` of a tensor of ``shape`` ends up after layout op ``node``.
+
+    Returns ``(new_axis, source)``: along ``new_axis`` of the moved tensor, position ``i`` holds
+    only elements of source channel ``source[i]`` (a plain move has ``source == arange``; a
+    depthwise Reshape that merges channels with the depth multiplier repeats each channel).
+    None when no axis of the result holds a single source channel per position.
+    """
     channels = np.arange(shape[axis]).reshape([-1 if a == axis else 1 for a in range(len(shape))])
     moved = apply_layout(node, np.broadcast_to(channels, shape), rw.const)
     if moved is None:
         return None
+    found: list[tuple[int, np.ndarray]] = []
     for a, size in enumerate(moved.shape):
-        expected = np.arange(size).reshape([-1 if b == a else 1 for b in range(moved.ndim)])
-        if size == shape[axis] and np.array_equal(moved, np.broadcast_to(expected, moved.shape)):
-            return a
-    return None
+        rows = np.moveaxis(moved, a, 0).reshape(size, -1)
+        if size > 1 and rows.shape[1] and np.all(rows == rows[:, :1]):
+            found.append((a, rows[:, 0].copy()))
+    # Prefer a plain move, which keeps the parameters as they are.
+    found.sort(key=lambda f: not np.array_equal(f[1], np.arange(shape[axis])))
+    return found[0] if found else None
 
 
 def _fold_weight_layout(rw: _Rewriter) -> None:
-    """DQ(int8 constant) -> Transpose/Reshape/... becomes DQ(moved int8 constant)."""
+    """DQ(int8 constant) -> Transpose/Reshape/... becomes DQ(moved int8 constant).
+
+    Per-channel scales and zero-points follow their channels: moved with a Transpose, repeated
+    per output channel where a depthwise Reshape merges channels and the depth multiplier.
+    Every weight keeps its own scale and zero-point, so the result is bit-exact.
+    """
     changed = True
     while changed:
         changed = False
@@ -309,19 +323,33 @@ def _fold_weight_layout(rw: _Rewriter) -> None:
                 and not rw.is_output(u.output[0])
             ]
             data, scale = rw.const(dq.input[0]), rw.const(dq.input[1])
-            if not users or data is None or scale is None:
+            zp_name = dq.input[2] if len(dq.input) > 2 else ""
+            zero = rw.const(zp_name) if zp_name else None
+            if not users or data is None or scale is None or (zp_name and zero is None):
+                continue
+            if any(a.name == "block_size" for a in dq.attribute):
                 continue
             for user in users:
                 moved = apply_layout(user, data, rw.const)
                 if moved is None:
                     continue
                 attrs = {}
+                params = list(dq.input[1:])
                 if scale.size > 1:
-                    axis = _moved_axis(rw, user, data.shape, _axis_of(dq) % data.ndim)
-                    if axis is None:
+                    axis = _axis_of(dq) % data.ndim
+                    if scale.size != data.shape[axis]:
                         continue
-                    attrs["axis"] = axis
-                inputs = [rw.add_const(moved, f"{user.output[0]}_int8"), *dq.input[1:]]
+                    found = _moved_channels(rw, user, data.shape, axis)
+                    if found is None:
+                        continue
+                    attrs["axis"], source = found
+                    if not np.array_equal(source, np.arange(data.shape[axis])):
+                        gathered = scale.reshape(-1)[source]
+                        params = [rw.add_const(gathered, f"{user.output[0]}_scale")]
+                        if zero is not None:
+                            gathered = zero.reshape(-1)[source] if zero.size > 1 else zero
+                            params.append(rw.add_const(gathered, f"{user.output[0]}_zero_point"))
+                inputs = [rw.add_const(moved, f"{user.output[0]}_int8"), *params]
                 detached = rw.fresh(f"{user.output[0]}_float")
                 rw.add_node(_DQ, inputs, user.output[0], **attrs)
                 user.output[0] = detached
