@@ -191,7 +191,12 @@ def test_onnx_runtime_engine_agrees_with_keras_reference(
     metadata = load_engine(engine_path).metadata
     assert metadata.fidelity and result.fidelity == metadata.fidelity
     assert result.fidelity["passed"] is True and result.fidelity["agreement"] == 1.0
-    assert result.engine == {"isa": metadata.device["isa"]}  # float model: no int encoding
+    # A float model: no integer encoding, and no node or time in integer kernels.
+    assert result.engine == {
+        "isa": metadata.device["isa"],
+        "integer_nodes": "0.0%",
+        "integer_time": "0.0%",
+    }
 
 
 def test_engine_path_is_loaded_with_the_requested_threads(

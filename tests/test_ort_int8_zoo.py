@@ -6,15 +6,18 @@ match the reference: the exported TensorRT-style QDQ graph run as float math
 (``run_reference``, ORT optimizations off).
 
 Random-weight deep nets are chaotic under int8 rounding: one float-rounding difference moves a
-value across a rounding boundary of the next Q, and the flip grows layer after layer. The
+value across a rounding boundary of the next Q, and the flip grows layer after layer (one ulp
+on the conv weight scales alone moves these nets' logits by 1-11% of their range). The
 affine-folding pass (batch norm folded into the weight scales and bias) is the same math up to
-such float rounding, so on the application families the exact passes are checked twice:
+such float rounding, so the exact passes (``relu="exact", requantize="none"``) are checked:
 
-* on the exported graph with every batch-norm gain rounded to a power of two (the folded
-  scales are then exact in float32 and the rewritten graph must give the same numbers, bit for
-  bit, up to ``EXACT_TOLERANCE``);
-* on the exported graph itself, against the noise floor of the reference: how far it moves
-  when each batch-norm gain moves by one float32 ulp (what the folding's rounding does).
+* on the exported graph with every batch-norm gain rounded to a power of two: the folded
+  scales are then exact in float32 and the rewritten graph, run as float, must give the same
+  logits bit for bit (``EXACT_TOLERANCE``; 0.0 measured on every model here);
+* on the exported graph itself: the first dequantized activation that differs must differ by
+  isolated one-step flips (a wrong axis, bias or weight layout moves most of its values). The
+  logits' max difference is printed (2-11% of the range on the applications, chaos) and
+  asserted within 5% of the range on the small trained models.
 
 The fused integer kernels are checked to run and give finite outputs of the right shape; their
 agreement with the reference is asserted (``compare_outputs(...).passed``) on the small models,
@@ -50,9 +53,10 @@ from qatflow.runtimes.reference import run_optimized, run_reference
 
 # Bit-exact in practice (0.0 measured); room for one float32 rounding of the logits.
 EXACT_TOLERANCE = 1e-6
-# Exact passes on the unmodified graph: within 5% of the logit range or 3x the ulp noise floor.
+# The first activation the folded scales' float rounding changes: isolated one-step flips.
+FLIP_FRACTION = 1e-3
+# Exact passes on the small trained models, as exported (batch-norm gains as they are).
 EXACT_RANGE_FRACTION = 0.05
-FLOOR_FACTOR = 3.0
 
 Feeds = dict[str, np.ndarray]
 
@@ -101,6 +105,14 @@ FAMILIES: dict[str, tuple[Callable[[], keras.Model], tuple[int, int, int], float
     "DenseNet121": (application(keras.applications.DenseNet121, (64, 64, 3)), (64, 64, 3), 1.0),
     "InceptionV3": (application(keras.applications.InceptionV3, (75, 75, 3)), (75, 75, 3), 1.0),
 }
+
+
+# Without calibration data a Conv fuses only where its output reaches a Q (directly, through a
+# Relu, data-movement ops or a residual Add). DenseNet121's 59 growth convs feed a Concatenate
+# whose output goes to the next layer's float batch norm; EfficientNetB0's convs feed swish
+# (x * sigmoid(x)) in float, except its 16 linear projection convs. Those stay float (exact);
+# with calibration data every Conv fuses.
+UNCALIBRATED_QLINEARCONV = {"DenseNet121": 61, "EfficientNetB0": 16}
 
 
 def unet_like() -> keras.Model:
@@ -195,53 +207,64 @@ def with_power_of_two_gains(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def with_nudged_gains(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
-    """A copy of ``model`` with every batch-norm gain after a Conv moved by one float32 ulp."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph, nodes = _folded_gains(out)
-    inits = {init.name: init for init in graph.initializer}
-    rng = np.random.default_rng(seed)
-    done: set[str] = set()
-    for node in (n for n in nodes if n.op_type == "Mul"):
-        for name in (n for n in node.input if n in inits and n not in done):
-            gain = numpy_helper.to_array(inits[name])
-            direction = np.where(rng.random(gain.shape) < 0.5, np.inf, -np.inf).astype(gain.dtype)
-            inits[name].CopyFrom(numpy_helper.from_array(np.nextafter(gain, direction), name))
-            done.add(name)
-    return out
+def first_divergence(
+    exported: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: Feeds
+) -> tuple[str, int, int, float] | None:
+    """The first dequantized activation (in graph order) where ``rewritten`` run as float differs
+    from ``exported``: (tensor, differing elements, elements, largest difference in quantization
+    steps); None if none differs."""
+    inits = {init.name for init in exported.graph.initializer}
+    produced = {o: n for n in rewritten.graph.node for o in n.output}
+    points = [
+        (node.output[0], node.input[1])
+        for node in exported.graph.node
+        if node.op_type == "DequantizeLinear"
+        and node.input[0] not in inits
+        and node.input[1] in inits
+        and getattr(produced.get(node.output[0]), "op_type", "") == "DequantizeLinear"
+    ]
+    names = [name for name, _ in points]
+    scales = {i.name: numpy_helper.to_array(i) for i in exported.graph.initializer}
+    want = run_reference(exported, feeds, names)
+    got = run_reference(rewritten, feeds, names)
+    for (name, scale), a, b in zip(points, want, got, strict=True):
+        differs = a != b
+        if differs.any():
+            steps = float(np.abs(a - b).max() / scales[scale].max())
+            return name, int(differs.sum()), a.size, steps
+    return None
 
 
-def check_exact_passes(
-    exported: onnx.ModelProto, feeds: Feeds, name: str, *, strict: bool = False
-) -> dict[str, float]:
-    """The exact passes (relu="exact", requantize="none") run as float, against the reference."""
-    reference = run_reference(exported, feeds)[0]
-    span = float(reference.max() - reference.min())
-    assert span > 0, f"{name}: degenerate reference logits"
-    rewritten = rewrite_for_ort_int8(exported, relu="exact", requantize="none")
-    diff = float(np.abs(run_reference(rewritten, feeds)[0] - reference).max())
+def check_exact_passes(exported: onnx.ModelProto, feeds: Feeds, name: str) -> dict[str, Any]:
+    """The exact passes (relu="exact", requantize="none") run as float, against the reference.
 
+    With power-of-two batch-norm gains they must be bit-exact. On the graph as exported, the
+    folded scales round in float32: the first activation that differs must differ by isolated
+    one-step flips (a wrong axis, bias or layout would move most of its values).
+    """
     pow2 = with_power_of_two_gains(exported)
     pow2_reference = run_reference(pow2, feeds)[0]
     pow2_rewritten = rewrite_for_ort_int8(pow2, relu="exact", requantize="none")
     pow2_diff = float(np.abs(run_reference(pow2_rewritten, feeds)[0] - pow2_reference).max())
     pow2_span = float(pow2_reference.max() - pow2_reference.min())
+    assert pow2_span > 0, f"{name}: degenerate reference logits"
     assert pow2_diff <= EXACT_TOLERANCE * pow2_span, (
         f"{name}: exact passes changed the power-of-two-gain graph by {pow2_diff:.3g} "
         f"(logit range {pow2_span:.3g})"
     )
 
-    floor = max(
-        float(np.abs(run_reference(with_nudged_gains(exported, seed), feeds)[0] - reference).max())
-        for seed in (0, 1)
-    )
-    allowed = EXACT_TOLERANCE * span if strict else EXACT_RANGE_FRACTION * span
-    assert diff <= max(allowed, FLOOR_FACTOR * floor), (
-        f"{name}: exact passes moved the logits by {diff:.3g} (range {span:.3g}); one ulp on "
-        f"the batch-norm gains moves them by {floor:.3g}"
-    )
-    return {"exact_diff": diff / span, "ulp_floor": floor / span, "pow2_diff": pow2_diff}
+    reference = run_reference(exported, feeds)[0]
+    span = float(reference.max() - reference.min())
+    rewritten = rewrite_for_ort_int8(exported, relu="exact", requantize="none")
+    diff = float(np.abs(run_reference(rewritten, feeds)[0] - reference).max())
+    divergence = first_divergence(exported, rewritten, feeds)
+    if divergence is not None:
+        tensor, count, size, steps = divergence
+        assert steps <= 1.01 and count <= max(2, FLIP_FRACTION * size), (
+            f"{name}: {tensor} differs in {count} of {size} values, by up to {steps:.3g} "
+            "quantization steps"
+        )
+    return {"exact_diff": diff / span, "pow2_diff": pow2_diff, "first_divergence": divergence}
 
 
 def check_engine(
@@ -400,16 +423,13 @@ def test_application_family(family: str, tmp_path: Path, record_property: Any) -
     print(
         f"{family}: QLinearConv {plain['qlinearconv']}/{convs} (calibrated "
         f"{calibrated['qlinearconv']}/{convs}); exact passes max|diff| {stats['exact_diff']:.2%} "
-        f"of the logit range (ulp floor {stats['ulp_floor']:.2%}, power-of-two gains "
-        f"{stats['pow2_diff']:.3g}); fused max|diff| {plain['max_diff']:.2%} "
+        f"of the logit range (first divergence {stats['first_divergence']}; power-of-two "
+        f"gains {stats['pow2_diff']:.3g}); fused max|diff| {plain['max_diff']:.2%} "
         f"(calibrated {calibrated['max_diff']:.2%})"
     )
     record_property("ort_int8", {"exact": stats, "plain": plain, "calibrated": calibrated})
     assert calibrated["qlinearconv"] == convs
-    # Without calibration only a Conv whose output reaches a Q (directly, through a Relu,
-    # data-movement ops or a residual Add) can fuse; DenseNet's concatenated growth convs
-    # feed the next layer's float batch norm and stay float, as TensorRT's placement leaves them.
-    assert plain["qlinearconv"] >= (convs // 2 if family == "DenseNet121" else convs)
+    assert plain["qlinearconv"] == UNCALIBRATED_QLINEARCONV.get(family, convs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,7 +452,8 @@ def test_trained_small_model(name: str, tmp_path: Path, record_property: Any) ->
     input_name = exported.graph.input[0].name
     test = {input_name: fashion(256, shape, train=False)}
 
-    stats = check_exact_passes(exported, {input_name: test[input_name][:16]}, name, strict=True)
+    stats = check_exact_passes(exported, {input_name: test[input_name][:16]}, name)
+    assert stats["exact_diff"] <= EXACT_RANGE_FRACTION, stats
     results = {}
     for label, calibration in (("plain", None), ("calibrated", [{input_name: train[:64]}])):
         results[label] = check_engine(exported, test, calibration)

@@ -89,7 +89,14 @@ def test_fidelity_column_explanation_and_section(
     results: dict[str, EvaluationResult], tmp_path: Path
 ) -> None:
     results["qat_int8"] = make_result(
-        QAT, fidelity=fidelity_report(0.999), engine={"encoding": "u8s8", "isa": "avx512_vnni"}
+        QAT,
+        fidelity=fidelity_report(0.999),
+        engine={
+            "encoding": "u8s8",
+            "isa": "avx512_vnni",
+            "integer_nodes": "87.5%",
+            "integer_time": "96.7%",
+        },
     )
     results["ptq_int8"] = make_result(
         PTQ,
@@ -114,14 +121,14 @@ def test_fidelity_column_explanation_and_section(
     assert section.startswith(FIDELITY_EXPLANATION + ". It passes when")
     assert (
         "| Variant | Fidelity | Decided agreement (%) | p99 abs error (tolerance) | Max abs error "
-        "| Checked on | Encoding / ISA |"
+        "| Checked on | Encoding / ISA | Integer kernels (nodes / time) |"
     ) in section
     assert f"| fp32 | {NONE_MARK} | {NONE_MARK} | {NONE_MARK} | {NONE_MARK} | {NONE_MARK} |" in (
         section
     )
     assert (
         "| qat_int8 | 99.90% pass | 100.00 of 980 (need 99.90) | 0.0125 (1) | 0.02 "
-        "| calibration images (64) | u8s8 / avx512_vnni |"
+        "| calibration images (64) | u8s8 / avx512_vnni | 87.5% / 96.7% |"
     ) in section
     assert "| ptq_int8 | 61.25% FAIL | 61.25 of 980 (need 99.90) | 2.25 (1) | 3.5 |" in section
 

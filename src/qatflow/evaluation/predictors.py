@@ -139,13 +139,18 @@ def engine_provenance(
 
     Returns ``(fidelity, engine)``: ``fidelity`` is ``metadata.fidelity`` (``None`` when empty,
     i.e. no check was made); ``engine`` holds ``encoding`` (``build_options["encoding"]``) and
-    ``isa`` (``device["isa"]``) where recorded, ``None`` when neither is.
+    ``isa`` (``device["isa"]``) and the share of compute nodes and of kernel time in integer
+    kernels (``integer_nodes``, ``integer_time``) where recorded, ``None`` when none is.
     """
     provenance: dict[str, str] = {}
     for key, recorded in (("encoding", metadata.build_options), ("isa", metadata.device)):
         value = recorded.get(key)
         if value is not None and str(value):
             provenance[key] = str(value)
+    share = metadata.build_options.get("integer_share") or {}
+    for key in ("nodes", "time"):
+        if isinstance(share.get(key), int | float):
+            provenance[f"integer_{key}"] = f"{100 * share[key]:.1f}%"
     fidelity = json_safe(dict(metadata.fidelity)) if metadata.fidelity else None
     return fidelity, provenance or None
 

@@ -171,13 +171,15 @@ def _fidelity(comparison: Comparison, results: Mapping[str, EvaluationResult]) -
         "Max abs error",
         "Checked on",
         "Encoding / ISA",
+        "Integer kernels (nodes / time)",
     )
     rows = [_fidelity_cells(name, results[name]) for name in comparison.variants]
     note = (
         f"{FIDELITY_EXPLANATION}. It passes when the p99 of the per-sample max absolute logit "
         "error is within the tolerance (a share of the reference's output range) and top-1 "
         "agreement reaches the minimum on the samples the reference decides by more than the "
-        "tolerance (*decided*)."
+        "tolerance (*decided*). *Integer kernels*: the share of the engine's compute nodes, "
+        "and of ONNX Runtime's profiled kernel time, that run as integer kernels."
     )
     return note + "\n\n" + markdown_table(headers, rows, numeric=False)
 
@@ -200,7 +202,13 @@ def _fidelity_cells(name: str, result: EvaluationResult) -> list[str]:
         _number(check.get("max_abs_error"), "{:.4g}".format),
         str(check.get("data") or NONE_MARK),
         engine_cell(result.engine),
+        _integer_cell(result.engine),
     ]
+
+
+def _integer_cell(engine: Mapping[str, str] | None) -> str:
+    shares = [engine.get(f"integer_{key}") for key in ("nodes", "time")] if engine else []
+    return " / ".join(share or NONE_MARK for share in shares) or NONE_MARK
 
 
 def _number(value: object, fmt: Callable[[float], str], missing: str = NONE_MARK) -> str:

@@ -52,6 +52,7 @@ from qatflow.runtimes.fidelity import (
     first_divergence,
     reference_outputs,
 )
+from qatflow.runtimes.integer_share import node_share, time_share
 from qatflow.storage import atomic_output
 
 logger = logging.getLogger("qatflow.runtimes.onnxruntime")
@@ -298,6 +299,14 @@ def build_ort_engine(
         raise _fidelity_error(source, prepared, input_name, inputs, report, encoding)
     logger.info("%s: %s", source, report.summary())
     ops = collections.Counter(node.op_type for node in optimized.graph.node)
+    share = {
+        "nodes": node_share(ops),
+        "time": time_share(
+            optimized,
+            _session_options(threads, options.execution_mode, "all"),
+            {input_name: inputs[:chunk]},
+        ),
+    }
     metadata = EngineMetadata(
         runtime="onnxruntime",
         runtime_version=ort.__version__,
@@ -315,6 +324,7 @@ def build_ort_engine(
             else None,
             "graph_passes": [name for name, _ in passes],
             "optimized_ops": dict(sorted(ops.items())),
+            "integer_share": share,
         },
         device=detect().to_dict(),
         fidelity=report.to_dict(),
@@ -323,7 +333,13 @@ def build_ort_engine(
     with atomic_output(output) as tmp_output:
         onnx.save(optimized, tmp_output)
         _check_plain_session(tmp_output, output)
-    logger.info("ONNX Runtime engine %s built from %s (ops %s)", output, source, dict(ops))
+    logger.info(
+        "ONNX Runtime engine %s built from %s (ops %s; integer share %s)",
+        output,
+        source,
+        dict(ops),
+        share,
+    )
     return output
 
 
