@@ -79,6 +79,26 @@ def apply_layout(
     return None
 
 
+def quantize_constant(
+    x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int, *, narrow: bool = False
+) -> np.ndarray:
+    """ONNX QuantizeLinear of a constant, as ONNX Runtime computes it: ``x / scale`` in float32,
+    rounded half to even, plus the zero-point, saturated to the zero-point's type.
+
+    A per-channel ``scale`` (and ``zero_point``) runs along ``axis``. ``narrow`` saturates
+    signed values to ``[-127, 127]``: Keras' narrow-range fake quantization, which an ONNX Q
+    cannot express.
+    """
+    shape = [1] * x.ndim
+    if scale.size > 1:
+        shape[axis % x.ndim] = scale.size
+    scaled = np.rint(x.astype(np.float32) / scale.astype(np.float32).reshape(shape))
+    zero = zero_point.astype(np.int64).reshape(shape if zero_point.size > 1 else [])
+    info = np.iinfo(zero_point.dtype)
+    low = info.min + 1 if narrow and info.min < 0 else info.min
+    return np.clip(scaled + zero, low, info.max).astype(zero_point.dtype)
+
+
 def attribute(node: onnx.NodeProto, name: str, default: int | None = None) -> int | None:
     """An integer attribute of ``node`` or ``default``."""
     for attr in node.attribute:

@@ -18,6 +18,7 @@ from qatflow.onnx_graph import (
     GraphIndex,
     apply_layout,
     attribute,
+    quantize_constant,
     topological_sort,
 )
 
@@ -118,7 +119,8 @@ def fold_weight_quantization(model: onnx.ModelProto) -> int:
             continue
         axis = attribute(q, "axis", 1) or 0
         scale_map = _expand_scale(scale.astype(np.float32), axis, weights.shape)
-        quantized = np.clip(np.rint(weights / scale_map), -127, 127).astype(np.int8)
+        # Narrow range, as Keras' fake quantization computed the weights.
+        quantized = quantize_constant(weights, scale, np.zeros((), np.int8), axis, narrow=True)
         chain, quantized, scale_map = _follow_layout(dq, quantized, scale_map, index)
         tail = chain[-1] if chain else dq
         users = index.consumers.get(tail.output[0], [])
