@@ -166,7 +166,8 @@ def summary(model: onnx.ModelProto) -> dict[str, Any]:
 
 
 def _folded_gains(model: onnx.ModelProto) -> tuple[onnx.GraphProto, list[onnx.NodeProto]]:
-    """The graph and every Conv whose only reader is a Mul or Add (what affine folding takes)."""
+    """The graph, and the Convs whose only reader is a Mul or Add (what affine folding takes)
+    after those readers."""
     graph = model.graph
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:

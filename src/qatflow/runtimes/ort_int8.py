@@ -7,10 +7,11 @@ into a QuantizeLinear (``DQ -> Conv -> Q`` becomes QLinearConv; a Relu in betwee
 when the Q's zero-point is the type minimum). This module rewrites the ONNX graph so both hold:
 
 1. exact passes: weight Q folded into int8 initializers (with any Transpose/Reshape between DQ and
-   the op applied to them), BatchNormalization/Mul/Add after a Conv folded into its per-channel
-   weight scales and bias, activations re-encoded as uint8 with zero-point 128 (``q_u8 = q_s8 +
+   the op applied to them), activations re-encoded as uint8 with zero-point 128 (``q_u8 = q_s8 +
    128``, same scale), Q moved above data-movement ops (MaxPool, Pad, Reshape, Transpose, Clip...),
-   identical Qs of one tensor merged;
+   identical Qs of one tensor merged; and BatchNormalization/Mul/Add after a Conv folded into its
+   per-channel weight scales and bias, which is the same math but not bit-exact (the folded scale
+   and bias are rounded once in float32, where the reference rounds after each op);
 2. fusion passes: for every op ORT can run in integer (Conv, MatMul, Gemm, Add, Mul, pools,
    Concat...) the output gets one Q: a Relu before the Q is absorbed (``relu="absorb"``: the Q's
    zero-point moves to 0, so values above 127*scale are no longer clipped) or done in uint8
@@ -39,7 +40,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qatflow.errors import RuntimeBackendError
-from qatflow.onnx_graph import GraphIndex, apply_layout, topological_sort
+from qatflow.onnx_graph import GraphIndex, apply_layout, quantize_constant, topological_sort
+from qatflow.runtimes.reference import session as reference_session
+from qatflow.runtimes.reference import with_outputs
 
 logger = logging.getLogger("qatflow.runtimes.ort_int8")
 
@@ -245,18 +248,6 @@ class _Rewriter:
 # ------------------------------------------------------------------------------------------
 
 
-def _quantize_array(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int) -> np.ndarray:
-    """ONNX QuantizeLinear on constants (round half to even, saturate)."""
-    shape = [1] * x.ndim
-    if scale.size > 1:
-        shape[axis % x.ndim] = scale.size
-    scaled = np.rint(x.astype(np.float32) / scale.astype(np.float32).reshape(shape))
-    info = np.iinfo(zero.dtype)
-    return np.clip(scaled + zero.astype(np.int64).reshape(shape), info.min, info.max).astype(
-        zero.dtype
-    )
-
-
 def _axis_of(node: onnx.NodeProto) -> int:
     for attr in node.attribute:
         if attr.name == "axis":
@@ -274,7 +265,7 @@ def _fold_weight_quantize(rw: _Rewriter) -> None:
             continue
         if rw.is_output(q.output[0]) or any(a.name == "block_size" for a in q.attribute):
             continue
-        quantized = _quantize_array(x, scale, zero, _axis_of(q))
+        quantized = quantize_constant(x, scale, zero, _axis_of(q))
         rw.rewire(q.output[0], rw.add_const(quantized, f"{q.output[0]}_int8"))
         rw.stats["weights_prequantized"] += 1
     rw.reindex()
@@ -640,22 +631,15 @@ def _calibration_points(rw: _Rewriter) -> list[str]:
 def _calibrate(
     model: onnx.ModelProto, names: list[str], calibration: CalibrationData
 ) -> dict[str, tuple[float, float]]:
-    """Min and max of each tensor in ``names`` over the calibration batches, run on ORT."""
-    import onnxruntime as ort
+    """Min and max of each tensor in ``names`` over the calibration batches.
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    produced = {name for node in probe.graph.node for name in node.output}
+    ``model`` runs as float math (:func:`qatflow.runtimes.reference.session`): ORT's default
+    optimizations would fuse some of its QDQ groups into integer kernels, whose U8S8 sums
+    saturate on CPUs without VNNI and would corrupt the measured ranges.
+    """
+    produced = {name for node in model.graph.node for name in node.output}
     wanted = [n for n in dict.fromkeys(names) if n in produced]
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(
-        helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in wanted if n not in known
-    )
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    session = reference_session(with_outputs(model, wanted), optimize=False)
     input_names = [i.name for i in session.get_inputs()]
     ranges: dict[str, tuple[float, float]] = {}
     batches = calibration() if callable(calibration) else calibration
@@ -855,7 +839,7 @@ def rewrite_for_ort_int8(
     model: onnx.ModelProto,
     *,
     calibration: CalibrationData | None = None,
-    relu: ReluMode = "absorb",
+    relu: ReluMode = "exact",
     requantize: RequantizeMode = "calibrated",
 ) -> onnx.ModelProto:
     """Rewrite a TensorRT-style INT8 QDQ model so ONNX Runtime's CPU kernels run it in integer.
@@ -866,10 +850,11 @@ def rewrite_for_ort_int8(
         calibration: batches of input feeds (``{input_name: array}``), or a callable returning
             them, run through ``model`` on ONNX Runtime to pick min/max scales for
             requantization points that no Q reads (the float input of a residual Add).
-        relu: ``"absorb"`` lets a Relu between an op and its Q be dropped by moving the Q's
-            zero-point to 0 (same scale: identical except that values above 127*scale are no
-            longer clipped); ``"exact"`` keeps TensorRT's clipping and runs the Relu as a uint8
-            ``Max`` after the integer kernel.
+        relu: ``"exact"`` (default) keeps TensorRT's clipping and runs the Relu as a uint8
+            ``Max`` after the integer kernel; ``"absorb"`` drops the Relu into the kernel by
+            moving the Q's zero-point to 0 (same scale), which also keeps values above
+            127*scale that TensorRT clips: faster, but QAT models rely on that clipping
+            (docs/exact-int8.md).
         requantize: where an op's output also feeds float consumers or Qs with other scales,
             ``"none"`` leaves it in float (the op then runs in float); ``"downstream"`` adds a
             Q/DQ with the scale of a Q of that tensor or, for the float input of a residual
