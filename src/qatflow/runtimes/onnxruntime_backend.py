@@ -416,10 +416,15 @@ def _fidelity_error(
         else "no quantized tensor diverges between integer kernels and float math, so the "
         "graph passes themselves moved the result"
     )
+    advice = (
+        "Try --encoding u8u8 (exact on every CPU), or report the model."
+        if encoding == "u8s8"
+        else "Report the model, with this message."
+    )
     return RuntimeBackendError(
         f"{source}: the ONNX Runtime engine (encoding {encoding}, CPU {isa}) disagrees with its "
         f"reference, the same QDQ model run as float math: {report.summary()}; {where}. "
-        "No engine was written. Try --encoding u8u8, or report the model."
+        f"No engine was written. {advice}"
     )
 
 
