@@ -34,7 +34,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 if TYPE_CHECKING:
-    from qatflow.runtimes.ort_int8 import ReluMode, RequantizeMode
+    from qatflow.onnx.ort_int8 import ReluMode, RequantizeMode
 
 Feeds = Mapping[str, np.ndarray]
 
@@ -379,7 +379,7 @@ NOISE_FLOOR = "TRT-style, ORT optimizations off"
 
 def rewrite_variants(trt: onnx.ModelProto, feeds: Sequence[Feeds]) -> dict[str, onnx.ModelProto]:
     """The TensorRT-style model rewritten with each option set of VARIANTS."""
-    from qatflow.runtimes.ort_int8 import rewrite_for_ort_int8
+    from qatflow.onnx.ort_int8 import rewrite_for_ort_int8
 
     return {
         label: rewrite_for_ort_int8(
@@ -442,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Benchmark ResNet50 latency and print the accuracy cost of each rewrite option."""
     import argparse
 
-    from qatflow.runtimes.ort_int8 import ort_optimized_op_counts
+    from qatflow.onnx.ort_int8 import ort_optimized_op_counts
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")

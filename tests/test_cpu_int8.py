@@ -9,9 +9,10 @@ import onnx
 import pytest
 
 from qatflow.errors import RuntimeBackendError
+from qatflow.onnx.encoding import encode_weights
+from qatflow.onnx.reference import run_reference
 from qatflow.runtimes import cpu_int8
-from qatflow.runtimes.cpu_int8 import CpuInt8, choose_encoding, detect, encode_weights, probe_model
-from qatflow.runtimes.reference import run_reference
+from qatflow.runtimes.cpu_int8 import CpuInt8, choose_encoding, detect, probe_model
 
 CPUINFO = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512bw avx512_vnni amx_int8\n\n"
 

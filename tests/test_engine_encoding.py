@@ -21,10 +21,10 @@ import pytest
 from tests.int8_models import near_binary, saturating_cnn
 
 from qatflow.errors import RuntimeBackendError
+from qatflow.onnx.reference import run_reference
 from qatflow.runtimes import build_engine, load_engine, onnxruntime_backend
 from qatflow.runtimes.cpu_int8 import CpuInt8, detect
 from qatflow.runtimes.fidelity import compare_outputs
-from qatflow.runtimes.reference import run_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,8 @@ from tests.model_zoo import images, separable_transpose_model, small_cnn
 
 import qatflow
 from qatflow.errors import ExportError
-from qatflow.onnx_graph import GraphIndex
-from qatflow.runtimes.reference import run_reference
+from qatflow.onnx.graph import GraphIndex
+from qatflow.onnx.reference import run_reference
 
 
 def run_onnx(path, x: np.ndarray) -> np.ndarray:

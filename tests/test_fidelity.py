@@ -7,6 +7,7 @@ import pytest
 from tests.int8_models import near_binary, saturating_cnn
 
 from qatflow.errors import RuntimeBackendError
+from qatflow.onnx.ort_int8 import rewrite_for_ort_int8
 from qatflow.runtimes.fidelity import (
     FidelityCheck,
     compare_outputs,
@@ -14,7 +15,6 @@ from qatflow.runtimes.fidelity import (
     first_divergence,
     input_range,
 )
-from qatflow.runtimes.ort_int8 import rewrite_for_ort_int8
 
 RNG = np.random.default_rng(0)
 
@@ -83,7 +83,7 @@ def test_fidelity_batches_from_arrays_iterables_and_nothing() -> None:
 
 def test_first_divergence_is_none_for_exact_kernels() -> None:
     """U8U8 kernels are exact on every CPU: no quantized tensor diverges."""
-    from qatflow.runtimes.cpu_int8 import encode_weights
+    from qatflow.onnx.encoding import encode_weights
 
     prepared = rewrite_for_ort_int8(saturating_cnn())
     encode_weights(prepared, "u8u8")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import onnxruntime as ort
 from tests.int8_models import near_binary, saturating_cnn
 
+from qatflow.onnx.ort_int8 import rewrite_for_ort_int8
 from qatflow.runtimes.integer_share import node_share, time_share
-from qatflow.runtimes.ort_int8 import rewrite_for_ort_int8
 
 
 def test_node_share_counts_compute_ops_only() -> None:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qatflow.onnx_graph import quantize_constant
-from qatflow.runtimes.reference import run_reference
+from qatflow.onnx.graph import quantize_constant
+from qatflow.onnx.reference import run_reference
 
 
 def ort_quantize(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int) -> np.ndarray:

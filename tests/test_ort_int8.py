@@ -26,12 +26,15 @@ from bench.ort_int8_bench import (
 from onnx import TensorProto, helper, numpy_helper
 
 from qatflow.errors import RuntimeBackendError
-from qatflow.runtimes.cpu_int8 import detect, encode_weights
-from qatflow.runtimes.ort_int8 import (
+from qatflow.onnx.encoding import encode_weights
+from qatflow.onnx.ort_int8 import (
+    EXACT_STAGES,
     METADATA_KEY,
+    STAGES,
     ort_optimized_op_counts,
     rewrite_for_ort_int8,
 )
+from qatflow.runtimes.cpu_int8 import detect
 
 RNG = np.random.default_rng(0)
 # Integer kernels vs float emulation: a few one-step rounding flips per layer, so logits may move
@@ -122,7 +125,7 @@ def with_transposed_weight(model: onnx.ModelProto, conv_name: str) -> onnx.Model
         next(a for a in node.attribute if a.name == "axis").i = 3
     graph.node.append(helper.make_node("Transpose", [dq.output[0]], ["w_oihw"], perm=[3, 2, 0, 1]))
     conv.input[1] = "w_oihw"
-    from qatflow.onnx_graph import topological_sort
+    from qatflow.onnx.graph import topological_sort
 
     topological_sort(graph)
     onnx.checker.check_model(out)
@@ -354,7 +357,7 @@ def test_keras_resnet_runs_every_conv_and_add_in_int8(keras_models: dict[str, An
 def test_qatflow_exporter_output(keras_models: dict[str, Any]) -> None:
     """The real pipeline: quantize_model, calibrate, export (batch norm comes out as Mul/Add)."""
     import qatflow
-    from qatflow.onnx_export import to_onnx_proto
+    from qatflow.onnx.export import to_onnx_proto
 
     images = keras_models["images"]
     quantized = qatflow.quantize_model(keras_models["keras"])
@@ -370,3 +373,26 @@ def test_qatflow_exporter_output(keras_models: dict[str, Any]) -> None:
     reference, result = run(exported, test, optimize=False), run(engine_graph(rewritten), test)
     assert np.abs(result - reference).max() <= FUSED_TOLERANCE * np.abs(reference).max()
     assert np.mean(result.argmax(1) == reference.argmax(1)) >= 0.95
+
+
+@pytest.mark.parametrize("stage", EXACT_STAGES)
+@pytest.mark.parametrize("encoding", ["u8s8", "u8u8"])
+def test_each_exact_stage_alone_matches_the_reference(
+    trt_model: onnx.ModelProto, samples: np.ndarray, stage: str, encoding: str
+) -> None:
+    """The rewrite stopped after each exact stage, in either weight encoding, run as float math,
+    gives the reference's outputs: bit for bit, except after affine_fold (float rounding of the
+    folded scales)."""
+    rewritten = rewrite_for_ort_int8(trt_model, relu="exact", requantize="none", until=stage)
+    encode_weights(rewritten, encoding)  # type: ignore[arg-type]
+    reference = run(trt_model, samples, optimize=False)
+    result = run(rewritten, samples, optimize=False)
+    if STAGES.index(stage) < STAGES.index("affine_fold"):
+        np.testing.assert_array_equal(result, reference)
+    else:
+        np.testing.assert_allclose(result, reference, atol=EXACT_TOLERANCE)
+
+
+def test_unknown_stage_is_an_error(trt_model: onnx.ModelProto) -> None:
+    with pytest.raises(RuntimeBackendError, match="until must be one of"):
+        rewrite_for_ort_int8(trt_model, until="everything")

@@ -41,15 +41,15 @@ from tests import model_zoo
 import qatflow
 from qatflow.data.sources.fashion_mnist import IDX_FILES, SYSTEM_DIR, read_idx
 from qatflow.models import initialize_batchnorm
-from qatflow.runtimes.fidelity import compare_outputs
-from qatflow.runtimes.ort_int8 import (
+from qatflow.onnx.ort_int8 import (
     METADATA_KEY,
     ReluMode,
     RequantizeMode,
     ort_optimized_op_counts,
     rewrite_for_ort_int8,
 )
-from qatflow.runtimes.reference import run_optimized, run_reference
+from qatflow.onnx.reference import run_optimized, run_reference
+from qatflow.runtimes.fidelity import compare_outputs
 
 # Bit-exact in practice (0.0 measured); room for one float32 rounding of the logits.
 EXACT_TOLERANCE = 1e-6

@@ -16,6 +16,7 @@ import pytest
 from tests.test_runtimes_base import CLASSES, make_model, sample_batch, save_model
 
 from qatflow.errors import RuntimeBackendError
+from qatflow.onnx.reference import run_reference
 from qatflow.runtimes import build_engine, load_engine
 from qatflow.runtimes.base import physical_cores
 from qatflow.runtimes.onnxruntime_backend import (
@@ -24,10 +25,9 @@ from qatflow.runtimes.onnxruntime_backend import (
     read_ort_metadata,
     write_ort_metadata,
 )
-from qatflow.runtimes.reference import run_reference
 
 INTEGER_OPS = {"QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "QGemm"}
-HOOK = "qatflow.runtimes.ort_int8"
+HOOK = "qatflow.onnx.ort_int8"
 
 
 def reference(model_path: Path, batch: np.ndarray) -> np.ndarray:
@@ -41,7 +41,7 @@ def ops(path: Path) -> Counter[str]:
 
 @pytest.fixture
 def no_int8_rewrite(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pretend qatflow.runtimes.ort_int8 does not exist (an import of it fails)."""
+    """Pretend qatflow.onnx.ort_int8 does not exist (an import of it fails)."""
     monkeypatch.setitem(sys.modules, HOOK, None)
 
 

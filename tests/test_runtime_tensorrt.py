@@ -25,9 +25,9 @@ import pytest
 from tests.test_runtimes_base import CLASSES, make_model, sample_batch, save_model
 
 from qatflow.errors import RuntimeBackendError
+from qatflow.onnx.reference import run_reference
 from qatflow.runtimes import build_engine, load_engine, tensorrt_backend
 from qatflow.runtimes.base import sidecar_path
-from qatflow.runtimes.reference import run_reference
 from qatflow.runtimes.tensorrt_backend import (
     BuildPlan,
     build_log_path,

@@ -15,10 +15,10 @@ from tests.model_zoo import small_cnn
 import qatflow
 import qatflow.errors
 from qatflow.data import load_dataset
+from qatflow.onnx.reference import run_reference
 from qatflow.runtimes import build_engine, load_engine
 from qatflow.runtimes.cpu_int8 import detect
 from qatflow.runtimes.fidelity import compare_outputs
-from qatflow.runtimes.reference import run_reference
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ _EXPORTS: dict[str, str] = {
     "register_layer_config": "qatflow.quantization",
     "LayerQuantizeConfig": "qatflow.quantization",
     "QuantizeWrapper": "qatflow.quantization",
-    "export_onnx": "qatflow.onnx_export",
-    "validate_onnx": "qatflow.onnx_validate",
+    "export_onnx": "qatflow.onnx.export",
+    "validate_onnx": "qatflow.onnx.validate",
 }
 
 

@@ -215,8 +215,8 @@ def quantize(
 
 def export(model_path: PathLike, output_path: PathLike, *, opset: int = 17) -> Path:
     """Export a ``.keras`` model (FP32 or quantized) to ONNX; the validation report goes beside."""
-    from qatflow.onnx_export import export_onnx
-    from qatflow.onnx_validate import validate_onnx
+    from qatflow.onnx.export import export_onnx
+    from qatflow.onnx.validate import validate_onnx
 
     path = export_onnx(load_any_model(model_path), output_path, opset=opset)
     write_json(side_file(path, ".validation.json"), validate_onnx(path).to_dict())

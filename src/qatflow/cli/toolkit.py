@@ -126,7 +126,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     """Export to ONNX and print the validation report."""
     from qatflow import steps
-    from qatflow.onnx_validate import validate_onnx
+    from qatflow.onnx.validate import validate_onnx
 
     path = steps.export(args.model, args.output, opset=args.opset)
     print(validate_onnx(path))
@@ -138,7 +138,7 @@ def run_validate(args: argparse.Namespace) -> int:
     """Validate an ONNX file; exit 1 on rule violations."""
     import json
 
-    from qatflow.onnx_validate import validate_onnx
+    from qatflow.onnx.validate import validate_onnx
 
     report = validate_onnx(args.onnx)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)

@@ -24,14 +24,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qatflow.errors import RuntimeBackendError
+from qatflow.onnx.encoding import ENCODINGS, Encoding, encode_weights
 
-Encoding = Literal["u8s8", "u8u8"]
 EncodingChoice = Literal["auto", "u8s8", "u8u8"]
-ENCODINGS: tuple[str, ...] = get_args(Encoding)
 ENCODING_CHOICES: tuple[str, ...] = get_args(EncodingChoice)
 # CPU flags (as /proc/cpuinfo spells them) that decide how ORT's integer kernels accumulate.
 INT8_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512bw", "avx2")
-_WEIGHTED_OPS = {"Conv": 1, "MatMul": 1, "Gemm": 1}
 
 
 @dataclass(frozen=True)
@@ -124,65 +122,6 @@ def choose_encoding(requested: str) -> Encoding:
     return requested  # type: ignore[return-value]
 
 
-# --------------------------------------------------------------------------- the encoding pass
-
-
-def encode_weights(model: onnx.ModelProto, encoding: Encoding) -> int:
-    """Store the int8 weights of Conv/MatMul/Gemm in ``encoding``, in place; returns how many.
-
-    ``u8u8``: int8 ``q`` with zero-point 0 becomes uint8 ``q + 128`` with zero-point 128, which
-    dequantizes to bit-identical values. ``u8s8`` leaves the weights as they are.
-    """
-    if encoding not in ENCODINGS:
-        raise RuntimeBackendError(f"encoding must be one of {list(ENCODINGS)}, got {encoding!r}")
-    if encoding == "u8s8":
-        return 0
-    graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in graph.node:
-        for position, name in enumerate(node.input):
-            readers.setdefault(name, []).append((node, position))
-    encoded = 0
-    for dq in graph.node:
-        if dq.op_type != "DequantizeLinear" or dq.input[0] not in initializers:
-            continue
-        users = readers.get(dq.output[0], [])
-        if not users or any(_WEIGHTED_OPS.get(u.op_type) != pos for u, pos in users):
-            continue
-        data = numpy_helper.to_array(initializers[dq.input[0]])
-        zero_name = dq.input[2] if len(dq.input) > 2 else ""
-        zero = numpy_helper.to_array(initializers[zero_name]) if zero_name in initializers else None
-        if data.dtype != np.int8 or (zero_name and (zero is None or np.any(zero))):
-            continue
-        scale_name = dq.input[1]
-        scale_shape = (
-            numpy_helper.to_array(initializers[scale_name]).shape
-            if scale_name in initializers
-            else ()
-        )
-        base = dq.input[0]
-        data_name, zero_out = f"{base}_u8", f"{base}_u8_zero_point"
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array((data.astype(np.int16) + 128).astype(np.uint8), data_name),
-                numpy_helper.from_array(np.full(scale_shape, 128, np.uint8), zero_out),
-            ]
-        )
-        del dq.input[:]
-        dq.input.extend([data_name, scale_name, zero_out])
-        encoded += 1
-    _drop_unused_initializers(graph)
-    return encoded
-
-
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = {name for node in graph.node for name in node.input}
-    keep = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-
-
 # --------------------------------------------------------------------------- the probe
 
 
@@ -241,7 +180,7 @@ def probe_model(encoding: Encoding) -> onnx.ModelProto:
 
 def probe_exact(encoding: Encoding) -> bool:
     """Whether ORT's fused integer kernels match float math on the worst-case probe model."""
-    from qatflow.runtimes.reference import run_optimized, run_reference
+    from qatflow.onnx.reference import run_optimized, run_reference
 
     model = probe_model(encoding)
     feeds = {

@@ -1,7 +1,7 @@
 """The fidelity gate: an engine's outputs checked against its reference before it is written.
 
 The reference is the QDQ ONNX model the engine was built from, run as plain float math
-(:mod:`qatflow.runtimes.reference`). Integer kernels round differently from float math now and
+(:mod:`qatflow.onnx.reference`). Integer kernels round differently from float math now and
 then (ONNX Runtime stores a Conv bias as int32 in units of ``s_x * s_w``), and a network can
 turn such one-step differences into a flipped top-1 where the reference itself is torn between
 two classes. So the gate compares decisions where the reference makes one:
@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 
 from qatflow.errors import RuntimeBackendError
-from qatflow.runtimes.reference import run_optimized, run_reference
+from qatflow.onnx.reference import run_optimized, run_reference
 
 DEFAULT_MIN_AGREEMENT = 0.999
 DEFAULT_TOLERANCE = 0.05
@@ -214,7 +214,7 @@ def _graph_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
 
 def input_range(model: onnx.ModelProto) -> tuple[float, float]:
     """The range a QuantizeLinear right after the input can represent, else ``(0, 1)``."""
-    from qatflow.onnx_graph import GraphIndex
+    from qatflow.onnx.graph import GraphIndex
 
     index = GraphIndex(model.graph)
     name = _graph_input(model).name

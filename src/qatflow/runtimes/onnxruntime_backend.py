@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from qatflow.errors import QatflowError, RuntimeBackendError
+from qatflow.onnx.encoding import Encoding, encode_weights
 from qatflow.runtimes.base import (
     BatchProfile,
     Engine,
@@ -39,11 +40,9 @@ from qatflow.runtimes.base import (
 )
 from qatflow.runtimes.cpu_int8 import (
     ENCODING_CHOICES,
-    Encoding,
     EncodingChoice,
     choose_encoding,
     detect,
-    encode_weights,
 )
 from qatflow.runtimes.fidelity import (
     FidelityCheck,
@@ -74,7 +73,7 @@ _DTYPES: dict[str, type[np.generic]] = {
     "tensor(uint8)": np.uint8,
     "tensor(int8)": np.int8,
 }
-_INT8_REWRITE_MODULE = "qatflow.runtimes.ort_int8"
+_INT8_REWRITE_MODULE = "qatflow.onnx.ort_int8"
 _FIDELITY_BATCH = 32
 # rewrite_for_ort_int8 (relu, requantize): the fast default, then the exact fallback. Relus stay
 # exact in both: "absorb" keeps values above 127 x scale that TensorRT clips, and a QAT model
@@ -107,7 +106,7 @@ class OrtBuildOptions:
     optimization_level: ORT level baked into the saved model; ``"extended"`` (default) fuses
         QDQ pairs into integer kernels and stays portable; ``"all"`` adds layout transforms
         that ORT marks as valid only on the machine that built them.
-    int8_rewrite: apply ``qatflow.runtimes.ort_int8.rewrite_for_ort_int8`` when available.
+    int8_rewrite: apply ``qatflow.onnx.ort_int8.rewrite_for_ort_int8`` when available.
     """
 
     threads: int | None = None
@@ -148,9 +147,9 @@ def ort_graph_passes(
     """Ordered ONNX graph passes applied before ORT optimizes and saves the model.
 
     For a graph with QuantizeLinear nodes: ``rewrite_for_ort_int8`` (when ``int8_rewrite`` is on
-    and ``qatflow.runtimes.ort_int8`` is importable, with the ``(relu, requantize)`` options of
+    and ``qatflow.onnx.ort_int8`` is importable, with the ``(relu, requantize)`` options of
     ``rewrite`` and ``calibration``), then the weight ``encoding``
-    (:func:`qatflow.runtimes.cpu_int8.encode_weights`).
+    (:func:`qatflow.onnx.encoding.encode_weights`).
     """
     passes: list[tuple[str, GraphPass]] = []
     if not has_qdq(model):
@@ -172,13 +171,13 @@ def ort_graph_passes(
             encode_weights(graph, encoding)
             return graph
 
-        passes.append((f"qatflow.runtimes.cpu_int8.encode_weights({encoding})", encoded))
+        passes.append((f"qatflow.onnx.encoding.encode_weights({encoding})", encoded))
     return passes
 
 
 def _int8_rewrite_pass() -> Callable[..., onnx.ModelProto] | None:
     try:
-        from qatflow.runtimes.ort_int8 import rewrite_for_ort_int8
+        from qatflow.onnx.ort_int8 import rewrite_for_ort_int8
     except ModuleNotFoundError as exc:
         if exc.name != _INT8_REWRITE_MODULE:
             raise

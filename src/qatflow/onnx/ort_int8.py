@@ -40,11 +40,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qatflow.errors import RuntimeBackendError
-from qatflow.onnx_graph import GraphIndex, apply_layout, quantize_constant, topological_sort
-from qatflow.runtimes.reference import session as reference_session
-from qatflow.runtimes.reference import with_outputs
+from qatflow.onnx.graph import GraphIndex, apply_layout, quantize_constant, topological_sort
+from qatflow.onnx.reference import session as reference_session
+from qatflow.onnx.reference import with_outputs
 
-logger = logging.getLogger("qatflow.runtimes.ort_int8")
+logger = logging.getLogger("qatflow.onnx.ort_int8")
 
 Feeds = Mapping[str, np.ndarray]
 CalibrationData = Iterable[Feeds] | Callable[[], Iterable[Feeds]]
@@ -52,6 +52,21 @@ ReluMode = Literal["absorb", "exact"]
 RequantizeMode = Literal["none", "downstream", "calibrated"]
 
 METADATA_KEY = "qatflow.ort_int8"
+# The rewrite's stages, in order; ``rewrite_for_ort_int8(until=...)`` stops after one, so each
+# prefix can be checked against the reference on its own. EXACT_STAGES are bit-exact, except
+# affine_fold, which is the same math up to float rounding (docs/exact-int8.md).
+STAGES = (
+    "weight_quantize",
+    "weight_layout",
+    "affine_fold",
+    "reencode",
+    "merge",
+    "hoist",
+    "outputs",
+    "gemm",
+    "collapse",
+)
+EXACT_STAGES = STAGES[:6]
 _Q, _DQ = "QuantizeLinear", "DequantizeLinear"
 # Ops whose QDQ group ORT's CPU selectors turn into an integer kernel when the output has a Q.
 _INTEGER_OPS = frozenset(
@@ -633,7 +648,7 @@ def _calibrate(
 ) -> dict[str, tuple[float, float]]:
     """Min and max of each tensor in ``names`` over the calibration batches.
 
-    ``model`` runs as float math (:func:`qatflow.runtimes.reference.session`): ORT's default
+    ``model`` runs as float math (:func:`qatflow.onnx.reference.session`): ORT's default
     optimizations would fuse some of its QDQ groups into integer kernels, whose U8S8 sums
     saturate on CPUs without VNNI and would corrupt the measured ranges.
     """
@@ -841,6 +856,7 @@ def rewrite_for_ort_int8(
     calibration: CalibrationData | None = None,
     relu: ReluMode = "exact",
     requantize: RequantizeMode = "calibrated",
+    until: str = STAGES[-1],
 ) -> onnx.ModelProto:
     """Rewrite a TensorRT-style INT8 QDQ model so ONNX Runtime's CPU kernels run it in integer.
 
@@ -861,6 +877,8 @@ def rewrite_for_ort_int8(
             Add, of the Q after the Add (zero-point 128); ``"calibrated"`` uses min/max from
             ``calibration`` for the latter where given, the downstream scale elsewhere.
 
+        until: stop after this stage of ``STAGES`` (to check a prefix of the rewrite alone).
+
     Returns:
         A valid ONNX model with the same inputs and outputs (dynamic batch kept); a summary of
         what was rewritten is stored in ``metadata_props`` under ``qatflow.ort_int8``.
@@ -871,6 +889,8 @@ def rewrite_for_ort_int8(
     """
     if relu not in ("absorb", "exact"):
         raise RuntimeBackendError(f"relu must be 'absorb' or 'exact', got {relu!r}")
+    if until not in STAGES:
+        raise RuntimeBackendError(f"until must be one of {list(STAGES)}, got {until!r}")
     if requantize not in ("none", "downstream", "calibrated"):
         raise RuntimeBackendError(
             f"requantize must be 'none', 'downstream' or 'calibrated', got {requantize!r}"
@@ -882,19 +902,27 @@ def rewrite_for_ort_int8(
     out.CopyFrom(model)
     del out.graph.value_info[:]  # Q/DQ element types change; ORT infers shapes again
     rw = _Rewriter(out)
-    _fold_weight_quantize(rw)
-    _fold_weight_layout(rw)
-    _fold_affine_into_conv(rw)
-    _reencode_activations(rw, relu)
-    _merge_equal_quantizers(rw)
-    _hoist_quantizers(rw, requantize)
-    ranges: dict[str, tuple[float, float]] = {}
-    if requantize == "calibrated" and calibration is not None:
-        ranges = _calibrate(model, _calibration_points(rw), calibration)
-    _quantize_outputs(rw, relu, requantize, ranges)
-    _hoist_quantizers(rw, requantize)
-    _matmul_to_gemm(rw)
-    _collapse_requantize(rw)
+
+    def quantize_outputs(rw: _Rewriter) -> None:
+        ranges: dict[str, tuple[float, float]] = {}
+        if requantize == "calibrated" and calibration is not None:
+            ranges = _calibrate(model, _calibration_points(rw), calibration)
+        _quantize_outputs(rw, relu, requantize, ranges)
+        _hoist_quantizers(rw, requantize)
+
+    passes: dict[str, Callable[[_Rewriter], None]] = {
+        "weight_quantize": _fold_weight_quantize,
+        "weight_layout": _fold_weight_layout,
+        "affine_fold": _fold_affine_into_conv,
+        "reencode": lambda rw: _reencode_activations(rw, relu),
+        "merge": _merge_equal_quantizers,
+        "hoist": lambda rw: _hoist_quantizers(rw, requantize),
+        "outputs": quantize_outputs,
+        "gemm": _matmul_to_gemm,
+        "collapse": _collapse_requantize,
+    }
+    for stage in STAGES[: STAGES.index(until) + 1]:
+        passes[stage](rw)
     rw.drop_unused_initializers()
     summary = {**rw.stats, "requantized": rw.requantized, "relu": relu, "requantize": requantize}
     kept = [p for p in out.metadata_props if p.key != METADATA_KEY]

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qatflow.onnx_graph import (
+from qatflow.onnx.graph import (
     LAYOUT_OPS,
     GraphIndex,
     apply_layout,

@@ -11,8 +11,8 @@ import onnx
 import tensorflow as tf
 
 from qatflow.errors import ExportError
-from qatflow.onnx_rewrite import fold_weight_quantization, sink_qdq_through_layout_ops
-from qatflow.onnx_validate import ValidationReport, validate_onnx
+from qatflow.onnx.trt_layout import fold_weight_quantization, sink_qdq_through_layout_ops
+from qatflow.onnx.validate import ValidationReport, validate_onnx
 from qatflow.quantization.calibration import uncalibrated_quantizers
 from qatflow.quantization.transform import check_quantizable
 from qatflow.storage import atomic_output

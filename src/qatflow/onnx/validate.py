@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 
 from qatflow.errors import ExportError
-from qatflow.onnx_graph import GraphIndex, attribute, op_counts
-from qatflow.onnx_rewrite import WEIGHT_AXIS
+from qatflow.onnx.graph import GraphIndex, attribute, op_counts
+from qatflow.onnx.trt_layout import WEIGHT_AXIS
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
