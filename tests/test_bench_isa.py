@@ -139,6 +139,14 @@ def test_fidelity_table_and_error_cells():
     assert cells["EfficientNetB0"][-2] == "failed: build_engine: boom / bad"
 
 
+def test_verdict_cell():
+    assert isa_bench.verdict({}) == "-"
+    report = {**PASSED, "passed": False, "agreement": 0.5, "decided_samples": 10}
+    assert isa_bench.verdict(report) == (
+        "**FAIL**: 50.0% agree, 100.0% of 10 decided, p99 0.001 (tol 0.05)"
+    )
+
+
 def test_short_error_and_build_failure_gist():
     assert isa_bench.short_error(ValueError("a\n  b")) == "ValueError: a b"
     assert len(isa_bench.short_error("x" * 500, limit=50)) == 50

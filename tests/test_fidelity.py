@@ -88,3 +88,14 @@ def test_first_divergence_is_none_for_exact_kernels() -> None:
     prepared = rewrite_for_ort_int8(saturating_cnn())
     encode_weights(prepared, "u8u8")
     assert first_divergence(prepared, "x", near_binary(16)) is None
+
+
+def test_an_outlier_sample_does_not_widen_the_tolerance() -> None:
+    """A barely trained model with a few huge logits must not pass with errors of the typical
+    spread's size (bench: an EfficientNetB0 at 53 % agreement passed under a global range)."""
+    ref = logits(500)
+    ref[0, 0] = 1e4  # one outlier would make a global max-min range 1,000 times wider
+    got = ref + RNG.normal(0, 1.0, ref.shape)
+    report = compare_outputs(ref, got, data="outlier")
+    assert report.output_range < 20 and report.tolerance < 1
+    assert not report.passed

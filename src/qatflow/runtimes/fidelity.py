@@ -6,8 +6,9 @@ then (ONNX Runtime stores a Conv bias as int32 in units of ``s_x * s_w``), and a
 turn such one-step differences into a flipped top-1 where the reference itself is torn between
 two classes. So the gate compares decisions where the reference makes one:
 
-* ``tolerance``: a logit tolerance, ``DEFAULT_TOLERANCE`` of the reference's output range
-  (max - min over every checked sample and class);
+* ``tolerance``: a logit tolerance, ``DEFAULT_TOLERANCE`` of the reference's typical output
+  range (the median over samples of max - min across classes, so that a few outlier samples
+  cannot widen it);
 * pass when the 99th percentile of per-sample max ``|engine - reference|`` is within the
   tolerance, and top-1 agreement is at least ``DEFAULT_MIN_AGREEMENT`` over the samples whose
   reference top-1 leads its runner-up by more than the tolerance (``decided``).
@@ -83,7 +84,8 @@ def compare_outputs(
     got = np.asarray(engine, np.float64).reshape(len(engine), -1)
     if ref.shape != got.shape:
         raise ValueError(f"engine output shape {got.shape} differs from reference {ref.shape}")
-    span = float(ref.max() - ref.min()) if ref.size else 0.0
+    # The typical spread of one sample's outputs: a few outlier samples must not widen it.
+    span = float(np.median(ref.max(axis=1) - ref.min(axis=1))) if ref.size else 0.0
     allowed = tolerance * span
     errors = np.abs(got - ref).max(axis=1)
     agree = ref.argmax(axis=1) == got.argmax(axis=1)
