@@ -251,8 +251,11 @@ def insert_trt_qdq(model: onnx.ModelProto, feeds: Sequence[Feeds]) -> onnx.Model
 # ---------------------------------------------------------------------------------------------
 
 
-def ort_quantize_static(model: onnx.ModelProto, feeds: Sequence[Feeds]) -> onnx.ModelProto:
-    """ONNX Runtime's own PTQ: QDQ, per-channel, uint8 activations, int8 weights, MinMax."""
+def ort_quantize_static(
+    model: onnx.ModelProto, feeds: Sequence[Feeds], *, uint8_weights: bool = False
+) -> onnx.ModelProto:
+    """ONNX Runtime's own PTQ: QDQ, per-channel, uint8 activations, MinMax; int8 weights (U8S8)
+    or, with ``uint8_weights``, uint8 ones (U8U8, exact on every x86 CPU)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -280,7 +283,7 @@ def ort_quantize_static(model: onnx.ModelProto, feeds: Sequence[Feeds]) -> onnx.
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
+            weight_type=QuantType.QUInt8 if uint8_weights else QuantType.QInt8,
         )
         return onnx.load(dst)
 

@@ -22,6 +22,7 @@ from bench.isa_bench import (
     exact_baseline,
     latency_table,
 )
+from bench.ort_int8_bench import ort_quantize_static
 from onnx import TensorProto, helper, numpy_helper
 from tests.int8_models import saturating_cnn
 
@@ -241,7 +242,8 @@ def saved(tmp_path_factory) -> Path:
     qdq = saturating_cnn()
     fp32 = fp32_cnn(qdq)
     images = np.random.default_rng(0).random((32, 8, 8, 8), dtype=np.float32)
-    u8u8 = isa_bench.quantize_static_u8u8(fp32, [{"x": images[i : i + 8]} for i in (0, 8)])
+    feeds = [{"x": images[i : i + 8]} for i in (0, 8)]
+    u8u8 = ort_quantize_static(fp32, feeds, uint8_weights=True)
     u8u8.metadata_props.add(key="qatflow.source_model", value="not json")
     isa_bench.save_model_folder(
         root / "tiny",

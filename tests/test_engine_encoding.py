@@ -60,6 +60,11 @@ def test_forced_encoding_is_exact_here_or_refused(
     assert metadata.build_options["optimized_ops"].get("QLinearConv") == 1
 
 
+def test_any_number_of_samples_is_checked(source: Path, tmp_path: Path) -> None:
+    engine = build_engine(source, tmp_path / "e.onnx", fidelity_data=near_binary(20))
+    assert load_engine(engine).metadata.fidelity["samples"] == 20
+
+
 def test_auto_picks_the_exact_fast_encoding(source: Path, tmp_path: Path) -> None:
     build_engine(source, tmp_path / "auto.onnx")  # no data: synthetic inputs, kernels only
     metadata = load_engine(tmp_path / "auto.onnx").metadata

@@ -259,7 +259,8 @@ def build_ort_engine(
     batches, data_label = check.batches(model, source)
     chunk = dims[0] if isinstance(dims[0], int) else _FIDELITY_BATCH
     inputs = np.concatenate(batches)
-    inputs = inputs[: len(inputs) - len(inputs) % chunk]
+    if isinstance(dims[0], int):  # a fixed batch: whole batches only
+        inputs = inputs[: len(inputs) - len(inputs) % chunk]
     if not len(inputs):
         raise RuntimeBackendError(
             f"{source}: the fidelity data holds fewer samples than the model's fixed batch {chunk}"
