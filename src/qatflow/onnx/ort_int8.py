@@ -857,6 +857,7 @@ def rewrite_for_ort_int8(
     relu: ReluMode = "exact",
     requantize: RequantizeMode = "calibrated",
     until: str = STAGES[-1],
+    fold_affine: bool = True,
 ) -> onnx.ModelProto:
     """Rewrite a TensorRT-style INT8 QDQ model so ONNX Runtime's CPU kernels run it in integer.
 
@@ -878,6 +879,9 @@ def rewrite_for_ort_int8(
             ``calibration`` for the latter where given, the downstream scale elsewhere.
 
         until: stop after this stage of ``STAGES`` (to check a prefix of the rewrite alone).
+        fold_affine: fold BatchNormalization/Mul/Add after a Conv into its weight scales and
+            bias (the same math, not bit-exact); without it those Convs stay float and every
+            remaining stage is bit-exact.
 
     Returns:
         A valid ONNX model with the same inputs and outputs (dynamic batch kept); a summary of
@@ -922,7 +926,8 @@ def rewrite_for_ort_int8(
         "collapse": _collapse_requantize,
     }
     for stage in STAGES[: STAGES.index(until) + 1]:
-        passes[stage](rw)
+        if stage != "affine_fold" or fold_affine:
+            passes[stage](rw)
     rw.drop_unused_initializers()
     summary = {**rw.stats, "requantized": rw.requantized, "relu": relu, "requantize": requantize}
     kept = [p for p in out.metadata_props if p.key != METADATA_KEY]

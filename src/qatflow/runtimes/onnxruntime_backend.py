@@ -75,12 +75,16 @@ _DTYPES: dict[str, type[np.generic]] = {
 }
 _INT8_REWRITE_MODULE = "qatflow.onnx.ort_int8"
 _FIDELITY_BATCH = 32
-# rewrite_for_ort_int8 (relu, requantize): the fast default, then the exact fallback. Relus stay
-# exact in both: "absorb" keeps values above 127 x scale that TensorRT clips, and a QAT model
-# learns to rely on that clipping (its smoke-run engine agreed on 95.5 % only; docs/exact-int8.md).
-RewriteMode = tuple[str, str]
-FAST_REWRITE: RewriteMode = ("exact", "calibrated")
-EXACT_REWRITE: RewriteMode = ("exact", "none")
+# rewrite_for_ort_int8 (relu, requantize, fold_affine), tried in turn until the engine passes:
+# the fast default, then no new requantization points, then no batch-norm folding either (every
+# pass bit-exact; folded Convs stay float). Relus stay exact in all: "absorb" keeps values above
+# 127 x scale that TensorRT clips, and a QAT model learns to rely on that clipping (its smoke-run
+# engine agreed on 95.5 % only; docs/exact-int8.md).
+RewriteMode = tuple[str, str, bool]
+FAST_REWRITE: RewriteMode = ("exact", "calibrated", True)
+EXACT_REWRITE: RewriteMode = ("exact", "none", True)
+BIT_EXACT_REWRITE: RewriteMode = ("exact", "none", False)
+_REWRITE_KEYS = ("relu", "requantize", "fold_affine")
 _METADATA_PREFIX = "qatflow."
 _STRING_FIELDS = frozenset(
     {
@@ -147,7 +151,7 @@ def ort_graph_passes(
     """Ordered ONNX graph passes applied before ORT optimizes and saves the model.
 
     For a graph with QuantizeLinear nodes: ``rewrite_for_ort_int8`` (when ``int8_rewrite`` is on
-    and ``qatflow.onnx.ort_int8`` is importable, with the ``(relu, requantize)`` options of
+    and ``qatflow.onnx.ort_int8`` is importable, with the ``(relu, requantize, fold_affine)`` of
     ``rewrite`` and ``calibration``), then the weight ``encoding``
     (:func:`qatflow.onnx.encoding.encode_weights`).
     """
@@ -157,11 +161,15 @@ def ort_graph_passes(
     if int8_rewrite:
         rewrite_pass = _int8_rewrite_pass()
         if rewrite_pass is not None:
-            relu, requantize = rewrite
+            relu, requantize, fold_affine = rewrite
 
             def rewritten(graph: onnx.ModelProto) -> onnx.ModelProto:
                 return rewrite_pass(
-                    graph, calibration=calibration, relu=relu, requantize=requantize
+                    graph,
+                    calibration=calibration,
+                    relu=relu,
+                    requantize=requantize,
+                    fold_affine=fold_affine,
                 )
 
             passes.append((f"{_INT8_REWRITE_MODULE}.rewrite_for_ort_int8", rewritten))
@@ -245,8 +253,8 @@ def build_ort_engine(
 
     ``check`` says which inputs the engine is compared with its reference on.
     When the engine fails the check and the int8 rewrite added requantization points, it is
-    rebuilt once with the exact rewrite (``relu="exact", requantize="none"``: Relus kept and the
-    requantized tensors left float); if it still fails,
+    rebuilt with the exact rewrites (no requantization points, then no batch-norm folding
+    either: those tensors and Convs stay float); if it still fails,
     nothing is written and the error names the first diverging tensor.
     """
     import onnxruntime as ort
@@ -272,7 +280,11 @@ def build_ort_engine(
     )
     calibration = None if check.data is None else [{input_name: b} for b in batches]
     threads = options.threads or physical_cores()
-    rewrites = [FAST_REWRITE, EXACT_REWRITE] if quantized and options.int8_rewrite else []
+    rewrites = (
+        [FAST_REWRITE, EXACT_REWRITE, BIT_EXACT_REWRITE]
+        if quantized and options.int8_rewrite
+        else []
+    )
     for rewrite in rewrites or [FAST_REWRITE]:
         passes = ort_graph_passes(
             model,
@@ -294,7 +306,7 @@ def build_ort_engine(
         report = compare_outputs(expected, got, data=data_label)
         if report.passed:
             break
-        logger.warning("%s: %s (rewrite relu/requantize %s)", source, report.summary(), rewrite)
+        logger.warning("%s: %s (rewrite %s)", source, report.summary(), rewrite)
     else:
         raise _fidelity_error(source, prepared, input_name, inputs, report, encoding)
     logger.info("%s: %s", source, report.summary())
@@ -319,9 +331,7 @@ def build_ort_engine(
         build_options={
             **dataclasses.asdict(options),
             "encoding": encoding,
-            "rewrite": dict(zip(("relu", "requantize"), rewrite, strict=True))
-            if rewrites
-            else None,
+            "rewrite": dict(zip(_REWRITE_KEYS, rewrite, strict=True)) if rewrites else None,
             "graph_passes": [name for name, _ in passes],
             "optimized_ops": dict(sorted(ops.items())),
             "integer_share": share,
