@@ -719,7 +719,9 @@ def test_fidelity_check_runs_the_plan_within_the_profile_and_is_recorded(
     assert report["data"] == "19 samples of the given data"
     assert report["max_abs_error"] == pytest.approx(1e-3, rel=1e-2)
     expected = reference(qdq_onnx, data)
-    assert report["output_range"] == pytest.approx(float(expected.max() - expected.min()))
+    per_sample = expected.reshape(len(expected), -1)
+    typical_range = float(np.median(per_sample.max(axis=1) - per_sample.min(axis=1)))
+    assert report["output_range"] == pytest.approx(typical_range)
     assert load_engine(path).metadata.fidelity == report
     # One sample is below the profile min of 2: the check pads it, as inference does.
     fake = install()
