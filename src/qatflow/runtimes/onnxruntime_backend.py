@@ -264,6 +264,11 @@ def build_ort_engine(
     profile_shapes(input_name, dims, batch_profile, source)
     quantized = has_qdq(model)
     encoding = choose_encoding(options.encoding) if quantized else None
+    if encoding is not None and encoding not in detect().exact:
+        raise RuntimeBackendError(
+            f"{source}: encoding {encoding} is not exact on this CPU ({detect().isa}): ONNX "
+            f"Runtime's {encoding} kernels saturate here; use --encoding auto or u8u8"
+        )
     batches, data_label = check.batches(model, source)
     chunk = dims[0] if isinstance(dims[0], int) else _FIDELITY_BATCH
     inputs = np.concatenate(batches)
