@@ -14,6 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from qatflow.errors import RuntimeBackendError
+from qatflow.onnx.graph import drop_unused_initializers
 
 Encoding = Literal["u8s8", "u8u8"]
 ENCODINGS: tuple[str, ...] = get_args(Encoding)
@@ -65,12 +66,5 @@ def encode_weights(model: onnx.ModelProto, encoding: Encoding) -> int:
         del dq.input[:]
         dq.input.extend([data_name, scale_name, zero_out])
         encoded += 1
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     return encoded
-
-
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = {name for node in graph.node for name in node.input}
-    keep = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)

@@ -107,6 +107,15 @@ def attribute(node: onnx.NodeProto, name: str, default: int | None = None) -> in
     return default
 
 
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Remove initializers that no node and no graph output reads, in place."""
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    keep = [init for init in graph.initializer if init.name in used]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+
+
 def topological_sort(graph: onnx.GraphProto) -> None:
     """Reorder ``graph.node`` in place so every node follows the producers of its inputs."""
     available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}

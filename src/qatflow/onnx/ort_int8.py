@@ -40,7 +40,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qatflow.errors import RuntimeBackendError
-from qatflow.onnx.graph import GraphIndex, apply_layout, quantize_constant, topological_sort
+from qatflow.onnx.graph import (
+    GraphIndex,
+    apply_layout,
+    drop_unused_initializers,
+    quantize_constant,
+    topological_sort,
+)
 from qatflow.onnx.reference import session as reference_session
 from qatflow.onnx.reference import with_outputs
 
@@ -157,14 +163,6 @@ class _Rewriter:
             del self.graph.node[:]
             self.graph.node.extend(keep)
         self.index = GraphIndex(self.graph)
-
-    def drop_unused_initializers(self) -> None:
-        used = {name for node in self.graph.node for name in node.input}
-        used |= {o.name for o in self.graph.output}
-        keep = [init for init in self.graph.initializer if init.name in used]
-        if len(keep) != len(self.graph.initializer):
-            del self.graph.initializer[:]
-            self.graph.initializer.extend(keep)
 
     def fresh(self, hint: str) -> str:
         base = hint.replace(":", "_").replace("/", "_")
@@ -928,7 +926,7 @@ def rewrite_for_ort_int8(
     for stage in STAGES[: STAGES.index(until) + 1]:
         if stage != "affine_fold" or fold_affine:
             passes[stage](rw)
-    rw.drop_unused_initializers()
+    drop_unused_initializers(rw.graph)
     summary = {**rw.stats, "requantized": rw.requantized, "relu": relu, "requantize": requantize}
     kept = [p for p in out.metadata_props if p.key != METADATA_KEY]
     del out.metadata_props[:]

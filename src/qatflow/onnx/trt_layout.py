@@ -18,6 +18,7 @@ from qatflow.onnx.graph import (
     GraphIndex,
     apply_layout,
     attribute,
+    drop_unused_initializers,
     quantize_constant,
     topological_sort,
 )
@@ -149,18 +150,16 @@ def fold_weight_quantization(model: onnx.ModelProto) -> int:
         del graph.node[:]
         graph.node.extend(keep)
         graph.initializer.extend(new_inits)
-        _drop_unused_initializers(model)
+        _drop_unused_constants(model)
         topological_sort(graph)
     return len(new_inits) // 3
 
 
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+def _drop_unused_constants(model: onnx.ModelProto) -> None:
     graph = model.graph
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    keep = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    drop_unused_initializers(graph)
     # Constant nodes whose outputs nobody reads anymore.
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     live = [n for n in graph.node if n.op_type != "Constant" or any(o in used for o in n.output)]
     del graph.node[:]
     graph.node.extend(live)
