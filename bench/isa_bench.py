@@ -316,11 +316,10 @@ def interleaved_p50(
 ) -> dict[str, float]:
     """Median latency (ms) of each runner, ``runs`` timed calls each, measured side by side.
 
-    The protocol of ``bench.ort_int8_bench.p50_latencies`` (which takes ONNX models and cannot
-    be imported without TensorFlow: that module reads Fashion-MNIST through ``qatflow.data``):
-    runners take turns in blocks of ``block`` timed calls, each block after one untimed call,
-    so load on the machine hits every runner alike and no runner is billed for another's
-    still-spinning ORT threads.
+    Also what ``bench.ort_int8_bench.p50_latencies`` times with (this module imports no
+    TensorFlow, that one does): runners take turns in blocks of ``block`` timed calls, each
+    block after one untimed call, so load on the machine hits every runner alike and no runner
+    is billed for another's still-spinning ORT threads.
     """
     times: dict[str, list[float]] = {label: [] for label in runners}
     for _ in range(max(1, -(-runs // block))):

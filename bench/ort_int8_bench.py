@@ -16,10 +16,9 @@ The helpers (Keras export, batch-norm data init, TensorRT-style Q/DQ inserter) a
 
 from __future__ import annotations
 
+import functools
 import os
-import statistics
 import tempfile
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -326,17 +325,17 @@ def p50_latencies(
     ORT's worker threads keep spinning for a while after a call, so strictly alternating single
     calls would bill one model for another's spinning threads.
     """
+    from bench.isa_bench import interleaved_p50
+
     sessions = {label: session(m, threads) for label, m in models.items()}
-    times: dict[str, list[float]] = {label: [] for label in sessions}
-    for _ in range(max(1, runs // block)):
-        for label, sess in sessions.items():
-            feed = {sess.get_inputs()[0].name: image}
-            sess.run(None, feed)
-            for _ in range(block):
-                start = time.perf_counter()
-                sess.run(None, feed)
-                times[label].append((time.perf_counter() - start) * 1e3)
-    return {label: statistics.median(t) for label, t in times.items()}
+    return interleaved_p50(
+        {
+            label: functools.partial(sess.run, None, {sess.get_inputs()[0].name: image})
+            for label, sess in sessions.items()
+        },
+        runs,
+        block,
+    )
 
 
 def agreement(reference: np.ndarray, other: np.ndarray) -> tuple[float, float]:
