@@ -178,14 +178,27 @@ def verdict(fidelity: Mapping[str, Any] | None) -> str:
     )
 
 
+def _rewrite_name(rewrite: Mapping[str, Any]) -> str:
+    """``exact/calibrated``, with ``/unfolded`` when batch norm was left unfolded."""
+    folded = "" if rewrite.get("fold_affine", True) else "/unfolded"
+    return f"{rewrite['relu']}/{rewrite['requantize']}{folded}"
+
+
 def engine_encoding(build_options: Mapping[str, Any]) -> str | None:
-    """``"u8s8 (exact/calibrated)"``: an engine's encoding and the rewrite (relu/requantize)
-    its build kept (``exact/none`` after the fallback), from its ``build_options``."""
+    """``"u8s8 (exact/calibrated)"``: an engine's encoding and the rewrite its build kept
+    (relu/requantize, ``/unfolded`` without batch-norm folding), then the faster rewrites the
+    fidelity check refused with their decided agreement, from its ``build_options``."""
     encoding = build_options.get("encoding")
     rewrite = build_options.get("rewrite") or {}
-    if encoding and rewrite.get("relu") and rewrite.get("requantize"):
-        return f"{encoding} ({rewrite['relu']}/{rewrite['requantize']})"
-    return encoding
+    if not (encoding and rewrite.get("relu") and rewrite.get("requantize")):
+        return encoding
+    text = f"{encoding} ({_rewrite_name(rewrite)})"
+    refused = build_options.get("refused_rewrites") or []
+    if refused:
+        text += "; refused " + ", ".join(
+            f"{_rewrite_name(r)} at {r['decided_agreement']:.1%}" for r in refused
+        )
+    return text
 
 
 def short_error(error: BaseException | str, limit: int = 300) -> str:

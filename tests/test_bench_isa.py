@@ -170,6 +170,21 @@ def test_engine_encoding_names_the_rewrite_the_build_kept():
     assert isa_bench.engine_encoding(options) == "u8u8 (exact/none)"
     assert isa_bench.engine_encoding({"encoding": None, "rewrite": None}) is None
     assert isa_bench.engine_encoding({"encoding": "u8s8"}) == "u8s8"
+    fallback = {
+        "encoding": "u8s8",
+        "rewrite": {"relu": "exact", "requantize": "none", "fold_affine": False},
+        "refused_rewrites": [
+            {
+                "relu": "exact",
+                "requantize": "calibrated",
+                "fold_affine": True,
+                "decided_agreement": 0.508,
+            },
+        ],
+    }
+    assert isa_bench.engine_encoding(fallback) == (
+        "u8s8 (exact/none/unfolded); refused exact/calibrated at 50.8%"
+    )
 
 
 def test_compute_op_share_counts_integer_and_float_compute_nodes():

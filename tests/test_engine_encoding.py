@@ -122,6 +122,37 @@ def test_a_failing_engine_is_rebuilt_then_refused_and_nothing_is_written(
     assert not out.exists()
 
 
+def test_a_fallback_engine_records_the_rewrites_it_refused(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights corrupted only where batch norm is folded: the bit-exact rewrite is built and
+    its metadata says which faster rewrites were refused, and how far they agreed."""
+    real_passes = onnxruntime_backend.ort_graph_passes
+
+    def negate(model: onnx.ModelProto) -> onnx.ModelProto:
+        for init in model.graph.initializer:
+            value = onnx.numpy_helper.to_array(init)
+            if value.dtype == np.int8 and value.ndim == 4:
+                init.CopyFrom(onnx.numpy_helper.from_array(-value, init.name))
+        return model
+
+    def passes(model: onnx.ModelProto, **options: object) -> list[object]:
+        fold = options["rewrite"][2]  # type: ignore[index]
+        return [*real_passes(model, **options), *([("negate", negate)] if fold else [])]  # type: ignore[arg-type]
+
+    monkeypatch.setattr(onnxruntime_backend, "ort_graph_passes", passes)
+    engine = load_engine(build_engine(source, tmp_path / "e.onnx", fidelity_data=near_binary(64)))
+    options = engine.metadata.build_options
+    assert options["rewrite"] == {"relu": "exact", "requantize": "none", "fold_affine": False}
+    refused = options["refused_rewrites"]
+    assert [(r["requantize"], r["fold_affine"]) for r in refused] == [
+        ("calibrated", True),
+        ("none", True),
+    ]
+    assert all(r["decided_agreement"] < 0.999 for r in refused)
+    assert engine.metadata.fidelity["passed"]
+
+
 EMULATED = """
 import json, sys
 import onnx

@@ -23,6 +23,7 @@ import onnx
 
 from qatflow.errors import QatflowError, RuntimeBackendError
 from qatflow.onnx.encoding import Encoding, encode_weights
+from qatflow.onnx.validate import check_runnable
 from qatflow.runtimes.base import (
     BatchProfile,
     Engine,
@@ -290,6 +291,7 @@ def build_ort_engine(
         if quantized and options.int8_rewrite
         else []
     )
+    refused: list[dict[str, Any]] = []
     for rewrite in rewrites or [FAST_REWRITE]:
         passes = ort_graph_passes(
             model,
@@ -312,6 +314,7 @@ def build_ort_engine(
         if report.passed:
             break
         logger.warning("%s: %s (rewrite %s)", source, report.summary(), rewrite)
+        refused.append(_refused_rewrite(rewrite, report))
     else:
         raise _fidelity_error(source, prepared, input_name, inputs, report, encoding)
     logger.info("%s: %s", source, report.summary())
@@ -337,6 +340,7 @@ def build_ort_engine(
             **dataclasses.asdict(options),
             "encoding": encoding,
             "rewrite": dict(zip(_REWRITE_KEYS, rewrite, strict=True)) if rewrites else None,
+            "refused_rewrites": refused,
             "graph_passes": [name for name, _ in passes],
             "optimized_ops": dict(sorted(ops.items())),
             "integer_share": share,
@@ -356,6 +360,17 @@ def build_ort_engine(
         share,
     )
     return output
+
+
+def _refused_rewrite(rewrite: RewriteMode, report: FidelityReport) -> dict[str, Any]:
+    """What the engine metadata keeps of a rewrite the fidelity check refused, so that a
+    slower fallback engine says why it is slower."""
+    return {
+        **dict(zip(_REWRITE_KEYS, rewrite, strict=True)),
+        "agreement": report.agreement,
+        "decided_agreement": report.decided_agreement,
+        "p99_abs_error": report.p99_abs_error,
+    }
 
 
 def _outputs(
@@ -536,6 +551,7 @@ def load_ort_engine(path: Path, *, threads: int | None = None) -> OnnxRuntimeEng
     metadata = read_ort_metadata(model, path)
     if metadata is None:
         logger.info("%s has no qatflow metadata; loading it as a plain ONNX model", path)
+        check_runnable(model, path)
         metadata = _plain_model_metadata(model, path)
     elif metadata.runtime != "onnxruntime":
         raise RuntimeBackendError(
