@@ -11,7 +11,8 @@ TENSORRT_STUBS := tensorrt-stubs==10.13.0.35.1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export CUDA_VISIBLE_DEVICES ?=
 
-.PHONY: setup test test-all lint run bench mlflow-ui images compile clean data
+.PHONY: setup test test-all lint run run-docker bench mlflow-ui compile clean data \
+	images images-tf images-tf-gpu images-trt base-image
 
 setup: $(STAMP) data $(QEMU)
 
@@ -59,12 +60,34 @@ mlflow-ui: setup
 compile: setup
 	$(BIN)/qatflow compile --output pipeline.yaml
 
-# Tags come from qatflow.images, the names the compiled pipeline refers to.
-IMAGE = $$($(BIN)/python -c 'import qatflow.images as i; print(i.$(1))')
-images: setup
-	docker build -f images/tensorflow.Dockerfile --build-arg VARIANT=cpu -t $(call IMAGE,TENSORFLOW_IMAGE) .
-	docker build -f images/tensorflow.Dockerfile --build-arg VARIANT=gpu -t $(call IMAGE,TENSORFLOW_GPU_IMAGE) .
-	docker build -f images/tensorrt.Dockerfile -t $(call IMAGE,TENSORRT_IMAGE) .
+# Images: one target each, tagged with the references the compiled pipeline names
+# (qatflow.images), built with BuildKit by scripts/build-image (see images/README.md).
+# images-tf takes TensorFlow from PyPI on $(BASE_IMAGE), by default a Debian base made here from
+# Debian's archive (`make base-image`: root and debootstrap), so it needs no container registry.
+# TF_VARIANT=cpu builds on tensorflow/tensorflow instead, BASE_IMAGE=debian:bookworm-slim on
+# Docker Hub's Debian. pip's CA bundle (PIP_CA, default: pip's configured cert) is a secret.
+DOCKER ?= $(shell scripts/docker-cli)
+export DOCKER
+BASE_IMAGE ?= qatflow-base:bookworm
+TF_VARIANT ?= pypi
+BUILD_IMAGE = $(BIN)/python scripts/build-image
+images: images-tf images-tf-gpu images-trt
+
+images-tf: setup $(if $(filter pypi,$(TF_VARIANT)),$(if $(filter qatflow-base:%,$(BASE_IMAGE)),base-image))
+	$(BUILD_IMAGE) tensorflow VARIANT=$(TF_VARIANT) DEBIAN_BASE=$(BASE_IMAGE)
+
+images-tf-gpu: setup
+	$(BUILD_IMAGE) tensorflow-gpu
+
+images-trt: setup
+	$(BUILD_IMAGE) tensorrt
+
+base-image:
+	scripts/base-image $(BASE_IMAGE)
+
+# The pipeline as `make run` runs it, every task in a container of the TensorFlow image.
+run-docker: images-tf
+	$(BIN)/qatflow run --runner docker --output runs/docker
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -4,6 +4,7 @@ No ``from __future__ import annotations`` here: KFP reads the component annotati
 """
 
 import argparse
+import re
 import socket
 import sys
 import types
@@ -15,6 +16,7 @@ import yaml
 from kfp import compiler, dsl
 from tests.kfp_api_standin import KfpApiStandIn
 
+from qatflow import cluster
 from qatflow.cli.cluster import register
 from qatflow.cluster import (
     apply_gpu_settings,
@@ -229,6 +231,41 @@ def test_bad_input_fails_before_contacting_the_host(package: Path) -> None:
         schedule(host, package, cron="@daily", arguments={"text": "a"}, max_concurrency=0)
 
 
+@pytest.mark.parametrize(
+    ("host", "problem"),
+    [
+        ("kfp.example.com:8080", "has no scheme: pass http://kfp.example.com:8080 or https://"),
+        ("ftp://kfp.example.com", "the scheme must be http or https, not ftp"),
+        ("http://kfp.example.com:99999", "invalid port"),
+        ("http://kfp.example.com:0", "the port must be 1-65535"),
+        ("https://:8080", "has no host name"),
+    ],
+)
+def test_malformed_host_is_refused_before_connecting(
+    host: str, problem: str, package: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_connection(*args: object, **kwargs: object) -> None:
+        raise AssertionError("connected to a malformed host")
+
+    monkeypatch.setattr(cluster, "check_reachable", no_connection)
+    with pytest.raises(PipelineError, match=re.escape(problem)):
+        submit(host, package, arguments={"text": "a"})
+    with pytest.raises(PipelineError, match=re.escape(problem)):
+        schedule(host, package, cron="@daily", arguments={"text": "a"})
+    # The CLI checks it before compiling the pipeline.
+    monkeypatch.setitem(sys.modules, "qatflow.pipeline_compile", types.ModuleType("unused"))
+    args = _parser().parse_args(["submit", "--host", host, "--param", "text=x"])
+    with pytest.raises(PipelineError, match=re.escape(problem)):
+        args.func(args)
+
+
+def test_a_valid_host_is_kept_without_its_trailing_slash() -> None:
+    assert cluster.normalize_host(" http://127.0.0.1:8080/ ") == "http://127.0.0.1:8080"
+    assert cluster.normalize_host("https://kfp.example.com/pipeline") == (
+        "https://kfp.example.com/pipeline"
+    )
+
+
 def test_api_rejection_is_reported(kfp_api: KfpApiStandIn, package: Path) -> None:
     kfp_api.failures["/apis/v2beta1/runs"] = (400, "pipeline spec is invalid")
     with pytest.raises(
@@ -296,6 +333,18 @@ def test_cli_schedule_help_explains_six_field_cron(capsys: pytest.CaptureFixture
     assert "6 fields, seconds first" in text
     assert "'0 0 2 * * *'" in text
     assert "--param NAME=VALUE" in text
+
+
+def test_cli_submit_help_lists_the_pipeline_parameters(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["submit", "--help"])
+    text = capsys.readouterr().out
+    assert "parameters of the qatflow pipeline (--param NAME=VALUE):" in text
+    assert "  dataset_uri (String, default 'fashion-mnist')" in text
+    assert "  accuracy_gate (Float, default 1.0)\n      the accuracy gate in top-1 points" in text
+    assert "--param dataset_uri=fashion-mnist" in text  # the example uses a real parameter
 
 
 def test_cli_submit_converts_params(

@@ -119,21 +119,36 @@ def test_tracking_metrics_use_the_tracker_keys(results: dict[str, EvaluationResu
 
     qat = compare(results).row("qat_int8").tracking_metrics()
     assert list(qat) == list(METRIC_KEYS)
-    assert qat["accuracy_delta_vs_fp32"] == pytest.approx(10.0)
+    assert qat["accuracy_top1_pct"] == pytest.approx(100.0)  # percent, like the delta's points
+    assert qat["accuracy_top1_delta_points"] == pytest.approx(10.0)
     assert qat["speedup_vs_fp32"] == pytest.approx(2.0)
     assert qat["size_mb"] == pytest.approx(1.0)
 
 
 def test_accuracy_gate(results: dict[str, EvaluationResult]) -> None:
-    comparison = compare(results)
-    assert comparison.passes_gate("qat_int8", 0.0)
-    assert comparison.passes_gate("fp32", 0.0)
-    assert not comparison.passes_gate("ptq_int8", 19.9)
-    assert comparison.passes_gate("ptq_int8", 20.0)
+    assert compare(results, accuracy_gate=0.0).verdict("qat_int8").passed  # +10 points
+    assert not compare(results, accuracy_gate=19.9).verdict("ptq_int8").passed  # -20 points
+    at_edge = compare(results, accuracy_gate=20.0)
+    assert at_edge.verdict("ptq_int8").passed
+    assert list(at_edge.verdicts()) == ["qat_int8", "ptq_int8"]  # every variant but fp32
     with pytest.raises(DataError, match="'int4'"):
-        comparison.passes_gate("int4", 1.0)
-    with pytest.raises(PipelineError, match="max_drop_points"):
-        comparison.passes_gate("qat_int8", -1.0)
+        at_edge.verdict("int4")
+    with pytest.raises(PipelineError, match="accuracy_gate"):
+        compare(results, accuracy_gate=-1.0)
+
+
+def test_gate_column_and_saved_verdicts(
+    results: dict[str, EvaluationResult], tmp_path: Path
+) -> None:
+    comparison = compare(results, accuracy_gate=5.0)
+    headers, rows = comparison.table()
+    gate_column = [row[headers.index("Gate")] for row in rows]
+    assert gate_column == ["baseline", "pass", "REFUSED"]
+    saved = json.loads(comparison.save_json(tmp_path / "c.json").read_text())
+    assert saved["gate_points"] == 5.0
+    assert saved["verdicts"]["ptq_int8"]["outcome"] == "refused"
+    assert "-20.00 top-1 points vs fp32" in saved["verdicts"]["ptq_int8"]["reason"]
+    assert Comparison.load_json(tmp_path / "c.json") == comparison
 
 
 def test_missing_variants_are_fine_but_baseline_is_required(
@@ -173,16 +188,20 @@ def test_markdown_and_text_views(results: dict[str, EvaluationResult]) -> None:
     markdown = comparison.to_markdown()
     lines = markdown.splitlines()
     assert lines[0] == (
-        "| Variant | Top-1 (%) | Top-5 (%) | Delta top-1 (pts) | Agree (%) | Fidelity | p50 (ms) "
-        "| p99 (ms) | Speedup | Img/s | Size (MB) | Encoding / ISA |"
+        "| Variant | Top-1 (%) | Top-5 (%) | Delta top-1 (pts) | Gate | Agree (%) | Fidelity "
+        "| p50 (ms) | p99 (ms) | Speedup | Img/s | Size (MB) | Encoding / ISA |"
     )
     assert lines[1].startswith("|---|---:|")
     assert lines[2] == (
-        f"| fp32 | 90.00 | 90.00 | baseline | baseline | {NONE_MARK} | 2.000 | 3.940 | baseline "
-        f"| 50.0 | 4.000 | {NONE_MARK} |"
+        f"| fp32 | 90.00 | 90.00 | baseline | baseline | baseline | {NONE_MARK} | 2.000 | 3.940 "
+        f"| baseline | 50.0 | 4.000 | {NONE_MARK} |"
     )
-    assert lines[3].startswith(f"| qat_int8 | 100.00 | 100.00 | +10.00 | 90.00 | {NONE_MARK} |")
-    assert lines[4].startswith(f"| ptq_int8 | 70.00 | 80.00 | -20.00 | 80.00 | {NONE_MARK} |")
+    assert lines[3].startswith(
+        f"| qat_int8 | 100.00 | 100.00 | +10.00 | pass | 90.00 | {NONE_MARK} |"
+    )
+    assert lines[4].startswith(
+        f"| ptq_int8 | 70.00 | 80.00 | -20.00 | REFUSED | 80.00 | {NONE_MARK} |"
+    )
     assert lines[4].endswith(f"| 1.00x | 100.0 | n/a | {NONE_MARK} |")
     assert "- Speed numbers are not like for like: runtime differs" in markdown
 
@@ -190,7 +209,7 @@ def test_markdown_and_text_views(results: dict[str, EvaluationResult]) -> None:
     assert text[0].split()[0] == "Variant"
     assert set(text[1]) <= {"-", " "}
     assert text[2].split() == [
-        "fp32", "90.00", "90.00", "baseline", "baseline", NONE_MARK, "2.000", "3.940",
+        "fp32", "90.00", "90.00", "baseline", "baseline", "baseline", NONE_MARK, "2.000", "3.940",
         "baseline", "50.0", "4.000", NONE_MARK,
     ]  # fmt: skip
     assert len({len(line) for line in text[:2]}) == 1  # header and rule aligned

@@ -10,8 +10,20 @@ from pathlib import Path
 
 import pytest
 
+from qatflow import images
 from qatflow.errors import PipelineError
-from qatflow.images import IMAGES, REPO_ROOT, TENSORRT_IMAGE, dockerfile_for
+from qatflow.images import (
+    IMAGES,
+    PIP_CA_SECRET,
+    REPO_ROOT,
+    TENSORFLOW_IMAGE,
+    TENSORRT_IMAGE,
+    build_command,
+    context_hash,
+    copied_paths,
+    dockerfile_for,
+    image_name,
+)
 
 IMAGES_DIR = REPO_ROOT / "images"
 DOCKERFILES = sorted(IMAGES_DIR.glob("*.Dockerfile"))
@@ -19,7 +31,7 @@ DOCKERFILES = sorted(IMAGES_DIR.glob("*.Dockerfile"))
 ALLOWED_PRAGMAS = {
     # `FROM base-${VARIANT}` picks one of two stages whose bases *are* pinned by tag.
     "DL3006",
-    # apt packages come from the Ubuntu release of a base image pinned by tag.
+    # apt packages come from the Debian/Ubuntu release of the base image.
     "DL3008",
 }
 
@@ -59,7 +71,10 @@ def test_runs_as_non_root_and_installs_at_build_time(dockerfile: Path) -> None:
     users = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
     assert users, f"{dockerfile.name} never switches away from root"
     assert users[-1] not in ("root", "0")
-    assert re.search(r"^RUN pip install --no-cache-dir", text, re.MULTILINE)
+    installs = re.findall(r"^RUN (?:[^\n]*\\\n)*?[^\n]*pip install[^\n]*", text, re.MULTILINE)
+    assert installs
+    # Nothing of pip's download cache stays in a layer.
+    assert all("--no-cache-dir" in run or "--mount=type=cache" in run for run in installs)
     assert not re.search(r"^(CMD|ENTRYPOINT).*pip", text, re.MULTILINE)
 
 
@@ -76,9 +91,17 @@ def test_every_image_has_its_dockerfile_and_build_args() -> None:
 
 def test_tensorflow_variants_and_pinned_bases() -> None:
     tensorflow = (IMAGES_DIR / "tensorflow.Dockerfile").read_text()
-    assert "FROM tensorflow/tensorflow:${TF_VERSION} AS base-cpu" in tensorflow
-    assert "FROM tensorflow/tensorflow:${TF_VERSION}-gpu AS base-gpu" in tensorflow
+    # Public defaults, each overridable with a build argument.
+    assert "ARG TF_BASE=tensorflow/tensorflow" in tensorflow
+    assert "ARG DEBIAN_BASE=debian:bookworm-slim" in tensorflow
+    assert "FROM ${TF_BASE}:${TF_VERSION} AS base-cpu" in tensorflow
+    assert "FROM ${TF_BASE}:${TF_VERSION}-gpu AS base-gpu" in tensorflow
+    assert "FROM ${DEBIAN_BASE} AS base-pypi" in tensorflow
+    assert re.search(r'pip install "tensorflow==\$\{TF_VERSION\}"', tensorflow)
     assert re.search(r"^ARG TF_VERSION=2\.21\.\d+$", tensorflow, re.MULTILINE)
+    assert re.search(r"^ARG VARIANT=cpu$", tensorflow, re.MULTILINE)
+    # The built-in BuildKit frontend: a `# syntax=` line would fetch one from Docker Hub.
+    assert not re.search(r"^# *syntax=", tensorflow, re.MULTILINE)
     tensorrt = (IMAGES_DIR / "tensorrt.Dockerfile").read_text()
     assert re.search(r"^ARG TRT_TAG=\d\d\.\d\d-py3$", tensorrt, re.MULTILINE)
     assert "FROM nvcr.io/nvidia/tensorrt:${TRT_TAG}" in tensorrt
@@ -92,6 +115,7 @@ def test_env_var_overrides_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QATFLOW_TRT_IMAGE", "registry.local/qatflow-trt:dev")
     assert spec.reference == "registry.local/qatflow-trt:dev"
     assert dockerfile_for("registry.local/qatflow-trt:dev").name == "tensorrt.Dockerfile"
+    assert image_name("registry.local/qatflow-trt:dev") == "tensorrt"
     with pytest.raises(PipelineError, match=r"python:3\.11"):
         dockerfile_for("python:3.11")
 
@@ -106,3 +130,66 @@ def test_module_constants_follow_env_at_import() -> None:
         check=True,
     )
     assert result.stdout.strip() == "registry.local/tf:dev"
+
+
+def test_pip_ca_is_a_secret_never_a_build_arg() -> None:
+    tensorflow = (IMAGES_DIR / "tensorflow.Dockerfile").read_text()
+    assert not re.search(r"^ARG\s+\w*(CERT|CA)\b", tensorflow, re.MULTILINE)
+    runs = re.findall(r"^RUN (?:[^\n]*\\\n)*?[^\n]*pip install[^\n]*", tensorflow, re.MULTILINE)
+    mount = f"--mount=type=secret,id={PIP_CA_SECRET},target=/etc/ssl/certs/ca-certificates.crt"
+    assert len(runs) == 3 and all(mount in run for run in runs)
+    command = build_command("tensorflow", "docker", pip_ca="ca.pem", build_args={"VARIANT": "pypi"})
+    assert command[:2] == ["docker", "build"] and command[-1] == str(REPO_ROOT)
+    assert (
+        command[command.index("--secret") + 1]
+        == f"id={PIP_CA_SECRET},src={Path('ca.pem').resolve()}"
+    )
+    build_args = [command[i + 1] for i, word in enumerate(command) if word == "--build-arg"]
+    assert build_args == ["VARIANT=pypi"]  # over the image's own VARIANT=cpu
+    assert command[command.index("-t") + 1] == TENSORFLOW_IMAGE
+    assert f"org.qatflow.context-hash={context_hash('tensorflow')}" in command
+    assert "--secret" not in build_command("tensorflow", "docker")
+
+
+def test_dependencies_are_installed_before_the_code_is_copied() -> None:
+    text = (IMAGES_DIR / "tensorflow.Dockerfile").read_text()
+    assert copied_paths(IMAGES_DIR / "tensorflow.Dockerfile") == [
+        "pyproject.toml",
+        "setup.py",
+        "README.md",
+        "src/",
+        "components/",
+        "pipelines/",
+    ]
+    requirements = text.index("pip install -r /tmp/requirements.txt")
+    assert text.index("COPY pyproject.toml ./") < requirements < text.index("COPY src/ src/")
+    assert "pip install --no-deps ." in text[text.index("COPY src/ src/") :]
+
+
+def test_context_hash_follows_the_copied_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "tensorflow.Dockerfile").write_text(
+        "FROM base\nCOPY pyproject.toml ./\nCOPY --chown=1 src/ src/\nCOPY --from=x /a /b\n"
+    )
+    (tmp_path / ".dockerignore").write_text(".venv/\n**/__pycache__\n")
+    (tmp_path / "pyproject.toml").write_text("[project]\n")
+    (tmp_path / "src" / "pkg").mkdir(parents=True)
+    (tmp_path / "src" / "pkg" / "mod.py").write_text("A = 1\n")
+    (tmp_path / "notes.txt").write_text("not copied\n")
+    monkeypatch.setattr(images, "REPO_ROOT", tmp_path)
+    assert copied_paths(tmp_path / "images" / "tensorflow.Dockerfile") == ["pyproject.toml", "src/"]
+    first = context_hash("tensorflow")
+    (tmp_path / "notes.txt").write_text("changed, still not copied\n")
+    (tmp_path / "src" / "pkg" / "__pycache__").mkdir()
+    (tmp_path / "src" / "pkg" / "__pycache__" / "mod.pyc").write_bytes(b"ignored")
+    assert context_hash("tensorflow") == first
+    (tmp_path / "src" / "pkg" / "mod.py").write_text("A = 2\n")
+    assert context_hash("tensorflow") != first
+
+
+def test_every_image_has_a_make_target() -> None:
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    for spec in IMAGES.values():
+        assert re.search(rf"^{spec.make_target}:", makefile, re.MULTILINE), spec.make_target

@@ -150,10 +150,10 @@ def test_parameters_and_defaults(compiled: tuple[dict[str, Any], dict[str, Any]]
     }
     assert params["epochs"]["parameterType"] == "NUMBER_INTEGER"
     assert params["learning_rate"]["parameterType"] == "NUMBER_DOUBLE"
-    assert set(compiled[0]["root"]["outputDefinitions"]["artifacts"]) == {
-        "report",
-        "publish_record",
-    }
+    outputs = compiled[0]["root"]["outputDefinitions"]
+    assert set(outputs["artifacts"]) == {"report", "publish_record"}
+    # The gate's verdict is a pipeline output a scheduled retraining can branch on.
+    assert outputs["parameters"] == {"gate_verdict": {"parameterType": "STRING"}}
 
 
 def test_the_cluster_helpers_read_the_package(tmp_path: Path) -> None:

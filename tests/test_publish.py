@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import shutil
 import socket
@@ -19,11 +20,14 @@ from tests.test_tracking import mlflow_server
 
 from qatflow.comparison import Comparison
 from qatflow.errors import DataError, PipelineError, StorageError
-from qatflow.publish import publish
+from qatflow.evaluation import EvaluationResult
+from qatflow.publish import publish, verdict
 from qatflow.tracking import (
+    AGREEMENT_METRIC,
     CHAMPION_ALIAS,
     FIDELITY_METRICS,
     FIDELITY_TAG,
+    HEADLINE_METRICS,
     METRIC_KEYS,
     OFFLINE_PREFIX,
     PARENT_TAG,
@@ -56,8 +60,8 @@ def _publish(chain: Chain, out: Path, report: Path | None = None, **options: Any
     return summary
 
 
-def _report_with(chain: Chain, folder: Path, **top1: float) -> Path:
-    """A copy of the report whose comparison has the given top-1 per variant."""
+def _report_with(chain: Chain, folder: Path, *, gate_points: float = 1.0, **top1: float) -> Path:
+    """A copy of the report whose comparison has the given gate and top-1 per variant."""
     shutil.copytree(chain.report, folder)
     comparison = Comparison.load_json(folder / "comparison.json")
     accuracy = {row.variant: top1.get(row.variant, row.top1) for row in comparison.rows}
@@ -69,7 +73,8 @@ def _report_with(chain: Chain, folder: Path, **top1: float) -> Path:
         )
         for row in comparison.rows
     )
-    dataclasses.replace(comparison, rows=rows).save_json(folder / "comparison.json")
+    changed = dataclasses.replace(comparison, rows=rows, gate_points=gate_points)
+    changed.save_json(folder / "comparison.json")
     return folder
 
 
@@ -84,13 +89,15 @@ def test_publish_to_server_and_s3(
 ) -> None:
     bucket = make_bucket(s3_endpoint)
     name = f"publish-{uuid.uuid4().hex[:8]}"
+    # Untrained models: a 100-point gate lets the first version become champion.
+    report = _report_with(chain, tmp_path / "report", gate_points=100.0)
     summary = _publish(
         chain,
         tmp_path,
+        report,
         tracking_uri=mlflow_server,
         experiment=name,
         register_name=name,
-        accuracy_gate=100.0,  # untrained models: let the first version become champion
         s3_prefix=f"s3://{bucket}/exports/",
         run_name="run-a",
         tags={"kfp.run_id": "abc"},
@@ -102,20 +109,46 @@ def test_publish_to_server_and_s3(
     assert parent.data.tags["kfp.run_id"] == "abc" and parent.info.status == "FINISHED"
     parent_files = {f.path for f in client.list_artifacts(parent_id, "report")}
     assert {"report/comparison.json", "report/report.html", "report/plots"} <= parent_files
-    assert client.list_artifacts(parent_id, "placement")[0].path.endswith(".placement.md")
+    assert [f.path for f in client.list_artifacts(parent_id, "placement")] == [
+        "placement/placement.md"
+    ]
+    # The parent carries each variant's headline metrics and the gate's verdict.
+    comparison = Comparison.load_json(report / "comparison.json")
+    assert parent.data.metrics["qat_int8.accuracy_top1_pct"] == pytest.approx(
+        100 * comparison.row("qat_int8").top1
+    )
+    assert {f"{v}.{k}" for v in VARIANTS for k in HEADLINE_METRICS} == set(parent.data.metrics)
+    assert parent.data.tags["qatflow.gate"] == "passed" == summary["gate"]["outcome"]
+    assert parent.data.tags["qatflow.gate.ptq_int8"] == "passed"
+    assert parent.data.tags["qatflow.gate_points"] == "100"
+    assert parent.data.params["accuracy_gate"] == "100.0"
 
     children = _children(client, parent_id)
     assert set(children) == set(VARIANTS) == set(summary["mlflow"]["child_run_ids"])
     for variant, run in children.items():
         # Every variant is an engine checked against its reference at build time.
-        assert set(run.data.metrics) == {*METRIC_KEYS, "agreement_vs_fp32", *FIDELITY_METRICS}
+        assert set(run.data.metrics) == {*METRIC_KEYS, AGREEMENT_METRIC, *FIDELITY_METRICS}
         assert run.data.tags[FIDELITY_TAG] == "passed", variant
         assert run.data.params["runtime"] == "onnxruntime"
         artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
         assert artifacts == {"onnx", "engine", "evaluation"}, variant
-    comparison = Comparison.load_json(chain.report / "comparison.json")
+        files = [
+            f.path
+            for p in ("onnx", "evaluation")
+            for f in client.list_artifacts(run.info.run_id, p)
+        ]
+        assert files == [f"onnx/{variant}.onnx", "evaluation/result.json"]  # MLflow previews
+        # The child run spans the evaluation that measured it, not the publish call.
+        result = EvaluationResult.load(chain.results[variant])
+        assert result.started_at is not None
+        assert run.info.start_time == int(
+            dt.datetime.fromisoformat(result.started_at).timestamp() * 1000
+        )
+        assert run.info.end_time == int(
+            dt.datetime.fromisoformat(result.created_at).timestamp() * 1000
+        )
     qat = children["qat_int8"].data.metrics
-    assert qat["accuracy_top1"] == comparison.row("qat_int8").top1
+    assert qat["accuracy_top1_pct"] == pytest.approx(100 * comparison.row("qat_int8").top1)
 
     registry = summary["registry"]
     assert registry["version"] == "1" and registry["gate"]["promoted"]
@@ -150,20 +183,27 @@ def test_champion_gate_uses_the_accuracy_gate(
     options = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "register_name": "gated"}
 
     def run(label: str, fp32: float, qat: float) -> dict[str, Any]:
-        report = _report_with(chain, tmp_path / f"report-{label}", fp32=fp32, qat_int8=qat)
-        return _publish(chain, tmp_path / label, report, accuracy_gate=1.0, **options)
+        report = _report_with(
+            chain, tmp_path / f"report-{label}", fp32=fp32, ptq_int8=fp32, qat_int8=qat
+        )
+        return _publish(chain, tmp_path / label, report, **options)
 
     first = run("a", 0.900, 0.895)  # 0.5 points below FP32, no champion yet
-    assert first["registry"]["gate"]["promoted"] and first["passes_fp32_gate"]["qat_int8"]
+    assert first["registry"]["gate"]["promoted"] and first["gate"]["outcome"] == "passed"
+    assert verdict(tmp_path / "a" / "publish.json") == "passed"
     too_far = run("b", 0.900, 0.880)  # 2 points below FP32
     assert not too_far["registry"]["gate"]["promoted"]
-    assert not too_far["passes_fp32_gate"]["qat_int8"]
-    assert "exceeds max_fp32_gap" in too_far["registry"]["gate"]["reasons"][0]
+    assert too_far["gate"]["variants"]["qat_int8"]["outcome"] == "refused"
+    assert verdict(tmp_path / "b" / "publish.json") == "refused"
+    assert "-2.00 top-1 points vs fp32" in too_far["registry"]["gate"]["reasons"][0]
+    assert "outside the 1-point gate" in too_far["gate"]["reasons"][0]
     worse = run("c", 0.860, 0.855)  # fine vs FP32, 4 points below the champion
     assert not worse["registry"]["gate"]["promoted"]
-    assert "champion v1" in worse["registry"]["gate"]["reasons"][1]
-    close = run("d", 0.900, 0.890)  # within 1 point of the champion's 0.895
-    assert close["registry"]["gate"]["promoted"]
+    assert worse["gate"]["variants"]["qat_int8"]["outcome"] == "passed"  # vs FP32...
+    assert worse["gate"]["outcome"] == "refused"  # ...but the registry refused it
+    assert "-4.00 top-1 points vs champion v1" in worse["registry"]["gate"]["reasons"][1]
+    close = run("d", 0.900, 0.890)  # within 1 point of the champion's 89.5 %
+    assert close["registry"]["gate"]["promoted"] and close["gate"]["outcome"] == "passed"
     client = MlflowClient(options["tracking_uri"])
     assert str(client.get_model_version_by_alias("gated", CHAMPION_ALIAS).version) == "4"
 
@@ -182,7 +222,7 @@ def test_unreachable_mlflow_keeps_everything_offline(chain: Chain, tmp_path: Pat
     summary = _publish(chain, tmp_path / "out", report, tracking_uri=closed)
     mlflow = summary["mlflow"]
     assert mlflow["offline"] and "127.0.0.1" in mlflow["offline_reason"]
-    assert mlflow["metrics_omitted"] == ["accuracy_top5"]
+    assert mlflow["metrics_omitted"] == ["accuracy_top5_pct"]
     assert summary["registry"] == {"model_name": "qatflow-qat-int8", "version": None, "gate": None}
     offline = tmp_path / "out" / "mlflow-offline"
     assert mlflow["offline_dir"] == str(offline)
@@ -193,11 +233,13 @@ def test_unreachable_mlflow_keeps_everything_offline(chain: Chain, tmp_path: Pat
         child = json.loads((offline / f"{run_id}.json").read_text())
         assert set(child["metrics"]) == {
             *METRIC_KEYS,
-            "agreement_vs_fp32",
+            AGREEMENT_METRIC,
             *FIDELITY_METRICS,
-        } - {"accuracy_top5"}
+        } - {"accuracy_top5_pct"}
         assert child["tags"]["variant"] == variant
         assert {a["artifact_path"] for a in child["artifacts"]} == {"onnx", "engine", "evaluation"}
+        names = {a["artifact_path"]: a["file_name"] for a in child["artifacts"]}
+        assert (names["onnx"], names["evaluation"]) == (f"{variant}.onnx", "result.json")
 
 
 def test_bad_inputs_fail_before_anything_is_logged(
@@ -216,8 +258,11 @@ def test_bad_inputs_fail_before_anything_is_logged(
     missing = {**onnx, "ptq_int8": tmp_path / "gone.onnx"}
     with pytest.raises(PipelineError, match=r"onnx\['ptq_int8'\] .*gone.onnx does not exist"):
         publish(chain.report, chain.results, missing, chain.engines, **common)
-    with pytest.raises(PipelineError, match="accuracy_gate"):
-        publish(chain.report, chain.results, onnx, chain.engines, accuracy_gate=-1, **common)
+    bad_gate = _report_with(chain, tmp_path / "bad-gate")
+    document = json.loads((bad_gate / "comparison.json").read_text())
+    (bad_gate / "comparison.json").write_text(json.dumps({**document, "gate_points": -1}))
+    with pytest.raises(DataError, match="gate_points must be 0 or more top-1 points"):
+        publish(bad_gate, chain.results, onnx, chain.engines, **common)
     with pytest.raises(DataError, match="comparison"):
         publish(tmp_path, chain.results, onnx, chain.engines, **common)
     with pytest.raises(StorageError, match="bucket 'no-bucket-here' does not exist"):

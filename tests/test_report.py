@@ -19,8 +19,9 @@ from tests.test_comparison import FP32, PTQ, QAT, fidelity_report, make_result
 from qatflow.comparison import FIDELITY_EXPLANATION, NONE_MARK, compare
 from qatflow.errors import DataError, PipelineError
 from qatflow.evaluation import EvaluationResult, evaluate
-from qatflow.report import write_report
+from qatflow.report import plots, write_report
 from qatflow.report.html import markdown_to_html
+from qatflow.report.provenance import RunInfo
 from qatflow.runtimes import build_engine
 
 PLACEMENT = "| Layer | Case |\n|---|---|\n| conv2d | conv+relu |\n| add | residual <b>add</b> |\n"
@@ -194,13 +195,14 @@ def test_end_to_end_from_real_evaluations(tmp_path: Path) -> None:
     options: dict[str, Any] = {"latency_iterations": 20, "warmup": 2, "throughput_batch": 8}
     fp32 = evaluate(model, batches, **options)
     results = {"fp32": fp32, "fp32_ort": evaluate(engine, batches, threads=1, **options)}
-    comparison = compare(results)
+    comparison = compare(results, accuracy_gate=0.0)
     assert comparison.row("fp32_ort").agreement == 1.0
-    assert comparison.passes_gate("fp32_ort", 0.0)
+    assert comparison.verdict("fp32_ort").passed
     files = write_report(comparison, results, tmp_path / "report", title="Keras vs ORT")
     markdown = files.markdown.read_text()
     assert "| fp32_ort | " in markdown and "runtime differs" in markdown
-    assert f"`{engine}`" in markdown
+    assert "`model.ort.onnx (local)`" in markdown  # the engine by name, not by path
+    assert str(tmp_path) not in markdown and str(tmp_path) not in files.html.read_text()
     # The ORT engine's build-time check shows in the table and its own section.
     fidelity = results["fp32_ort"].fidelity
     assert fidelity is not None and fidelity["passed"] is True
@@ -227,3 +229,68 @@ def test_markdown_subset_to_html() -> None:
     assert '<td style="text-align:center">x | y</td><td style="text-align:right">3</td>' in html
     image = markdown_to_html("![plot](p.png) ![other](q.png)", images={"p.png": b"PNG"})
     assert 'src="data:image/png;base64,UE5H"' in image and 'src="q.png"' in image
+
+
+def test_verdict_banners_gate_column_and_provenance(
+    results: dict[str, EvaluationResult], tmp_path: Path
+) -> None:
+    results["qat_int8"] = make_result(QAT, engine={"encoding": "u8s8", "isa": "avx512_vnni"})
+    comparison = compare(results, accuracy_gate=1.0)  # qat +10 points, ptq -20 points
+    info = RunInfo(
+        dataset_uri=str(tmp_path / "data" / "images.npz"),
+        dataset_kind="npz",
+        model_uri="s3://models/cnn.keras",
+        run_name="nightly-7",
+        run_id="run-123",
+    )
+    files = write_report(comparison, results, tmp_path, title="gate", run_info=info)
+    markdown = files.markdown.read_text()
+    head = markdown.split("## Provenance")[0]
+    assert head.index("ptq_int8: REFUSED") < head.index("qat_int8: passed")  # table order
+    assert (
+        "> [!CAUTION]\n> **ptq_int8: REFUSED by the accuracy gate.** ptq_int8 -20.00 top-1 "
+        "points vs fp32 (70.00% vs 90.00%): outside the 1-point gate, refused." in head
+    )
+    assert "> [!TIP]\n> **qat_int8: passed the accuracy gate.**" in head
+    provenance = markdown.split("## Provenance\n\n", 1)[1].split("\n## ", 1)[0]
+    assert "| Dataset | images.npz (local) (npz); 10 test images, 6 classes |" in provenance
+    assert "| Model | s3://models/cnn.keras |" in provenance
+    assert "| Pipeline run | nightly-7 / run-123 |" in provenance
+    assert "| Device | cpu |" in provenance and "| Threads | 2 |" in provenance
+    assert "| Encoding | fp32: n/a; ptq_int8: n/a; qat_int8: u8s8 |" in provenance
+    for label in ("qatflow", "TensorFlow", "ONNX Runtime", "Runtime", "ISA"):
+        assert f"| {label} | " in provenance
+    assert str(tmp_path) not in markdown
+    assert "| Gate |" in markdown and "| REFUSED |" in markdown
+
+    page = files.html.read_text()
+    assert '<blockquote class="caution"><p><strong>ptq_int8: REFUSED' in page
+    assert '<blockquote class="tip"><p><strong>qat_int8: passed' in page
+
+
+def test_gate_band_and_per_class_axes(results: dict[str, EvaluationResult]) -> None:
+    comparison = compare(results, accuracy_gate=2.5)
+    ax = plots.accuracy_vs_latency_figure(comparison).axes[0]
+    (band,) = ax.patches  # a Rectangle spanning the gate below the baseline's top-1
+    assert (band.get_y(), band.get_y() + band.get_height()) == (
+        pytest.approx(87.5),
+        pytest.approx(90.0),  # fp32 top-1 90 %
+    )
+    assert "accuracy gate: within 2.5 top-1 points" in [t.get_text() for t in ax.get_legend().texts]
+
+    figure = plots.per_class_change_figure(comparison, results)
+    assert figure is not None
+    for panel in figure.axes:
+        assert panel.get_xlabel() == "class"
+        labels = panel.get_xticklabels()
+        assert [t.get_text() for t in labels] == [f"c{i}" for i in range(6)]
+        assert all(t.get_rotation() == 0 for t in labels)  # short names stay horizontal
+    ptq_panel = figure.axes[0]  # ptq_int8 vs fp32 per class: c0..c5 = -50, 0, -50, 0, 0, 0
+    (markers,) = ptq_panel.lines[1:]
+    assert list(markers.get_xdata()) == [1, 3, 4, 5]  # unchanged classes get a dot at zero
+
+
+def test_markdown_alerts_to_html() -> None:
+    html = markdown_to_html("> [!CAUTION]\n> **no** good\n\n> plain quote\n", images={})
+    assert '<blockquote class="caution"><p><strong>no</strong> good</p>\n</blockquote>' in html
+    assert "<blockquote><p>plain quote</p>\n</blockquote>" in html

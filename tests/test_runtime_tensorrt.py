@@ -1,18 +1,20 @@
 """TensorRT build and inference decisions, checked through build_engine/load_engine.
 
-TensorRT and a GPU are not available here, so most tests install a fake ``tensorrt`` (and
-``pycuda``) module that records the builder calls and emulates an engine: its plan holds the
-parsed ONNX, which it runs with ONNX Runtime (optionally distorted). They verify our decisions
-(flags per TensorRT version, profiles, timing cache, buffers, chunking, the fidelity gate,
-errors), not TensorRT. Tests marked ``tensorrt`` run the real thing and skip without it.
+TensorRT and a GPU are not available here, so most tests install a fake ``tensorrt``
+(``tests/tensorrt_fake_trt.py``: records the builder calls, runs a plan's ONNX with ONNX
+Runtime) and a fake ``pycuda`` over a fake CUDA driver (``tests/tensorrt_fake_cuda.py``: per-thread
+context stacks, primary vs created contexts, exit hooks). Their enum values, string forms and
+context rules are the real ones (sources in those modules). The tests verify our decisions, not
+TensorRT. Tests marked ``tensorrt`` run the real thing and skip without it.
 """
 
 from __future__ import annotations
 
-import base64
-import enum
+import contextlib
+import fcntl
 import json
 import sys
+import threading
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,354 +24,47 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from tests.test_runtimes_base import CLASSES, make_model, sample_batch, save_model
+from tests.tensorrt_fake_cuda import DeviceSpec, FakeDriver, install_fake_pycuda
+from tests.tensorrt_fake_trt import BY_MAJOR, FakeTensorRT, enums
+from tests.test_runtimes_base import make_model, sample_batch, save_model
 
 from qatflow.errors import RuntimeBackendError
 from qatflow.onnx.reference import run_reference
-from qatflow.runtimes import build_engine, load_engine, tensorrt_backend
+from qatflow.runtimes import (
+    build_engine,
+    cuda_context,
+    load_engine,
+    tensorrt_backend,
+    tensorrt_timing_cache,
+)
 from qatflow.runtimes.base import sidecar_path
 from qatflow.runtimes.tensorrt_backend import (
     BuildPlan,
     build_log_path,
-    convert_to_mixed_fp16,
     format_parser_error,
     import_tensorrt,
-    network_flags,
     plan_build,
     resolve_timing_cache,
 )
+from qatflow.runtimes.tensorrt_fp16 import convert_to_mixed_fp16
 from qatflow.runtimes.tensorrt_inference import (
     Chunk,
     TensorRTEngine,
     buffer_nbytes,
     check_gpu,
+    from_bfloat16_bits,
     max_tensor_shape,
     plan_chunks,
+    to_bfloat16_bits,
 )
+from qatflow.runtimes.tensorrt_layers import precision_summary
 
 # --------------------------------------------------------------------------- fakes
 
-
-class Severity(enum.IntEnum):
-    INTERNAL_ERROR = 0
-    ERROR = 1
-    WARNING = 2
-    INFO = 3
-    VERBOSE = 4
-
-
-class FakeGPU:
-    """Device memory of the fake pycuda: allocations addressed by integer pointers."""
-
-    def __init__(self) -> None:
-        self.memory: dict[int, np.ndarray] = {}
-
-    def module(self) -> dict[str, types.ModuleType]:
-        gpu = self
-
-        class Allocation:
-            def __init__(self, nbytes: int) -> None:
-                self.address = 0x1000 * (len(gpu.memory) + 1)
-                gpu.memory[self.address] = np.zeros(nbytes, np.uint8)
-
-            def __int__(self) -> int:
-                return self.address
-
-        class Stream:
-            handle = 0xABC
-            synchronized = 0
-
-            def synchronize(self) -> None:
-                Stream.synchronized += 1
-
-        class Device:
-            def __init__(self, index: int) -> None:
-                assert index == 0
-
-            def name(self) -> str:
-                return "Fake GPU"
-
-            def compute_capability(self) -> tuple[int, int]:
-                return (8, 6)
-
-        def htod(dest: Allocation, src: np.ndarray, stream: Stream) -> None:
-            gpu.memory[int(dest)][: src.nbytes] = src.view(np.uint8)
-
-        def dtoh(dest: np.ndarray, src: Allocation, stream: Stream) -> None:
-            dest.view(np.uint8)[:] = gpu.memory[int(src)][: dest.nbytes]
-
-        driver = types.ModuleType("pycuda.driver")
-        driver.__dict__.update(
-            init=lambda: None,
-            Device=Device,
-            Stream=Stream,
-            pagelocked_empty=lambda count, dtype: np.zeros(count, dtype),
-            mem_alloc=Allocation,
-            memcpy_htod_async=htod,
-            memcpy_dtoh_async=dtoh,
-        )
-        package = types.ModuleType("pycuda")
-        autoinit = types.ModuleType("pycuda.autoinit")
-        package.__dict__.update(driver=driver, autoinit=autoinit)
-        return {"pycuda": package, "pycuda.driver": driver, "pycuda.autoinit": autoinit}
-
-
-class FakeTensorRT:
-    """A ``tensorrt`` module stand-in recording builder calls; plans are JSON it can run.
-
-    A plan holds the profile and the parsed ONNX; executing it runs that ONNX as float math
-    with ONNX Runtime, then ``distort`` (if given) on the logits: a wrong engine.
-    """
-
-    def __init__(
-        self,
-        version: str,
-        gpu: FakeGPU,
-        *,
-        parse_errors: tuple[tuple[int, str, str, str], ...] = (),
-        build_ok: bool = True,
-        cache_compatible: bool = True,
-        strongly_typed_flag: bool = True,
-        distort: Callable[[np.ndarray], np.ndarray] | None = None,
-    ) -> None:
-        self.calls: list[tuple[Any, ...]] = []
-        self.parsed: list[bytes] = []
-        self.cache_inputs: list[bytes] = []
-        fake = self
-        major = int(version.split(".")[0])
-        builder_flags = {"FP16": 0, "INT8": 1, "TF32": 6} if major == 10 else {"TF32": 6}
-        creation_flags = {"STRONGLY_TYPED": 1} if strongly_typed_flag else {"PREFER_AOT": 3}
-
-        class ILogger:
-            Severity = Severity
-
-            def log(self, severity: enum.IntEnum, msg: str) -> None:
-                raise NotImplementedError
-
-        class Logger(ILogger):
-            WARNING = Severity.WARNING
-
-            def __init__(self, severity: Severity) -> None:
-                pass
-
-        class ParserError:
-            def __init__(self, node: int, name: str, op: str, desc: str) -> None:
-                self.values = (node, name, op, desc)
-
-            def node(self) -> int:
-                return self.values[0]
-
-            def node_name(self) -> str:
-                return self.values[1]
-
-            def node_operator(self) -> str:
-                return self.values[2]
-
-            def desc(self) -> str:
-                return self.values[3]
-
-            def code(self) -> str:
-                return "ErrorCode.UNSUPPORTED_NODE"
-
-        class Network:
-            def __init__(self, flags: int) -> None:
-                self.flags = flags
-                self.model = b""
-
-        class OnnxParser:
-            def __init__(self, network: Network, logger: ILogger) -> None:
-                self.errors = [ParserError(*e) for e in parse_errors]
-                self.network = network
-
-            def parse(self, model: bytes, path: str) -> bool:
-                fake.calls.append(("parse", path))
-                fake.parsed.append(model)
-                self.network.model = model
-                return not self.errors
-
-            @property
-            def num_errors(self) -> int:
-                return len(self.errors)
-
-            def get_error(self, index: int) -> ParserError:
-                return self.errors[index]
-
-        class TimingCache:
-            def __init__(self, data: bytes) -> None:
-                self.data = data
-
-            def serialize(self) -> bytes:
-                return self.data + b"+entries"
-
-        class Profile:
-            def set_shape(self, name: str, *shapes: tuple[int, ...]) -> None:
-                fake.calls.append(("set_shape", name, *shapes))
-                self.shapes = {name: [list(s) for s in shapes]}
-
-        class Config:
-            def __init__(self) -> None:
-                self.cache: TimingCache | None = None
-                self.profiles: list[Profile] = []
-
-            def __setattr__(self, name: str, value: Any) -> None:
-                if name not in ("cache", "profiles"):
-                    fake.calls.append(("config", name, value))
-                object.__setattr__(self, name, value)
-
-            def set_flag(self, flag: enum.IntEnum) -> None:
-                fake.calls.append(("set_flag", flag.name))
-
-            def set_memory_pool_limit(self, pool: enum.IntEnum, size: int) -> None:
-                fake.calls.append(("pool_limit", pool.name, size))
-
-            def add_optimization_profile(self, profile: Profile) -> int:
-                self.profiles.append(profile)
-                return 0
-
-            def create_timing_cache(self, data: bytes) -> TimingCache:
-                fake.cache_inputs.append(bytes(data))
-                return TimingCache(bytes(data))
-
-            def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> bool:
-                fake.calls.append(("set_timing_cache", cache.data, ignore_mismatch))
-                if cache.data and not cache_compatible:
-                    return False
-                self.cache = cache
-                return True
-
-            def get_timing_cache(self) -> TimingCache:
-                assert self.cache is not None
-                return self.cache
-
-        class Builder:
-            def __init__(self, logger: ILogger) -> None:
-                self.logger = logger
-
-            def create_network(self, flags: int) -> Network:
-                fake.calls.append(("create_network", flags))
-                return Network(flags)
-
-            def create_builder_config(self) -> Config:
-                return Config()
-
-            def create_optimization_profile(self) -> Profile:
-                return Profile()
-
-            def build_serialized_network(self, network: Network, config: Config) -> Any:
-                fake.calls.append(("build",))
-                self.logger.log(Severity.INFO, "building")
-                if not build_ok:
-                    self.logger.log(Severity.ERROR, "out of GPU memory")
-                    return None
-                self.logger.log(Severity.WARNING, "some layers stay in FP32")
-                onnx_text = base64.b64encode(network.model).decode()
-                return json.dumps(
-                    {"profile": config.profiles[0].shapes, "onnx": onnx_text}
-                ).encode()
-
-        class Engine:
-            def __init__(self, plan: dict[str, Any]) -> None:
-                ((self.input, shapes),) = plan["profile"].items()
-                self.profile = [tuple(s) for s in shapes]
-                self.model = onnx.load_from_string(base64.b64decode(plan["onnx"]))
-                self.tensors = {
-                    self.input: (TensorIOMode.INPUT, (-1, *shapes[0][1:])),
-                    "logits": (TensorIOMode.OUTPUT, (-1, CLASSES)),
-                    "features": (TensorIOMode.OUTPUT, (-1, 2)),
-                }
-
-            num_io_tensors = 3
-
-            def get_tensor_name(self, index: int) -> str:
-                return list(self.tensors)[index]
-
-            def get_tensor_mode(self, name: str) -> enum.IntEnum:
-                return self.tensors[name][0]
-
-            def get_tensor_dtype(self, name: str) -> str:
-                return "FLOAT"
-
-            def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-                return self.tensors[name][1]
-
-            def get_tensor_profile_shape(self, name: str, index: int) -> list[tuple[int, ...]]:
-                assert (name, index) == (self.input, 0)
-                return self.profile
-
-            def create_engine_inspector(self) -> Any:
-                return types.SimpleNamespace(
-                    get_engine_information=lambda fmt: json.dumps(
-                        {"Layers": [{"Name": "conv", "Precision": "INT8"}], "format": fmt.name}
-                    )
-                )
-
-            def create_execution_context(self) -> Context:
-                return Context(self)
-
-        class Context:
-            def __init__(self, engine: Engine) -> None:
-                self.engine = engine
-                self.addresses: dict[str, int] = {}
-                self.shape: tuple[int, ...] = (0,)
-                fake.contexts.append(self)
-                self.input_shapes: list[tuple[int, ...]] = []
-
-            def set_tensor_address(self, name: str, address: int) -> bool:
-                self.addresses[name] = address
-                return True
-
-            def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
-                low, _, high = self.engine.profile
-                self.shape = tuple(shape)
-                self.input_shapes.append(self.shape)
-                return low[0] <= shape[0] <= high[0]
-
-            def execute_async_v3(self, stream: int) -> bool:
-                assert stream == 0xABC and set(self.addresses) == set(self.engine.tensors)
-                count = int(np.prod(self.shape))
-                raw = gpu.memory[self.addresses[self.engine.input]][: count * 4]
-                batch = raw.view(np.float32).reshape(self.shape)
-                logits = run_reference(self.engine.model, {self.engine.input: batch})[0]
-                if distort is not None:
-                    logits = distort(logits)
-                logits = np.ascontiguousarray(logits, np.float32)
-                gpu.memory[self.addresses["logits"]][: logits.nbytes] = logits.reshape(-1).view(
-                    np.uint8
-                )
-                return True
-
-            def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-                return (self.shape[0], *self.engine.tensors[name][1][1:])
-
-        class Runtime:
-            def __init__(self, logger: ILogger) -> None:
-                pass
-
-            def deserialize_cuda_engine(self, plan: bytes) -> Engine | None:
-                try:
-                    return Engine(json.loads(bytes(plan)))
-                except ValueError:
-                    return None
-
-        TensorIOMode = enum.IntEnum("TensorIOMode", {"INPUT": 1, "OUTPUT": 2})
-        self.contexts: list[Context] = []
-        self.module = types.ModuleType("tensorrt")
-        self.module.__dict__.update(
-            __version__=version,
-            ILogger=ILogger,
-            Logger=Logger,
-            Builder=Builder,
-            OnnxParser=OnnxParser,
-            Runtime=Runtime,
-            Dims=tuple,
-            BuilderFlag=enum.IntEnum("BuilderFlag", builder_flags),
-            NetworkDefinitionCreationFlag=enum.IntEnum("Creation", creation_flags),
-            MemoryPoolType=enum.IntEnum("MemoryPoolType", {"WORKSPACE": 0}),
-            ProfilingVerbosity=enum.IntEnum("ProfilingVerbosity", {"DETAILED": 2}),
-            LayerInformationFormat=enum.IntEnum("LayerInformationFormat", {"JSON": 1}),
-            TensorIOMode=TensorIOMode,
-            nptype=lambda dtype: np.float32,
-        )
+GPUS = (
+    DeviceSpec("Fake GPU", (8, 6), "0000:01:00.0"),
+    DeviceSpec("Fake GPU B", (9, 0), "0000:41:00.0"),
+)
 
 
 def reference(source: Path, batch: np.ndarray) -> np.ndarray:
@@ -378,19 +73,30 @@ def reference(source: Path, batch: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture
-def gpu() -> FakeGPU:
-    return FakeGPU()
+def gpu(monkeypatch: pytest.MonkeyPatch) -> FakeDriver:
+    """A fresh fake CUDA driver (a new process): qatflow's shared context is reset too."""
+    driver = FakeDriver(GPUS)
+    monkeypatch.setattr(cuda_context, "_shared", None)
+    monkeypatch.setattr(
+        cuda_context, "atexit", types.SimpleNamespace(register=driver.exit_hooks.append)
+    )
+    return driver
 
 
 @pytest.fixture
-def install(monkeypatch: pytest.MonkeyPatch, gpu: FakeGPU) -> Iterator[Callable[..., FakeTensorRT]]:
-    """Install a fake tensorrt of a given version and a fake pycuda (none: pycuda=False)."""
+def install(
+    monkeypatch: pytest.MonkeyPatch, gpu: FakeDriver
+) -> Iterator[Callable[..., FakeTensorRT]]:
+    """Install a fake tensorrt of a given version and the fake pycuda (none: pycuda=False).
+
+    Each call stands for a new process: qatflow's process-wide CUDA context starts anew.
+    """
 
     def _install(version: str = "10.13.0.35", *, pycuda: bool = True, **kw: Any) -> FakeTensorRT:
+        monkeypatch.setattr(cuda_context, "_shared", None)
         fake = FakeTensorRT(version, gpu, **kw)
         monkeypatch.setitem(sys.modules, "tensorrt", fake.module)
-        for name, module in (gpu.module() if pycuda else {"pycuda.driver": None}).items():
-            monkeypatch.setitem(sys.modules, name, module)
+        install_fake_pycuda(monkeypatch, gpu if pycuda else None)
         return fake
 
     yield _install
@@ -445,12 +151,25 @@ def test_unsupported_tensorrt_versions(version: str) -> None:
         plan_build(version, True, False)
 
 
-def test_network_flags(install: Callable[..., FakeTensorRT]) -> None:
-    trt = install("11.0.0").module
-    assert network_flags(trt, plan_build("11.0.0", True, False)) == 1 << 1
-    assert network_flags(trt, plan_build("10.13.0", True, False)) == 0
-    no_flag = install("11.5.0", strongly_typed_flag=False).module
-    assert network_flags(no_flag, plan_build("11.5.0", True, False)) == 0
+def test_fake_enums_are_the_cited_header_values() -> None:
+    ten, eleven = enums(10), enums(11)
+    assert int(ten["NetworkDefinitionCreationFlag"].STRONGLY_TYPED) == 1
+    assert int(eleven["NetworkDefinitionCreationFlag"].STRONGLY_TYPED) == 0
+    assert int(eleven["NetworkDefinitionCreationFlag"].PREFER_AOT_PYTHON_PLUGINS) == 2
+    assert "EXPLICIT_BATCH" not in BY_MAJOR[11]["NetworkDefinitionCreationFlag"]
+    assert {"FP16", "INT8"} <= set(BY_MAJOR[10]["BuilderFlag"]) and not BY_MAJOR[11]["BuilderFlag"]
+    assert (int(ten["DataType"].HALF), int(ten["DataType"].BF16)) == (1, 7)
+    assert str(ten["ErrorCode"].UNSUPPORTED_NODE) == "UNSUPPORTED_NODE"
+
+
+@pytest.mark.parametrize("version", ["10.13.0.35", "11.1.0.5"])
+def test_networks_are_created_without_flags(
+    install: Callable[..., FakeTensorRT], qdq_onnx: Path, tmp_path: Path, version: str
+) -> None:
+    # 10: weakly typed (0). 11: always strongly typed; 1 << STRONGLY_TYPED would be 1 << 0.
+    fake = install(version)
+    build_engine(qdq_onnx, tmp_path / "e.plan", runtime="tensorrt")
+    assert called(fake, "create_network") == [(0,)]
 
 
 def test_resolve_timing_cache(tmp_path: Path) -> None:
@@ -466,9 +185,9 @@ def test_format_parser_error() -> None:
         node_name=lambda: "conv1",
         node_operator=lambda: "Conv",
         desc=lambda: "bad axis",
-        code=lambda: "ErrorCode.INVALID_NODE",
+        code=lambda: enums(10)["ErrorCode"].INVALID_NODE,
     )
-    assert format_parser_error(error) == "node 3 'conv1' (Conv): bad axis [ErrorCode.INVALID_NODE]"
+    assert format_parser_error(error) == "node 3 'conv1' (Conv): bad axis [INVALID_NODE]"
     old = types.SimpleNamespace(node=lambda: -1, desc=lambda: "oops", code=lambda: 1)
     assert format_parser_error(old) == "node -1: oops [1]"
 
@@ -506,16 +225,23 @@ def test_check_gpu() -> None:
         check_gpu(Path("e"), ampere, {"name": "T4", "compute_capability": [7, 5]})
 
 
-def test_mixed_fp16_conversion_keeps_qdq_and_io_in_fp32_and_runs_in_ort() -> None:
+def test_mixed_fp16_conversion_gives_qdq_fp16_scales_at_opset_19_and_runs_in_ort() -> None:
     model = make_model(qdq=True)
-    converted = convert_to_mixed_fp16(model)
+    conversion = convert_to_mixed_fp16(model)
+    converted = conversion.model
     onnx.checker.check_model(converted, full_check=True)
+    assert conversion.opset == 19 and conversion.fp32_qdq_nodes == ()
     types_of = {i.name: i.data_type for i in converted.graph.initializer}
-    assert types_of["conv_b"] == onnx.TensorProto.FLOAT16
-    assert types_of["conv_ws"] == types_of["act_s"] == onnx.TensorProto.FLOAT
+    assert (
+        types_of["conv_b"] == types_of["conv_ws"] == types_of["act_s"] == onnx.TensorProto.FLOAT16
+    )
     io = [*converted.graph.input, *converted.graph.output]
     assert {v.type.tensor_type.elem_type for v in io} == {onnx.TensorProto.FLOAT}
-    assert sum(n.op_type == "Cast" for n in converted.graph.node) > 0
+    # Casts only at the graph input and output: none between a Q/DQ pair and its layer.
+    nodes = list(converted.graph.node)
+    casts = [n for n in nodes if n.op_type == "Cast"]
+    assert len(casts) == 2
+    assert casts[0].input[0] == "input" and casts[1].output[0] == converted.graph.output[0].name
     batch = sample_batch(4)
     outputs = [
         ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
@@ -525,6 +251,18 @@ def test_mixed_fp16_conversion_keeps_qdq_and_io_in_fp32_and_runs_in_ort() -> Non
     ]
     assert outputs[1].dtype == np.float32
     np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-2)
+
+
+def test_mixed_fp16_keeps_qdq_with_scales_below_fp16_range_in_fp32() -> None:
+    model = make_model(qdq=True)
+    (act,) = [i for i in model.graph.initializer if i.name == "act_s"]
+    act.CopyFrom(onnx.numpy_helper.from_array(np.array(1e-6, np.float32), "act_s"))
+    conversion = convert_to_mixed_fp16(model)
+    on_act_s = {n.name for n in conversion.model.graph.node if n.input[1:2] == ["act_s"]}
+    assert len(on_act_s) == 4 and set(conversion.fp32_qdq_nodes) == on_act_s  # 2 Q/DQ pairs
+    scales = {i.name: i.data_type for i in conversion.model.graph.initializer}
+    assert scales["act_s"] == onnx.TensorProto.FLOAT
+    onnx.checker.check_model(conversion.model, full_check=True)
 
 
 # --------------------------------------------------------------------------- TensorRT presence
@@ -578,12 +316,16 @@ def test_tensorrt_10_qdq_build(
         "opt": [8, 8, 8, 3],
         "max": [32, 8, 8, 3],
     }
-    assert log["layers"]["Layers"][0]["Precision"] == "INT8"
+    assert log["layers"]["Layers"][0]["Inputs"][0]["Format/Datatype"].startswith(
+        "Channel major INT8"
+    )
+    assert log["precision"]["int8_layers"] == ["conv + relu"]
+    assert log["precision"]["counts"] == {"fp32": 1, "int8": 1}
     assert log["messages"] == ["WARNING: some layers stay in FP32"]
     assert set(log["timings_s"]) == {"reference", "parse", "build", "inspect", "fidelity", "total"}
     # No fidelity data: 64 synthetic samples in two batches, run as one 64-row input split to
     # the profile max of 32; the fake engine runs the parsed (= source) ONNX, so no error.
-    (context,) = fake.contexts
+    (context,) = fake.exec_contexts
     assert context.input_shapes == [(32, 8, 8, 3), (32, 8, 8, 3)]
     assert sidecar["fidelity"] == log["fidelity"]
     assert sidecar["fidelity"]["passed"] and sidecar["fidelity"]["samples"] == 64
@@ -594,6 +336,7 @@ def test_tensorrt_10_qdq_build(
         "qdq.plan.build-log.json",
         "qdq.plan.json",
         "tensorrt.timing-cache",
+        "tensorrt.timing-cache.lock",
     ]
 
 
@@ -613,7 +356,7 @@ def test_tensorrt_11_is_strongly_typed_and_converts_for_fp16(
 ) -> None:
     fake = install("11.0.0.1")  # its BuilderFlag has no INT8/FP16: touching them would fail
     engine = build_engine(qdq_onnx, tmp_path / "e.plan", runtime="tensorrt", fp16=True)
-    assert called(fake, "create_network") == [(1 << 1,)]
+    assert called(fake, "create_network") == [(0,)]
     assert called(fake, "set_flag") == []
     parsed = onnx.load_from_string(fake.parsed[0])
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in parsed.graph.initializer)
@@ -621,25 +364,85 @@ def test_tensorrt_11_is_strongly_typed_and_converts_for_fp16(
     log = json.loads(build_log_path(engine).read_text())
     assert log["plan"]["strongly_typed"] and log["plan"]["fp16_onnx_conversion"]
     assert "fp16_conversion" in log["timings_s"]
+    # TensorRT 11's inspector has separate Format and DataType keys: still read as INT8.
+    assert log["layers"]["Layers"][0]["Inputs"][0]["DataType"] == "Int8"
+    assert log["precision"]["int8_layers"] == ["conv + relu"]
 
 
-def test_timing_cache_is_reused_and_replaced_when_incompatible(
-    install: Callable[..., FakeTensorRT], qdq_onnx: Path, tmp_path: Path
+def cache_entries(path: Path) -> dict[str, str]:
+    entries: dict[str, str] = json.loads(path.read_bytes())["entries"]
+    return entries
+
+
+def test_timing_cache_is_reused_and_a_mismatching_one_is_not_overwritten(
+    install: Callable[..., FakeTensorRT],
+    gpu: FakeDriver,
+    qdq_onnx: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cache = tmp_path / "shared.cache"
     fake = install()
     build_engine(qdq_onnx, tmp_path / "a.plan", runtime="tensorrt", timing_cache=cache)
-    assert fake.cache_inputs == [b""] and cache.read_bytes() == b"+entries"
+    assert fake.cache_inputs == [b""] and len(cache_entries(cache)) == 1
+    first = cache.read_bytes()
     fake = install()
     engine = build_engine(qdq_onnx, tmp_path / "b.plan", runtime="tensorrt", timing_cache=cache)
-    assert fake.cache_inputs == [b"+entries"]
-    assert json.loads(build_log_path(engine).read_text())["timing_cache"]["loaded"] is True
-    assert cache.read_bytes() == b"+entries+entries"
-    fake = install(cache_compatible=False)
+    assert fake.cache_inputs[0] == first
+    log = json.loads(build_log_path(engine).read_text())["timing_cache"]
+    assert log["loaded"] is True and log["saved"] is True
+    assert cache.read_bytes() == first  # the same network: nothing new
+    # Another GPU (other compute capability): TensorRT refuses the file; it is left as it is.
+    monkeypatch.setenv("CUDA_DEVICE", "1")
+    install()
     engine = build_engine(qdq_onnx, tmp_path / "c.plan", runtime="tensorrt", timing_cache=cache)
-    assert fake.cache_inputs == [b"+entries+entries", b""]
-    assert json.loads(build_log_path(engine).read_text())["timing_cache"]["loaded"] is False
-    assert cache.read_bytes() == b"+entries"
+    log = json.loads(build_log_path(engine).read_text())["timing_cache"]
+    assert log["loaded"] is False and log["saved"] is False
+    assert "another GPU" in log["note"]
+    assert cache.read_bytes() == first
+
+
+def test_concurrent_builds_combine_their_timing_caches_under_a_lock(
+    install: Callable[..., FakeTensorRT],
+    qdq_onnx: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cache = tmp_path / "shared.cache"
+    other = save_model(make_model(qdq=True, seed=1), tmp_path / "other.onnx")
+
+    others: list[Path] = []
+
+    def another_build_finishes() -> None:
+        # A second build (another process) writes its cache while this one is building.
+        if not others:
+            others.append(tmp_path / "o.plan")
+            build_engine(other, others[0], runtime="tensorrt", timing_cache=cache)
+
+    install(during_build=another_build_finishes)
+    held: list[bool] = []
+    real_lock = tensorrt_timing_cache.locked
+
+    @contextlib.contextmanager
+    def probing_lock(path: Path) -> Iterator[None]:
+        with real_lock(path):
+            held.append(_lock_is_held(path))
+            yield
+
+    monkeypatch.setattr(tensorrt_timing_cache, "locked", probing_lock)
+    build_engine(qdq_onnx, tmp_path / "a.plan", runtime="tensorrt", timing_cache=cache)
+    assert len(cache_entries(cache)) == 2  # both builds' entries: neither overwrote the other
+    assert held == [True, True]  # each build merged and wrote under the lock
+
+
+def _lock_is_held(cache: Path) -> bool:
+    with tensorrt_timing_cache.lock_path(cache).open("ab") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        return False
 
 
 def test_parser_errors_name_the_nodes_and_leave_nothing(
@@ -709,7 +512,7 @@ def test_fidelity_check_runs_the_plan_within_the_profile_and_is_recorded(
         batch_profile=(2, 4, 8),
         fidelity_data=data,
     )
-    (context,) = fake.contexts
+    (context,) = fake.exec_contexts
     assert context.input_shapes == [(8, 8, 8, 3), (8, 8, 8, 3), (3, 8, 8, 3)]
     sidecar = json.loads(sidecar_path(path).read_text())
     log = json.loads(build_log_path(path).read_text())
@@ -732,7 +535,7 @@ def test_fidelity_check_runs_the_plan_within_the_profile_and_is_recorded(
         batch_profile=(2, 4, 8),
         fidelity_data=data[:1],
     )
-    (context,) = fake.contexts
+    (context,) = fake.exec_contexts
     assert context.input_shapes == [(2, 8, 8, 3)]
     assert json.loads(sidecar_path(tmp_path / "one.plan").read_text())["fidelity"]["samples"] == 1
 
@@ -760,7 +563,7 @@ def test_engine_that_disagrees_with_its_reference_is_not_written(
     )
     assert "over 64 samples" in message and "No engine was written." in message
     assert ("Try fp16=False" in message) is fp16
-    assert called(fake, "build") == [()] and fake.contexts[0].input_shapes  # built and run
+    assert called(fake, "build") == [()] and fake.exec_contexts[0].input_shapes  # built and run
     assert not out.exists()  # no plan, sidecar, build log or "auto" timing cache
     cache = tmp_path / "shared.cache"
     cache.write_bytes(b"old")
@@ -802,7 +605,7 @@ def test_fidelity_prerequisites_fail_before_the_build(
     fake = install(pycuda=False)
     with pytest.raises(
         RuntimeBackendError,
-        match=r"qdq\.onnx: checking a TensorRT engine against its reference needs pycuda",
+        match=r"qdq\.onnx: building and checking a TensorRT engine needs pycuda",
     ):
         build_engine(qdq_onnx, tmp_path / "e.plan", runtime="tensorrt")
     assert fake.calls == []
@@ -847,7 +650,7 @@ def test_load_and_run_splits_and_pads_batches(
     batch = sample_batch(19)
     np.testing.assert_allclose(engine.run(batch), reference(qdq_onnx, batch), rtol=1e-5)
     np.testing.assert_allclose(engine.run(batch[:1]), reference(qdq_onnx, batch[:1]), rtol=1e-5)
-    (context,) = fake.contexts
+    (context,) = fake.exec_contexts
     assert [s[0] for s in context.input_shapes] == [8, 8, 3, 2]  # 19 = 8+8+3, then 1 padded to 2
     assert set(context.addresses) == {"input", "logits", "features"}
     with pytest.raises(RuntimeBackendError, match=r"'input' expects shape \(N, 8, 8, 3\)"):
@@ -916,6 +719,152 @@ def test_onnx_engine_is_not_taken_for_tensorrt(
         match=r"neither an ONNX model nor a TensorRT engine with a e\.plan\.json sidecar",
     ):
         load_engine(path)
+
+
+# ------------------------------------------------- CUDA context, threads, devices (fake pycuda)
+
+
+def test_close_frees_context_engine_and_buffers_and_refuses_to_run(
+    install: Callable[..., FakeTensorRT], gpu: FakeDriver, qdq_onnx: Path, tmp_path: Path
+) -> None:
+    install()
+    path = build_engine(qdq_onnx, tmp_path / "e.plan", runtime="tensorrt")
+    assert gpu.memory == {}  # the build's fidelity runner was closed
+    with load_engine(path) as engine:
+        assert isinstance(engine, TensorRTEngine) and len(gpu.memory) == 3
+        engine.run(sample_batch(2))
+    assert engine.closed and gpu.memory == {} and gpu.errors == []
+    engine.close()  # idempotent
+    with pytest.raises(RuntimeBackendError, match=r"e\.plan: the TensorRT engine is closed"):
+        engine.run(sample_batch(2))
+
+
+def test_engines_still_open_at_exit_are_closed_before_the_context_goes(
+    install: Callable[..., FakeTensorRT], gpu: FakeDriver, qdq_onnx: Path, tmp_path: Path
+) -> None:
+    install()
+    path = build_engine(qdq_onnx, tmp_path / "e.plan", runtime="tensorrt")
+    engine = load_engine(path)  # still referenced when the interpreter exits
+    gpu.exit()
+    del engine
+    assert gpu.errors == []  # nothing freed in a destroyed context
+    assert gpu.memory == {} and not any(c.alive for c in gpu.contexts)
+
+
+def test_engine_loads_and_runs_from_any_thread(
+    install: Callable[..., FakeTensorRT], gpu: FakeDriver, qdq_onnx: Path, tmp_path: Path
+) -> None:
+    install()
+    path = build_engine(qdq_onnx, tmp_path / "e.plan", runtime="tensorrt")
+    batch = sample_batch(3)
+    loaded: list[Any] = []
+    results: list[np.ndarray] = []
+    for work in (
+        lambda: loaded.append(load_engine(path)),
+        lambda: results.append(loaded[0].run(batch)),
+    ):
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+    np.testing.assert_allclose(results[0], reference(qdq_onnx, batch), rtol=1e-5)
+    assert gpu.current() is None  # nothing left pushed on this thread either
+
+
+def test_build_and_run_share_one_context_the_devices_primary(
+    install: Callable[..., FakeTensorRT], gpu: FakeDriver, qdq_onnx: Path, tmp_path: Path
+) -> None:
+    fake = install()  # one process: build, then load and run
+    path = build_engine(qdq_onnx, tmp_path / "e.plan", runtime="tensorrt")
+    load_engine(path).run(sample_batch(2))
+    (context,) = {id(c): c for c in fake.used_contexts}.values()
+    assert context.primary and gpu.contexts == [context]
+    assert gpu.errors == []
+
+
+def test_missing_gpu_or_bad_device_is_a_backend_error(
+    install: Callable[..., FakeTensorRT],
+    gpu: FakeDriver,
+    qdq_onnx: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    install()
+    path = build_engine(qdq_onnx, tmp_path / "e.plan", runtime="tensorrt")
+    monkeypatch.setenv("CUDA_DEVICE", "7")
+    install()
+    with pytest.raises(
+        RuntimeBackendError,
+        match=r"e\.plan: running TensorRT engines needs a CUDA GPU, but none is usable: cuDevic",
+    ):
+        load_engine(path)
+    monkeypatch.delenv("CUDA_DEVICE")
+    gpu.devices.clear()
+    install()
+    with pytest.raises(
+        RuntimeBackendError,
+        match=r"cuInit failed: no CUDA-capable device is detected \(check the NVIDIA driver",
+    ):
+        build_engine(qdq_onnx, tmp_path / "f.plan", runtime="tensorrt")
+
+
+def test_the_contexts_device_is_recorded_and_checked(
+    install: Callable[..., FakeTensorRT],
+    qdq_onnx: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CUDA_DEVICE", "1")
+    install()
+    path = build_engine(qdq_onnx, tmp_path / "e.plan", runtime="tensorrt")
+    device = json.loads(sidecar_path(path).read_text())["device"]
+    assert device["name"] == "Fake GPU B" and device["compute_capability"] == [9, 0]
+    assert device["pci_bus_id"] == "0000:41:00.0"
+    assert "uuid" in device  # read from libcuda: None where there is no driver library
+    assert json.loads(build_log_path(path).read_text())["gpu"] == device
+    monkeypatch.delenv("CUDA_DEVICE")
+    install()
+    with pytest.raises(
+        RuntimeBackendError,
+        match=r"built on Fake GPU B \(compute capability 9\.0\) and cannot run on Fake GPU ",
+    ):
+        load_engine(path)
+
+
+@pytest.mark.parametrize(("io_dtype", "rtol"), [("HALF", 2e-3), ("BF16", 2e-2)])
+def test_fp16_and_bf16_engine_io(
+    install: Callable[..., FakeTensorRT], qdq_onnx: Path, tmp_path: Path, io_dtype: str, rtol: float
+) -> None:
+    install(io_dtype=io_dtype)
+    path = build_engine(qdq_onnx, tmp_path / "e.plan", runtime="tensorrt")
+    batch = sample_batch(5)
+    with load_engine(path) as engine:
+        got = engine.run(batch)
+    assert got.dtype == np.float32
+    # What the engine saw: the batch rounded to its input type (a rounding may cross a Q step).
+    if io_dtype == "BF16":
+        seen = from_bfloat16_bits(to_bfloat16_bits(batch))
+    else:
+        seen = batch.astype(np.float16).astype(np.float32)
+    expected = reference(qdq_onnx, seen)
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * float(np.abs(expected).max()))
+
+
+def test_bfloat16_bit_patterns() -> None:
+    values = np.array([1.0, -2.5, 3.140625, 1.00390625, np.inf, 0.0], np.float32)
+    bits = to_bfloat16_bits(values)
+    assert bits.dtype == np.uint16 and bits[0] == 0x3F80
+    np.testing.assert_array_equal(from_bfloat16_bits(bits)[:4], [1.0, -2.5, 3.140625, 1.0])
+    assert (
+        np.isinf(from_bfloat16_bits(bits)[4])
+        and np.isnan(from_bfloat16_bits(to_bfloat16_bits(np.array([np.nan], np.float32))))[0]
+    )
+
+
+def test_precision_summary_needs_detailed_layers() -> None:
+    assert precision_summary({"Layers": ["conv", "dense"], "Bindings": []}) is None
+    assert precision_summary(None) is None
+    half = {"Name": "gemm", "Inputs": [{"Format/Datatype": "Row major linear FP16 format"}]}
+    assert precision_summary({"Layers": [half]})["counts"] == {"fp16": 1}  # type: ignore[index]
 
 
 def test_build_plan_is_recorded_in_full(

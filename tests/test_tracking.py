@@ -25,11 +25,14 @@ from onnx import TensorProto, helper
 from tests.test_comparison import FP32, PTQ, QAT, fidelity_report, make_result
 
 from qatflow.comparison import compare
+from qatflow.errors import PipelineError
 from qatflow.tracking import (
     ACCURACY_TAG,
     CHAMPION_ALIAS,
     DEFAULT_TRACKING_URI,
     ENGINE_PARAMS,
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
     FIDELITY_METRICS,
     FIDELITY_TAG,
     METRIC_KEYS,
@@ -289,44 +292,88 @@ def test_registry_and_champion_gate(
     client = MlflowClient(mlflow_server)
     parent = tracker.start_pipeline_run()
 
-    def register(accuracy: float) -> str:
+    def register(accuracy_pct: float) -> str:
         run = tracker.start_variant_run(parent, "qat_int8")
-        version = tracker.register_onnx_model(run, onnx_file, name, accuracy_top1=accuracy)
+        version = tracker.register_onnx_model(run, onnx_file, name, accuracy_top1_pct=accuracy_pct)
         assert version is not None
         return version
 
-    first = register(0.90)
-    decision = tracker.promote_if_better(name, first, 0.90, 0.91, max_fp32_gap=0.02)
+    first = register(90.0)
+    decision = tracker.promote_if_better(name, first, 90.0, 91.0, gate_points=2.0)
     assert decision.promoted
     assert decision.champion_version is None
     assert "no current champion" in decision.reasons
+    assert decision.reasons[0].startswith(f"{name} v{first} -1.00 top-1 points vs fp32")
     assert client.get_model_version_by_alias(name, CHAMPION_ALIAS).version == first
-    assert client.get_model_version(name, first).tags[ACCURACY_TAG] == "0.9"
+    version_tags = client.get_model_version(name, first).tags
+    assert version_tags[ACCURACY_TAG] == "90.0" and version_tags["qatflow.gate_points"] == "2"
 
-    worse = register(0.89)
-    decision = tracker.promote_if_better(name, worse, 0.89, 0.91, max_fp32_gap=0.05)
+    # 1 point below the champion: refused by a 0.5-point gate...
+    worse = register(89.0)
+    decision = tracker.promote_if_better(name, worse, 89.0, 89.5, gate_points=0.5)
     assert not decision.promoted
-    assert (decision.champion_version, decision.champion_accuracy) == (first, 0.90)
-    assert any("champion v" in reason and "<" in reason for reason in decision.reasons)
+    assert (decision.champion_version, decision.champion_accuracy_pct) == (first, 90.0)
+    assert f"-1.00 top-1 points vs champion v{first}" in decision.reasons[1]
+    assert "outside the 0.5-point gate" in decision.reasons[1]
     assert client.get_model_version_by_alias(name, CHAMPION_ALIAS).version == first
     assert client.get_model_version(name, worse).tags["qatflow.gate"] == "refused"
 
-    # Within a negative min_improvement tolerance it passes the champion gate, but not the FP32 gap.
-    decision = tracker.promote_if_better(
-        name, worse, 0.89, 0.95, max_fp32_gap=0.05, min_improvement=-0.02
-    )
+    # ...and by a 1-point gate when FP32 is 6 points better, but promoted when FP32 is close.
+    decision = tracker.promote_if_better(name, worse, 89.0, 95.0, gate_points=1.0)
     assert not decision.promoted
-    assert any("exceeds max_fp32_gap" in reason for reason in decision.reasons)
-
-    decision = tracker.promote_if_better(
-        name, worse, 0.89, 0.91, max_fp32_gap=0.05, min_improvement=-0.02
-    )
+    assert "-6.00 top-1 points vs fp32" in decision.reasons[0]
+    decision = tracker.promote_if_better(name, worse, 89.0, 89.5, gate_points=1.0)
     assert decision.promoted
     assert client.get_model_version_by_alias(name, CHAMPION_ALIAS).version == worse
     assert client.get_model_version(name, worse).tags["qatflow.gate"] == "promoted"
 
-    with pytest.raises(TrackingError, match="max_fp32_gap"):
-        tracker.promote_if_better(name, worse, 0.9, 0.9, max_fp32_gap=-1)
+    with pytest.raises(PipelineError, match="gate_points"):
+        tracker.promote_if_better(name, worse, 90.0, 90.0, gate_points=-1)
+
+
+def test_registered_model_is_in_the_runs_experiment_with_a_signature(
+    mlflow_server: str,
+    experiment: str,
+    tmp_path: Path,
+    onnx_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tracker = Tracker(tmp_path, tracking_uri=mlflow_server, experiment=experiment)
+    parent = tracker.start_pipeline_run()
+    child = tracker.start_variant_run(parent, "qat_int8")
+    version = tracker.register_onnx_model(child, onnx_file, experiment, accuracy_top1_pct=80.0)
+    client = MlflowClient(mlflow_server)
+    experiment_id = client.get_run(child).info.experiment_id
+    (logged,) = client.search_logged_models([experiment_id])
+    assert logged.source_run_id == child  # "Logged models (1)" on the child run, not "Default"
+    model_version = client.get_model_version(experiment, str(version))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # for the fluent get_model_info
+    info = mlflow.models.get_model_info(f"models:/{experiment}/{version}")
+    assert model_version.run_id == child
+    assert info.signature is not None
+    (inputs,) = info.signature.inputs.inputs
+    assert (inputs.name, inputs.shape, str(inputs.type)) == ("x", (1, 4), "float32")
+
+
+def test_runs_carry_the_step_times(
+    mlflow_server: str, experiment: str, tmp_path: Path, onnx_file: Path
+) -> None:
+    tracker = Tracker(tmp_path, tracking_uri=mlflow_server, experiment=experiment)
+    parent = tracker.start_pipeline_run("timed", start_time=1_700_000_000_000)
+    child = tracker.start_variant_run(parent, "fp32", start_time=1_700_000_010_000)
+    tracker.log_artifact(child, onnx_file, "evaluation", file_name="result.onnx")
+    tracker.end_run(child, end_time=1_700_000_070_000)
+    tracker.end_run(parent)
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(child)
+    assert (run.info.start_time, run.info.end_time) == (1_700_000_010_000, 1_700_000_070_000)
+    assert client.get_run(parent).info.start_time == 1_700_000_000_000
+    assert [item.path for item in client.list_artifacts(child, "evaluation")] == [
+        "evaluation/result.onnx"
+    ]
+    # MLflow 3's UI opens the experiment on its training runs, not the GenAI overview.
+    kind = client.get_experiment(run.info.experiment_id).tags[EXPERIMENT_KIND_TAG]
+    assert kind == EXPERIMENT_KIND == "custom_model_development"
 
 
 def test_sqlite_store_directly(
@@ -339,14 +386,16 @@ def test_sqlite_store_directly(
     parent = tracker.start_pipeline_run(params={"dataset": "fashion_mnist"})
     child = tracker.start_variant_run(parent, "qat_int8")
     tracker.log_variant_metrics(child, _variant_metrics(0.8))
-    version = tracker.register_onnx_model(child, onnx_file, "qatflow-direct", accuracy_top1=0.8)
+    version = tracker.register_onnx_model(
+        child, onnx_file, "qatflow-direct", accuracy_top1_pct=80.0
+    )
     assert version == "1"
     # Registering must not pin MLflow's fluent API to the tracker's URI.
     assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///from-env.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///changed.db")
     assert mlflow.get_tracking_uri() == "sqlite:///changed.db"
     assert tracker.promote_if_better(
-        "qatflow-direct", version, 0.8, 0.81, max_fp32_gap=0.02
+        "qatflow-direct", version, 80.0, 81.0, gate_points=2.0
     ).promoted
     tracker.end_run(child)
     tracker.end_run(parent)
@@ -387,13 +436,13 @@ def test_engine_fidelity_is_logged_per_variant(
     runs = {run.data.tags["variant"]: run for run in _children(MlflowClient(uri), parent)}
     qat, ptq, fp32 = runs["qat_int8"].data, runs["ptq_int8"].data, runs["fp32"].data
     assert set(FIDELITY_METRICS) == {
-        "fidelity_agreement",
-        "fidelity_decided_agreement",
+        "fidelity_agreement_pct",
+        "fidelity_decided_agreement_pct",
         "fidelity_p99_abs_error",
     }
     assert set(qat.metrics) == set(METRIC_KEYS) | set(FIDELITY_METRICS)
-    assert qat.metrics["fidelity_agreement"] == pytest.approx(0.999)
-    assert qat.metrics["fidelity_decided_agreement"] == 1.0
+    assert qat.metrics["fidelity_agreement_pct"] == pytest.approx(99.9)  # percent, like top-1
+    assert qat.metrics["fidelity_decided_agreement_pct"] == 100.0
     assert qat.metrics["fidelity_p99_abs_error"] == pytest.approx(0.0125)
     assert {key: qat.params[key] for key in ENGINE_PARAMS} == {
         "engine_encoding": "u8u8",
@@ -401,7 +450,7 @@ def test_engine_fidelity_is_logged_per_variant(
     }
     assert qat.tags[FIDELITY_TAG] == "passed"
     assert ptq.tags[FIDELITY_TAG] == "failed"
-    assert ptq.metrics["fidelity_agreement"] == pytest.approx(0.6125)
+    assert ptq.metrics["fidelity_agreement_pct"] == pytest.approx(61.25)
     assert ptq.metrics["fidelity_p99_abs_error"] == pytest.approx(2.25)
     assert ptq.params["engine_isa"] == "avx2 (no VNNI)"
     # Nothing measured, nothing logged: no zeros that would look like a failed check.
@@ -420,7 +469,7 @@ def test_partial_fidelity_logs_what_is_there(
     check = {**fidelity_report(), "p99_abs_error": None, "decided_agreement": float("nan")}
     tracker.log_engine_fidelity(run, check, {"isa": "avx512_vnni"})
     data = MlflowClient(uri).get_run(run).data
-    assert data.metrics == {"fidelity_agreement": pytest.approx(0.999)}
+    assert data.metrics == {"fidelity_agreement_pct": pytest.approx(99.9)}
     assert data.params == {"engine_isa": "avx512_vnni"}
     assert data.tags[FIDELITY_TAG] == "passed"
 
@@ -438,8 +487,8 @@ def test_unreachable_server_falls_back_offline(
             child, fidelity_report(0.6125, passed=False), {"encoding": "u8s8", "isa": "avx2"}
         )
         tracker.log_artifact(child, onnx_file)
-        assert tracker.register_onnx_model(child, onnx_file, "m", accuracy_top1=0.7) is None
-        decision = tracker.promote_if_better("m", "1", 0.7, 0.71, max_fp32_gap=0.02)
+        assert tracker.register_onnx_model(child, onnx_file, "m", accuracy_top1_pct=70.0) is None
+        decision = tracker.promote_if_better("m", "1", 70.0, 71.0, gate_points=2.0)
         tracker.end_run(child)
         tracker.end_run(parent)
     assert tracker.offline
@@ -459,7 +508,7 @@ def test_unreachable_server_falls_back_offline(
     assert child_doc["tags"]["variant"] == "qat_int8"
     assert child_doc["tags"][FIDELITY_TAG] == "failed"
     assert set(child_doc["metrics"]) == set(METRIC_KEYS) | set(FIDELITY_METRICS)
-    assert child_doc["metrics"]["fidelity_agreement"] == 0.6125
+    assert child_doc["metrics"]["fidelity_agreement_pct"] == pytest.approx(61.25)
     assert child_doc["params"] == {"engine_encoding": "u8s8", "engine_isa": "avx2"}
     assert child_doc["artifacts"][0]["path"] == str(onnx_file)
     assert child_doc["registered_models"][0]["model_name"] == "m"
@@ -512,8 +561,8 @@ def test_bad_input_is_named(mlflow_server: str, experiment: str, tmp_path: Path)
     with pytest.raises(TrackingError, match=f"parent_run_id '{'f' * 32}'"):
         tracker.start_variant_run("f" * 32, "fp32")
     child = tracker.start_variant_run(parent, "fp32")
-    with pytest.raises(TrackingError, match=r"missing \['accuracy_top5'"):
-        tracker.log_variant_metrics(child, {"accuracy_top1": 1.0})
+    with pytest.raises(TrackingError, match=r"missing \['accuracy_top5_pct'"):
+        tracker.log_variant_metrics(child, {"accuracy_top1_pct": 1.0})
     with pytest.raises(TrackingError, match="unknown"):
         tracker.log_variant_metrics(child, {**_variant_metrics(1.0), "accuracy": 1.0})
     with pytest.raises(RuntimeError), tracker.ending(child):

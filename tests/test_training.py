@@ -169,16 +169,15 @@ def test_interrupted_run_resumes_to_the_same_weights(data: tuple, tmp_path: Path
             epoch_callback=interrupt_at(2),
             **ARGS,
         )
-    resumed = finetune(
-        tiny_model(seed=9), train, val, optimizer="adam", checkpoint_dir=tmp_path, **ARGS
-    )
+    # Only the same starting model resumes the checkpoint: other starting weights are refused.
+    with pytest.raises(TrainingError, match="the starting model"):
+        finetune(tiny_model(seed=9), train, val, optimizer="adam", checkpoint_dir=tmp_path, **ARGS)
+    resumed = finetune(tiny_model(), train, val, optimizer="adam", checkpoint_dir=tmp_path, **ARGS)
     assert resumed.resumed_from_epoch == 2
     assert_same_history(resumed.history, reference.history)
     assert_same_weights(resumed.model, reference.model)
     # A finished run resumes to itself without training.
-    again = finetune(
-        tiny_model(seed=5), train, val, optimizer="adam", checkpoint_dir=tmp_path, **ARGS
-    )
+    again = finetune(tiny_model(), train, val, optimizer="adam", checkpoint_dir=tmp_path, **ARGS)
     assert again.resumed_from_epoch == 4
     assert_same_weights(again.model, reference.model)
 
@@ -261,8 +260,17 @@ def test_resume_refuses_a_checkpoint_of_other_settings(data: tuple, tmp_path: Pa
             tiny_model(), train, val, checkpoint_dir=tmp_path, **{**ARGS, "learning_rate": 0.1}
         )
     assert str(checkpoint_path(tmp_path)) in str(info.value)
-    with pytest.raises(TrainingError, match="another model"):
+    with pytest.raises(TrainingError, match="the starting model") as info:
         finetune(tiny_model(dropout=False), train, val, checkpoint_dir=tmp_path, **ONE_EPOCH)
+    assert "--no-resume" in str(info.value) and "--checkpoint-dir" in str(info.value)
+    with pytest.raises(TrainingError, match="the training data differs"):
+        finetune(
+            tiny_model(), train, val, checkpoint_dir=tmp_path, data_digest="other", **ONE_EPOCH
+        )
+    started_over = finetune(
+        tiny_model(dropout=False), train, val, checkpoint_dir=tmp_path, resume=False, **ONE_EPOCH
+    )
+    assert started_over.resumed_from_epoch == 0
 
 
 def test_early_stopping_restores_the_best_weights(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
-"""KFP component ``compare``: the FP32 / PTQ INT8 / QAT INT8 table and the report."""
+"""KFP component ``compare``: the FP32 / PTQ INT8 / QAT INT8 table, the gate and the report."""
 
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, Input, Markdown, Metrics, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Output
 
 from qatflow.images import TENSORFLOW_IMAGE
 
@@ -12,31 +12,54 @@ def compare(
     ptq_result: Input[Artifact],
     qat_result: Input[Artifact],
     placement: Input[Markdown],
+    dataset: Input[Dataset],
     report: Output[Artifact],
     report_html: Output[HTML],
     summary: Output[Metrics],
+    accuracy_gate: float,
+    model_uri: str = "",
+    run_name: str = "",
+    run_id: str = "",
 ) -> None:
-    """Compare the three evaluations against FP32 and write the report.
+    """Compare the three evaluations against FP32, judge them by the accuracy gate
+    (``accuracy_gate`` top-1 points) and write the report.
 
     ``report`` is a folder: ``comparison.json``, ``report.md``, ``report.html`` and
     ``plots/*.png``. ``report_html`` is the self-contained HTML page (plots embedded) for the
-    KFP UI; ``summary`` holds each variant's top-1, delta and speedup (its file: the
-    comparison JSON).
+    KFP UI; ``summary`` holds each variant's top-1 (%), delta (top-1 points), speedup and gate
+    verdict (1 passed, 0 refused; its file: the comparison JSON). ``dataset`` (the spec),
+    ``model_uri``, ``run_name`` and ``run_id`` fill the report's provenance header.
     """
+    import json
     import shutil
+    from pathlib import Path
 
     from qatflow import steps
     from qatflow.comparison import Comparison
+    from qatflow.report.provenance import RunInfo
+    from qatflow.tracking import HEADLINE_METRICS
 
+    spec = json.loads(Path(dataset.path).read_text(encoding="utf-8"))
     path = steps.compare(
         {"fp32": fp32_result.path, "ptq_int8": ptq_result.path, "qat_int8": qat_result.path},
         report.path,
         placement_summary=placement.path,
+        accuracy_gate=accuracy_gate,
+        run_info=RunInfo(
+            dataset_uri=spec.get("uri"),
+            dataset_kind=spec.get("kind"),
+            model_uri=model_uri or None,
+            run_name=run_name or None,
+            run_id=run_id or None,
+        ),
     )
     shutil.copyfile(f"{report.path}/report.html", report_html.path)
     shutil.copyfile(path, summary.path)  # a file behind the metrics, as kfp.local's cache wants
-    for row in Comparison.load_json(path).rows:
-        summary.log_metric(f"{row.variant}.accuracy_top1", row.top1)
-        summary.log_metric(f"{row.variant}.delta_top1_points", row.delta_top1_points)
-        summary.log_metric(f"{row.variant}.speedup_vs_fp32", row.speedup)
+    comparison = Comparison.load_json(path)
+    for row in comparison.rows:
+        metrics = row.tracking_metrics()
+        for key in HEADLINE_METRICS:
+            summary.log_metric(f"{row.variant}.{key}", metrics[key])
+    for variant, verdict in comparison.verdicts().items():
+        summary.log_metric(f"{variant}.gate_passed", float(verdict.passed))
     report.metadata["file"] = "comparison.json"

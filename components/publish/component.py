@@ -35,26 +35,28 @@ def publish(
     batch_min: int,
     batch_opt: int,
     batch_max: int,
-    accuracy_gate: float = 1.0,
     tracking_uri: str = "",
     experiment: str = "qatflow",
     registered_model: str = "qatflow-qat-int8",
     s3_prefix: str = "",
     run_name: str = "",
     run_id: str = "",
-) -> None:
+) -> str:
     """Publish the run: S3 export (if ``s3_prefix``), then the MLflow parent run with the
     report, one child run per variant, the QAT INT8 ONNX registered as ``registered_model``,
-    and the ``champion`` alias moved only if the gate passes (``accuracy_gate`` top-1 points
-    vs FP32 and vs the current champion).
+    and the ``champion`` alias moved only if the accuracy gate of the comparison in ``report``
+    passes (top-1 points vs FP32 and vs the current champion).
 
-    ``record`` is a folder: ``publish.json`` (run ids, version, gate decision, S3 URIs) and,
-    when MLflow is unreachable, ``mlflow-offline/`` with everything that was to be logged.
+    Returns the gate's verdict on the QAT INT8 candidate, ``passed`` or ``refused``: the
+    pipeline output a scheduled retraining branches on. ``record`` is a folder:
+    ``publish.json`` (run ids, version, gate verdict, S3 URIs) and, when MLflow is
+    unreachable, ``mlflow-offline/`` with everything that was to be logged.
     ``tracking_uri`` empty means ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``.
     """
     import os
 
     from qatflow.publish import publish as run_publish
+    from qatflow.publish import verdict
 
     params = {
         "model": {"uri": model_uri, "pretrain_epochs": pretrain_epochs},
@@ -71,11 +73,10 @@ def publish(
         },
         "calibration": {"method": calibration_method, "batches": calibration_batches},
         "engine": {"runtime": runtime, "batch_profile": f"{batch_min},{batch_opt},{batch_max}"},
-        "accuracy_gate_points": accuracy_gate,
     }
     onnx = {"fp32": fp32_onnx, "ptq_int8": ptq_onnx, "qat_int8": qat_onnx}
     os.makedirs(record.path, exist_ok=True)
-    run_publish(
+    path = run_publish(
         report.path,
         {"fp32": fp32_result.path, "ptq_int8": ptq_result.path, "qat_int8": qat_result.path},
         {name: os.path.join(art.path, art.metadata["file"]) for name, art in onnx.items()},
@@ -86,9 +87,9 @@ def publish(
         tracking_uri=tracking_uri or None,
         experiment=experiment,
         register_name=registered_model,
-        accuracy_gate=accuracy_gate,
         s3_prefix=s3_prefix or None,
         run_name=run_name or None,
         tags={"kfp.run_name": run_name, "kfp.run_id": run_id},
     )
     record.metadata["file"] = "publish.json"
+    return verdict(path)

@@ -36,6 +36,7 @@ from qatflow_components.publish.component import publish
 from qatflow_components.qat_finetune.component import qat_finetune
 from qatflow_components.quantize_calibrate.component import quantize_calibrate
 
+from qatflow import gate
 from qatflow.cluster import GPU_RESOURCE, GPU_TOLERATION, apply_gpu_settings
 from qatflow.errors import PipelineError
 from qatflow.images import TENSORFLOW_IMAGE, TENSORRT_IMAGE
@@ -62,10 +63,12 @@ class GpuOptions:
 
 
 class Outputs(NamedTuple):
-    """The pipeline's outputs: the report folder and the publish record folder."""
+    """The pipeline's outputs: the report folder, the publish record folder, and the accuracy
+    gate's verdict on the QAT INT8 candidate (``passed``/``refused``) to branch on."""
 
     report: Artifact
     publish_record: Artifact
+    gate_verdict: str
 
 
 def build_pipeline(
@@ -118,7 +121,7 @@ def build_pipeline(
         int8_encoding: str = "auto",
         latency_iterations: int = 200,
         eval_max_batches: int = 0,
-        accuracy_gate: float = 1.0,
+        accuracy_gate: float = gate.DEFAULT_POINTS,
         tracking_uri: str = "",
         mlflow_experiment: str = "qatflow",
         registered_model: str = "qatflow-qat-int8",
@@ -148,7 +151,8 @@ def build_pipeline(
                 the engine node), u8s8 or u8u8.
             latency_iterations: timed single-image runs per evaluation.
             eval_max_batches: test batches to evaluate (0 = the whole test split).
-            accuracy_gate: max top-1 drop in points of QAT INT8 vs FP32 and vs the champion.
+            accuracy_gate: the accuracy gate in top-1 points: the largest top-1 drop of an
+                INT8 variant vs FP32 (and of QAT INT8 vs the champion) that passes.
             tracking_uri: MLflow tracking URI (empty = MLFLOW_TRACKING_URI or
                 sqlite:///mlflow.db).
             mlflow_experiment: MLflow experiment name.
@@ -217,6 +221,11 @@ def build_pipeline(
             ptq_result=ptq_eval.outputs["result"],
             qat_result=qat_eval.outputs["result"],
             placement=quantized.outputs["placement"],
+            dataset=dataset,
+            model_uri=model_uri,
+            accuracy_gate=accuracy_gate,
+            run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         )
         settings(report, "compare + report", cache=True)
         published = publish(
@@ -246,7 +255,6 @@ def build_pipeline(
             batch_min=batch_profile_min,
             batch_opt=batch_profile_opt,
             batch_max=batch_profile_max,
-            accuracy_gate=accuracy_gate,
             tracking_uri=tracking_uri,
             experiment=mlflow_experiment,
             registered_model=registered_model,
@@ -255,7 +263,11 @@ def build_pipeline(
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         )
         settings(published, "publish (MLflow + S3)", cache=False, retry=True)
-        return Outputs(report=report.outputs["report"], publish_record=published.outputs["record"])
+        return Outputs(
+            report=report.outputs["report"],
+            publish_record=published.outputs["record"],
+            gate_verdict=published.outputs["Output"],
+        )
 
     return qat_int8
 

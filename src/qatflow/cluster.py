@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Callable, Mapping
@@ -237,11 +238,31 @@ def _convert(kind: str, text: str) -> object:
 
 
 def normalize_host(host: str) -> str:
-    """``host`` with a scheme (https when missing, as ``kfp.Client`` does) and no trailing slash."""
+    """``host`` checked as an ``http(s)://name[:port][/path]`` URL, without a trailing slash.
+
+    Raises ``PipelineError`` naming the host before any connection: no scheme, another
+    scheme (``ftp://``), no host name, or a port outside 1-65535.
+    """
     host = host.strip().rstrip("/")
     if not host:
         raise PipelineError("KFP host is empty: pass --host or set KF_PIPELINES_ENDPOINT")
-    return host if re.match(r"https?://", host) else f"https://{host}"
+    scheme, has_scheme, _ = host.partition("://")
+    if not has_scheme:
+        raise PipelineError(
+            f"KFP host {host!r} has no scheme: pass http://{host} or https://{host}"
+        )
+    if scheme.lower() not in ("http", "https"):
+        raise PipelineError(f"KFP host {host!r}: the scheme must be http or https, not {scheme}")
+    parts = urllib.parse.urlsplit(host)
+    try:
+        port = parts.port  # ValueError for a port outside 0-65535 or not a number
+    except ValueError as err:
+        raise PipelineError(f"KFP host {host!r}: invalid port ({err})") from err
+    if not parts.hostname:
+        raise PipelineError(f"KFP host {host!r} has no host name")
+    if port == 0:
+        raise PipelineError(f"KFP host {host!r}: the port must be 1-65535")
+    return host
 
 
 def check_reachable(
@@ -304,8 +325,8 @@ def submit(
     enable_caching: bool | None = None,
 ) -> str:
     """Run a compiled pipeline once in ``experiment`` (created if missing); return the run id."""
-    check_arguments(pipeline_package, arguments)
     host = normalize_host(host)
+    check_arguments(pipeline_package, arguments)
     client = _client(host, namespace, existing_token)
     result = _kfp_call(
         host,
@@ -344,8 +365,8 @@ def schedule(
     cron = validate_cron(cron)
     if max_concurrency < 1:
         raise PipelineError(f"max_concurrency must be >= 1, got {max_concurrency}")
-    check_arguments(pipeline_package, arguments)
     host = normalize_host(host)
+    check_arguments(pipeline_package, arguments)
     client = _client(host, namespace, existing_token)
     experiment_id = _kfp_call(
         host,

@@ -12,13 +12,13 @@ from typing import Any
 
 import numpy as np
 
+from qatflow import gate
 from qatflow.errors import DataError, PipelineError
 from qatflow.evaluation import EvaluationResult
 from qatflow.storage import write_json
 
 FORMAT = "qatflow.comparison"
-VERSION = 1
-_GATE_TOLERANCE = 1e-9
+VERSION = 2
 NONE_MARK = "\u2013"  # en dash: no build-time fidelity check, or no kernel record
 FIDELITY_EXPLANATION = "INT8 engine vs the same QDQ model run as float math, checked at build time"
 
@@ -53,16 +53,19 @@ class ComparisonRow:
         return bool(self.fidelity["passed"])
 
     def tracking_metrics(self) -> dict[str, float | None]:
-        """This row under ``qatflow.tracking.METRIC_KEYS`` names; ``None`` where n/a."""
+        """This row under ``qatflow.tracking.METRIC_KEYS`` names; ``None`` where n/a.
+
+        Accuracies are in percent and the delta in top-1 points, one scale for all three.
+        """
         return {
-            "accuracy_top1": self.top1,
-            "accuracy_top5": self.top5,
+            "accuracy_top1_pct": gate.points(self.top1),
+            "accuracy_top5_pct": None if self.top5 is None else gate.points(self.top5),
             "latency_ms_p50": self.latency_p50_ms,
             "latency_ms_p99": self.latency_p99_ms,
             "throughput_ips": self.throughput,
             "size_mb": self.size_mb,
             "speedup_vs_fp32": self.speedup,
-            "accuracy_delta_vs_fp32": self.delta_top1_points,
+            "accuracy_top1_delta_points": self.delta_top1_points,
         }
 
 
@@ -71,6 +74,7 @@ HEADERS = (
     "Top-1 (%)",
     "Top-5 (%)",
     "Delta top-1 (pts)",
+    "Gate",
     "Agree (%)",
     "Fidelity",
     "p50 (ms)",
@@ -84,11 +88,16 @@ HEADERS = (
 
 @dataclass(frozen=True)
 class Comparison:
-    """The comparison table; ``notes`` warn about numbers that are not like for like."""
+    """The comparison table; ``notes`` warn about numbers that are not like for like.
+
+    ``gate_points`` is the accuracy gate (``qatflow.gate``) every other variant is judged by
+    against the baseline.
+    """
 
     baseline: str
     rows: tuple[ComparisonRow, ...]
     notes: tuple[str, ...] = ()
+    gate_points: float = gate.DEFAULT_POINTS
 
     @property
     def variants(self) -> list[str]:
@@ -102,11 +111,16 @@ class Comparison:
                 return row
         raise DataError(f"variant {variant!r} is not in the comparison (have {self.variants})")
 
-    def passes_gate(self, variant: str, max_drop_points: float) -> bool:
-        """True if ``variant`` loses at most ``max_drop_points`` top-1 points vs the baseline."""
-        if max_drop_points < 0:
-            raise PipelineError(f"max_drop_points must be 0 or more, got {max_drop_points}")
-        return -self.row(variant).delta_top1_points <= max_drop_points + _GATE_TOLERANCE
+    def verdict(self, variant: str) -> gate.Verdict:
+        """``variant`` judged against the baseline by the comparison's accuracy gate."""
+        row, base = self.row(variant), self.row(self.baseline)
+        return gate.judge(
+            variant, gate.points(row.top1), self.baseline, gate.points(base.top1), self.gate_points
+        )
+
+    def verdicts(self) -> dict[str, gate.Verdict]:
+        """The verdict of every variant but the baseline, in table order."""
+        return {name: self.verdict(name) for name in self.variants if name != self.baseline}
 
     def table(self) -> tuple[tuple[str, ...], list[list[str]]]:
         """Column headers and formatted cells, shared by the Markdown, text and HTML views."""
@@ -119,6 +133,7 @@ class Comparison:
             f"{100 * row.top1:.2f}",
             _optional(row.top5, lambda v: f"{100 * v:.2f}"),
             "baseline" if is_base else f"{row.delta_top1_points:+.2f}",
+            "baseline" if is_base else _gate_cell(self.verdict(row.variant)),
             "baseline" if is_base else f"{100 * row.agreement:.2f}",
             fidelity_cell(row.fidelity),
             f"{row.latency_p50_ms:.3f}",
@@ -158,8 +173,10 @@ class Comparison:
             "format": FORMAT,
             "version": VERSION,
             "baseline": self.baseline,
+            "gate_points": self.gate_points,
             "rows": [dataclasses.asdict(row) for row in self.rows],
             "notes": list(self.notes),
+            "verdicts": {name: v.to_dict() for name, v in self.verdicts().items()},
         }
 
     @classmethod
@@ -169,8 +186,13 @@ class Comparison:
             raise DataError(f"not a {FORMAT} version {VERSION} document")
         try:
             rows = tuple(ComparisonRow(**row) for row in data["rows"])
-            return cls(baseline=str(data["baseline"]), rows=rows, notes=tuple(data["notes"]))
-        except (KeyError, TypeError) as exc:
+            return cls(
+                baseline=str(data["baseline"]),
+                rows=rows,
+                notes=tuple(data["notes"]),
+                gate_points=gate.check_gate(data["gate_points"], "gate_points"),
+            )
+        except (KeyError, TypeError, PipelineError) as exc:
             raise DataError(f"malformed {FORMAT}: {exc}") from exc
 
     def save_json(self, path: str | os.PathLike[str]) -> Path:
@@ -199,13 +221,19 @@ def markdown_table(
     return "\n".join(lines) + "\n"
 
 
-def compare(results: Mapping[str, EvaluationResult], *, baseline: str = "fp32") -> Comparison:
+def compare(
+    results: Mapping[str, EvaluationResult],
+    *,
+    baseline: str = "fp32",
+    accuracy_gate: float = gate.DEFAULT_POINTS,
+) -> Comparison:
     """Tabulate ``results`` (e.g. ``fp32``, ``ptq_int8``, ``qat_int8``) against ``baseline``.
 
     Any subset of variants works as long as the baseline is there. All results must come
     from the same test images (same count and classes); agreement is recomputed from the
-    stored top-1 predictions.
+    stored top-1 predictions. ``accuracy_gate`` (top-1 points) judges every other variant.
     """
+    accuracy_gate = gate.check_gate(accuracy_gate)
     if baseline not in results:
         raise DataError(
             f"baseline {baseline!r} is not among the results {list(results)}; "
@@ -216,7 +244,9 @@ def compare(results: Mapping[str, EvaluationResult], *, baseline: str = "fp32") 
     for name in order:
         _check_comparable(name, results[name], baseline, base)
     rows = tuple(_row(name, results[name], base) for name in order)
-    return Comparison(baseline=baseline, rows=rows, notes=_notes(results, order))
+    return Comparison(
+        baseline=baseline, rows=rows, notes=_notes(results, order), gate_points=accuracy_gate
+    )
 
 
 def _row(name: str, result: EvaluationResult, base: EvaluationResult) -> ComparisonRow:
@@ -281,6 +311,10 @@ def _notes(results: Mapping[str, EvaluationResult], order: list[str]) -> tuple[s
             listed = ", ".join(f"{name}: {value}" for name, value in values.items())
             notes.append(f"Speed numbers are not like for like: {label} differs ({listed}).")
     return tuple(notes)
+
+
+def _gate_cell(verdict: gate.Verdict) -> str:
+    return "pass" if verdict.passed else "REFUSED"
 
 
 def fidelity_cell(fidelity: Mapping[str, Any] | None) -> str:

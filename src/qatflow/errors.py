@@ -1,6 +1,11 @@
 """Exceptions raised by qatflow. Every message names the file, layer or parameter at fault."""
 
 
+def flagged(parameter: str) -> str:
+    """A parameter as both its users know it: ``batch_size (--batch-size)``."""
+    return f"{parameter} (--{parameter.replace('_', '-')})"
+
+
 class QatflowError(Exception):
     """Base class for errors that the CLI reports without a traceback."""
 

@@ -6,7 +6,10 @@ environment variable, e.g. ``QATFLOW_TF_IMAGE=registry.local/qatflow-tf:dev qatf
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +24,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """One image: its default reference, override variable, Dockerfile and build args."""
+    """One image: its default reference, override variable, Dockerfile, Make target, build args."""
 
     default: str
     env_var: str
     dockerfile: str  # relative to the repository root
+    make_target: str  # the Makefile target that builds it
     build_args: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -40,18 +44,21 @@ IMAGES: Mapping[str, ImageSpec] = MappingProxyType(
             default=f"{REGISTRY}/qatflow-tf:{VERSION}",
             env_var="QATFLOW_TF_IMAGE",
             dockerfile="images/tensorflow.Dockerfile",
+            make_target="images-tf",
             build_args={"VARIANT": "cpu"},
         ),
         "tensorflow-gpu": ImageSpec(
             default=f"{REGISTRY}/qatflow-tf:{VERSION}-gpu",
             env_var="QATFLOW_TF_GPU_IMAGE",
             dockerfile="images/tensorflow.Dockerfile",
+            make_target="images-tf-gpu",
             build_args={"VARIANT": "gpu"},
         ),
         "tensorrt": ImageSpec(
             default=f"{REGISTRY}/qatflow-trt:{VERSION}",
             env_var="QATFLOW_TRT_IMAGE",
             dockerfile="images/tensorrt.Dockerfile",
+            make_target="images-trt",
         ),
     }
 )
@@ -68,8 +75,72 @@ def dockerfile_for(image: str) -> Path:
     Raises:
         PipelineError: if ``image`` is not one of the images defined in ``images/``.
     """
-    for spec in IMAGES.values():
+    return REPO_ROOT / IMAGES[image_name(image)].dockerfile
+
+
+def image_name(image: str) -> str:
+    """The key in ``IMAGES`` of ``image`` (a reference as resolved now).
+
+    Raises:
+        PipelineError: if ``image`` is not one of the images defined in ``images/``.
+    """
+    for name, spec in IMAGES.items():
         if image == spec.reference:
-            return REPO_ROOT / spec.dockerfile
+            return name
     known = ", ".join(spec.reference for spec in IMAGES.values())
     raise PipelineError(f"image {image!r} is not built from images/; known images: {known}")
+
+
+CONTEXT_LABEL = "org.qatflow.context-hash"
+PIP_CA_SECRET = "pip-ca"  # the BuildKit secret id the Dockerfiles mount for pip's CA bundle
+_COPY = re.compile(r"^COPY\s+(?!--from)(?:--\S+\s+)*(.+?)\s+\S+\s*$", re.MULTILINE)
+
+
+def copied_paths(dockerfile: Path) -> list[str]:
+    """The build-context paths that ``dockerfile``'s ``COPY`` instructions copy, in order."""
+    return [path for sources in _COPY.findall(dockerfile.read_text()) for path in sources.split()]
+
+
+def context_hash(name: str) -> str:
+    """A short hash of image ``name``'s Dockerfile and of every file it copies (paths, contents).
+
+    Files that ``.dockerignore`` excludes anywhere in the tree (its ``**/NAME`` patterns) are
+    skipped, as the build skips them. Builds label the image with the hash (``CONTEXT_LABEL``),
+    so an image built from other sources under the same tag can be told apart.
+    """
+    dockerfile = REPO_ROOT / IMAGES[name].dockerfile
+    ignored = _ignored_everywhere()
+    digest = hashlib.sha256(dockerfile.read_bytes())
+    for source in copied_paths(dockerfile):
+        root = REPO_ROOT / source
+        for path in sorted(root.rglob("*")) if root.is_dir() else [root]:
+            parts = path.relative_to(REPO_ROOT).parts
+            if path.is_dir() or any(fnmatch.fnmatch(p, g) for p in parts for g in ignored):
+                continue
+            digest.update(f"\0{'/'.join(parts)}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _ignored_everywhere() -> list[str]:
+    lines = (REPO_ROOT / ".dockerignore").read_text().splitlines()
+    return [line.removeprefix("**/") for line in lines if line.startswith("**/")]
+
+
+def build_command(
+    name: str, docker: str, *, pip_ca: str | None = None, build_args: Mapping[str, str] = {}
+) -> list[str]:
+    """The ``docker build`` command line for image ``name``, from the repository root.
+
+    Tags the image with its reference and labels it with ``context_hash``. ``build_args`` go
+    over the image's own. ``pip_ca`` (a CA bundle file for pip) is passed as the BuildKit secret
+    ``PIP_CA_SECRET``, never as a build argument, so it is neither stored in the image nor in
+    its history.
+    """
+    spec = IMAGES[name]
+    command = [docker, "build", "-f", str(REPO_ROOT / spec.dockerfile), "-t", spec.reference]
+    for key, value in {**spec.build_args, **build_args}.items():
+        command += ["--build-arg", f"{key}={value}"]
+    if pip_ca:
+        command += ["--secret", f"id={PIP_CA_SECRET},src={Path(pip_ca).resolve()}"]
+    return [*command, "--label", f"{CONTEXT_LABEL}={context_hash(name)}", str(REPO_ROOT)]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
 import re
+import sys
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,10 @@ log = logging.getLogger("qatflow.models")
 
 KERAS_SUFFIXES = (".keras",)
 H5_SUFFIXES = (".h5", ".hdf5")
+_CUSTOM_HINT = (
+    "; if it uses custom layers or a subclassed model, register them: --custom-objects "
+    "MODULE:ATTR on the command line, qatflow.models.register_custom_objects in Python"
+)
 # keras.applications builders by normalised name: "mobilenet_v2" and "MobileNetV2" both match.
 APPLICATIONS = {
     re.sub(r"[^a-z0-9]", "", name.lower()): name
@@ -52,6 +60,57 @@ def load_model(
         _load_weights(model, weights)
     log.info("loaded model %s from %s", model.name, uri)
     return model
+
+
+def register_custom_objects(specs: Iterable[str]) -> dict[str, Any]:
+    """Import each ``module:attr`` and register it with Keras so that model files using it load.
+
+    ``attr`` is a layer/model class or function (registered under its Keras name and its
+    Python name) or a dict of name -> object. Importing the module also runs whatever it
+    registers itself (``keras.saving.register_keras_serializable``,
+    ``qatflow.register_layer_config``). The current directory is searched first, so a module
+    beside the model files imports as it would with ``python -m``. Returns what was registered.
+    """
+    registered: dict[str, Any] = {}
+    for spec in specs:
+        module_name, _, attr = spec.partition(":")
+        if not module_name or not attr:
+            raise ModelError(
+                f"--custom-objects {spec!r}: expected MODULE:ATTR, e.g. my_layers:Scale"
+            )
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ModelError(
+                f"--custom-objects {spec!r}: cannot import {module_name}: {exc}"
+            ) from exc
+        try:
+            found = getattr(module, attr)
+        except AttributeError:
+            raise ModelError(
+                f"--custom-objects {spec!r}: module {module_name} has no attribute {attr!r}"
+            ) from None
+        registered.update(_custom_names(found, spec))
+    keras.saving.get_custom_objects().update(registered)
+    if registered:
+        log.info("registered custom objects %s", ", ".join(sorted(registered)))
+    return registered
+
+
+def _custom_names(found: Any, spec: str) -> dict[str, Any]:
+    if isinstance(found, dict):
+        if not all(isinstance(name, str) and callable(obj) for name, obj in found.items()):
+            raise ModelError(
+                f"--custom-objects {spec!r}: the dict must map names to classes or functions"
+            )
+        return dict(found)
+    if not callable(found):
+        raise ModelError(
+            f"--custom-objects {spec!r} is a {type(found).__name__}, not a class, function or dict"
+        )
+    return {keras.saving.get_registered_name(found): found, found.__name__: found}
 
 
 def check_layerwise(model: keras.Model) -> None:
@@ -122,12 +181,11 @@ def _load_file(path: Path, uri: str) -> keras.Model:
                 f"{uri} holds weights only, no model; pass it as weights= together with the "
                 "model (e.g. a keras.applications name)"
             ) from exc
-        raise ModelError(f"cannot load the Keras model {uri}: {exc}") from exc
+        if "Unknown" not in str(exc):
+            raise ModelError(f"cannot load the Keras model {uri}: {exc}") from exc
+        raise ModelError(f"cannot load the Keras model {uri} ({exc}){_CUSTOM_HINT}") from exc
     except (TypeError, KeyError) as exc:
-        raise ModelError(
-            f"cannot load the Keras model {uri} ({exc}); if it uses custom layers or a "
-            "subclassed model, import the module that registers them first"
-        ) from exc
+        raise ModelError(f"cannot load the Keras model {uri} ({exc}){_CUSTOM_HINT}") from exc
     if not isinstance(model, keras.Model):
         raise ModelError(f"{uri} holds a {type(model).__name__}, not a Keras model")
     return model

@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import datetime as dt
 import glob
+import json
 import logging
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from qatflow import storage
+from qatflow import gate, storage
 from qatflow.comparison import Comparison
 from qatflow.errors import DataError, PipelineError
+from qatflow.evaluation import EvaluationResult
 from qatflow.steps import DEMO_MODEL, write_json
 from qatflow.tracking import (
+    AGREEMENT_METRIC,
     DEFAULT_EXPERIMENT,
+    GATE_POINTS_TAG,
+    GATE_REASONS_TAG,
+    GATE_TAG,
+    HEADLINE_METRICS,
     VARIANTS,
     GateDecision,
     Tracker,
@@ -129,7 +135,6 @@ def publish(
     tracking_uri: str | None = None,
     experiment: str = DEFAULT_EXPERIMENT,
     register_name: str = DEFAULT_REGISTERED_MODEL,
-    accuracy_gate: float = 1.0,
     s3_prefix: str | None = None,
     run_name: str | None = None,
     tags: Mapping[str, object] | None = None,
@@ -138,54 +143,67 @@ def publish(
 
     ``comparison_dir`` holds ``comparison.json`` and the report; ``results``, ``onnx`` and
     ``engines`` map each variant (fp32, ptq_int8, qat_int8) to its evaluation JSON, ONNX file
-    and engine (file or folder). ``accuracy_gate`` (top-1 points) bounds the QAT model's drop
-    against FP32 and against the current champion. The S3 upload goes first (it overwrites
-    the same keys when retried), then MLflow: one parent run with ``params`` and the report, one
-    child run per variant with the same metric keys, its ONNX and engine. When MLflow is
-    unreachable everything is kept in ``<output_dir>/mlflow-offline``. Returns the path of
-    ``<output_dir>/publish.json``: run ids, registered version, gate decision, S3 URIs.
+    and engine (file or folder). The comparison's accuracy gate (top-1 points, ``qatflow.gate``,
+    set by ``steps.compare``) bounds the QAT model's drop against FP32 and against the current
+    champion, so the report, the registry and this record give one verdict. The S3 upload goes first
+    (it overwrites the same keys when retried), then MLflow: one parent run with ``params``,
+    the report, each variant's headline metrics and the gate verdict as tags; one child run
+    per variant, spanning its evaluation, with the same metric keys, its ONNX and engine. When
+    MLflow is unreachable everything is kept in ``<output_dir>/mlflow-offline``. Returns the
+    path of ``<output_dir>/publish.json``: run ids, registered version, the gate's verdict
+    (``gate.outcome``, see ``verdict``), S3 URIs.
     """
-    if not math.isfinite(accuracy_gate) or accuracy_gate < 0:
-        raise PipelineError(f"accuracy_gate must be >= 0 top-1 points, got {accuracy_gate}")
     report_dir = Path(comparison_dir)
     comparison = Comparison.load_json(report_dir / COMPARISON_FILE)
     _check_variant_files(results=results, onnx=onnx, engines=engines)
     for variant in VARIANTS:
         comparison.row(variant)  # every variant must be in the table
+    spans = {variant: _span(EvaluationResult.load(results[variant])) for variant in VARIANTS}
     name = run_name or dt.datetime.now(dt.UTC).strftime("qatflow-%Y%m%d-%H%M%S")
     uploaded = _export_s3(s3_prefix, name, report_dir, onnx, engines) if s3_prefix else {}
 
     metrics, omitted = variant_metrics(comparison)
     tracker = Tracker(output_dir, tracking_uri=tracking_uri, experiment=experiment)
-    parent = tracker.start_pipeline_run(name, params=params, tags=tags)
+    parent = tracker.start_pipeline_run(
+        name,
+        params={**params, gate.PARAMETER: comparison.gate_points},
+        tags=tags,
+        start_time=min(start for start, _ in spans.values()),
+    )
     children: dict[str, str] = {}
     version: str | None = None
     with tracker.ending(parent):
         tracker.log_artifact(parent, report_dir, "report")
         if placement_summary is not None:
-            tracker.log_artifact(parent, placement_summary, "placement")
+            tracker.log_artifact(parent, placement_summary, "placement", file_name="placement.md")
+        tracker.log_metrics(parent, _headline(metrics))
         for variant in VARIANTS:
             row = comparison.row(variant)
-            child = tracker.start_variant_run(parent, variant, params={"runtime": row.runtime})
+            start, end = spans[variant]
+            child = tracker.start_variant_run(
+                parent, variant, params={"runtime": row.runtime}, start_time=start
+            )
             children[variant] = child
-            with tracker.ending(child):
+            with tracker.ending(child, end_time=end):
                 tracker.log_variant_metrics(child, metrics[variant], omit=omitted)
-                tracker.log_metrics(child, {"agreement_vs_fp32": row.agreement})
+                tracker.log_metrics(child, {AGREEMENT_METRIC: gate.points(row.agreement)})
                 tracker.log_engine_fidelity(child, row.fidelity, row.engine)
-                tracker.log_artifact(child, onnx[variant], "onnx")
+                tracker.log_artifact(child, onnx[variant], "onnx", file_name=f"{variant}.onnx")
                 tracker.log_artifact(child, engines[variant], "engine")
-                tracker.log_artifact(child, results[variant], "evaluation")
+                tracker.log_artifact(child, results[variant], "evaluation", file_name="result.json")
                 if variant == CANDIDATE:
                     version = tracker.register_onnx_model(
-                        child, onnx[variant], register_name, accuracy_top1=row.top1
+                        child,
+                        onnx[variant],
+                        register_name,
+                        accuracy_top1_pct=gate.points(row.top1),
                     )
-        decision = _gate(tracker, comparison, register_name, version, accuracy_gate)
+        decision = _champion_gate(tracker, comparison, register_name, version)
+        verdict = _verdict(comparison, decision)
+        tracker.set_tags(parent, _gate_tags(verdict))
     summary = {
         "run_name": name,
-        "accuracy_gate_points": accuracy_gate,
-        "passes_fp32_gate": {
-            variant: comparison.passes_gate(variant, accuracy_gate) for variant in VARIANTS
-        },
+        "gate": verdict,
         "mlflow": {
             "tracking_uri": redact_text(tracker.tracking_uri),
             "experiment": experiment,
@@ -209,6 +227,37 @@ def publish(
     return path
 
 
+def verdict(record: PathLike) -> str:
+    """``passed`` or ``refused``: the gate's verdict on the candidate in a ``publish.json``."""
+    try:
+        outcome = json.loads(Path(record).read_text(encoding="utf-8"))["gate"]["outcome"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{record} is not a publish record with a gate verdict: {err}") from err
+    if outcome not in (gate.PASSED, gate.REFUSED):
+        raise DataError(f"{record}: gate outcome {outcome!r} is not passed or refused")
+    return str(outcome)
+
+
+def _span(result: EvaluationResult) -> tuple[int, int]:
+    """A result's evaluation as (start, end) in ms since the epoch; start = end when unknown."""
+    end = _epoch_ms(result.created_at)
+    return (end if result.started_at is None else _epoch_ms(result.started_at)), end
+
+
+def _epoch_ms(stamp: str) -> int:
+    return int(dt.datetime.fromisoformat(stamp).timestamp() * 1000)
+
+
+def _headline(metrics: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """The parent run's ``<variant>.<metric>`` copies of the headline metrics."""
+    return {
+        f"{variant}.{key}": values[key]
+        for variant, values in metrics.items()
+        for key in HEADLINE_METRICS
+        if key in values
+    }
+
+
 def _check_variant_files(**groups: Mapping[str, PathLike]) -> None:
     for group, paths in groups.items():
         missing = [variant for variant in VARIANTS if variant not in paths]
@@ -221,26 +270,49 @@ def _check_variant_files(**groups: Mapping[str, PathLike]) -> None:
                 )
 
 
-def _gate(
-    tracker: Tracker,
-    comparison: Comparison,
-    register_name: str,
-    version: str | None,
-    accuracy_gate: float,
+def _champion_gate(
+    tracker: Tracker, comparison: Comparison, register_name: str, version: str | None
 ) -> GateDecision | None:
     """Move ``champion`` to the new version if it passes; None when nothing was registered."""
     if version is None:
         log.warning("model not registered (%s): champion gate skipped", tracker.offline_reason)
         return None
-    gap = accuracy_gate / 100
     return tracker.promote_if_better(
         register_name,
         version,
-        comparison.row(CANDIDATE).top1,
-        comparison.row(comparison.baseline).top1,
-        max_fp32_gap=gap,
-        min_improvement=-gap,
+        gate.points(comparison.row(CANDIDATE).top1),
+        gate.points(comparison.row(comparison.baseline).top1),
+        gate_points=comparison.gate_points,
     )
+
+
+def _verdict(comparison: Comparison, decision: GateDecision | None) -> dict[str, Any]:
+    """The candidate's outcome: refused if it fails vs FP32 or the registry refuses it."""
+    verdicts = comparison.verdicts()
+    candidate = verdicts[CANDIDATE]
+    reasons = [candidate.reason]
+    passed = candidate.passed
+    if decision is not None:
+        passed = passed and decision.promoted
+        reasons += [f"registry: {reason}" for reason in decision.reasons]
+    return {
+        "points": comparison.gate_points,
+        "unit": gate.UNIT,
+        "candidate": CANDIDATE,
+        "outcome": gate.PASSED if passed else gate.REFUSED,
+        "reasons": reasons,
+        "variants": {name: v.to_dict() for name, v in verdicts.items()},
+    }
+
+
+def _gate_tags(verdict: Mapping[str, Any]) -> dict[str, str]:
+    """The parent run's gate tags: the verdict, the gate, the reasons, each variant's outcome."""
+    return {
+        GATE_TAG: verdict["outcome"],
+        GATE_POINTS_TAG: f"{verdict['points']:g}",
+        GATE_REASONS_TAG: "; ".join(verdict["reasons"]),
+        **{f"{GATE_TAG}.{name}": v["outcome"] for name, v in verdict["variants"].items()},
+    }
 
 
 def _run_prefix(s3_prefix: str, run_name: str) -> str:

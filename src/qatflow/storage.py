@@ -54,19 +54,27 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
 
     A failure leaves no file (or the previous file) at ``path``, so no later step can pick up
-    something half-written.
+    something half-written. A path that cannot be written raises a StorageError naming it.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=final.suffix, dir=final.parent)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{final.name}.", suffix=final.suffix, dir=final.parent
+        )
+    except OSError as exc:
+        raise StorageError(f"cannot write {final}: {exc.strerror or exc}") from exc
     os.close(fd)
     tmp = Path(tmp_name)
     tmp.unlink()
     try:
         yield tmp
         if not tmp.exists():
-            raise FileNotFoundError(f"nothing was written to {final}")
-        os.replace(tmp, final)
+            raise StorageError(f"nothing was written to {final}")
+        try:
+            os.replace(tmp, final)
+        except OSError as exc:
+            raise StorageError(f"cannot write {final}: {exc.strerror or exc}") from exc
     finally:
         if tmp.exists():
             if tmp.is_dir():
@@ -83,6 +91,15 @@ def write_json(path: str | os.PathLike[str], data: Any) -> Path:
     with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(MIB), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def is_s3_uri(uri: str | os.PathLike[str]) -> bool:
@@ -181,6 +198,26 @@ def fetch(uri: str | os.PathLike[str], dest_dir: str | os.PathLike[str] | None =
         if not entry.exists():  # a concurrent fetch of the same objects won the rename
             raise
     return entry / name
+
+
+def check_uploadable(uri: str) -> None:
+    """Raise a StorageError, before any work, unless ``uri`` names an object in a bucket that
+    exists and credentials are set (access rights show only when the object is written)."""
+    bucket, key = parse_s3_uri(uri)
+    if not key or key.endswith("/"):
+        raise StorageError(f"output {uri} names no object: give s3://bucket/key")
+    if boto3.session.Session().get_credentials() is None:
+        raise StorageError(f"no AWS credentials found to write {uri}: {_CREDENTIALS_HINT}")
+    try:
+        with _s3_errors(bucket, key):
+            s3_client().head_bucket(Bucket=bucket)
+    except StorageError as exc:
+        if isinstance(exc.__cause__, ClientError) and _error_code(exc.__cause__) in {
+            "404",
+            "NoSuchBucket",
+        }:
+            raise StorageError(f"bucket {bucket!r} does not exist (needed for {uri})") from None
+        raise
 
 
 def upload(

@@ -15,6 +15,8 @@ import logging
 import math
 import os
 import re
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -22,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from qatflow import gate
 from qatflow.errors import QatflowError
 from qatflow.storage import atomic_output
 
@@ -31,28 +34,44 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "qatflow"
 VARIANTS = ("fp32", "ptq_int8", "qat_int8")
 PRECISION = {"fp32": "fp32", "ptq_int8": "int8", "qat_int8": "int8"}
+# Accuracies and agreements in percent, deltas in top-1 points: one scale in MLflow's charts.
 METRIC_KEYS = (
-    "accuracy_top1",
-    "accuracy_top5",
+    "accuracy_top1_pct",
+    "accuracy_top5_pct",
     "latency_ms_p50",
     "latency_ms_p99",
     "throughput_ips",
     "size_mb",
     "speedup_vs_fp32",
-    "accuracy_delta_vs_fp32",
+    "accuracy_top1_delta_points",
 )
-# Build-time fidelity of a variant's engine (EvaluationResult.fidelity): metric -> report key.
+AGREEMENT_METRIC = "agreement_vs_fp32_pct"
+# The parent run's copy of each variant's headline metrics: "<variant>.<metric>".
+HEADLINE_METRICS = (
+    "accuracy_top1_pct",
+    "accuracy_top1_delta_points",
+    "latency_ms_p50",
+    "speedup_vs_fp32",
+)
+# Build-time fidelity of a variant's engine (EvaluationResult.fidelity):
+# metric -> (report key, scale).
 FIDELITY_METRICS = {
-    "fidelity_agreement": "agreement",
-    "fidelity_decided_agreement": "decided_agreement",
-    "fidelity_p99_abs_error": "p99_abs_error",
+    "fidelity_agreement_pct": ("agreement", 100.0),
+    "fidelity_decided_agreement_pct": ("decided_agreement", 100.0),
+    "fidelity_p99_abs_error": ("p99_abs_error", 1.0),
 }
 # Kernel provenance of a variant's engine (EvaluationResult.engine): param -> provenance key.
 ENGINE_PARAMS = {"engine_encoding": "encoding", "engine_isa": "isa"}
 FIDELITY_TAG = "qatflow.fidelity"
 CHAMPION_ALIAS = "champion"
-ACCURACY_TAG = "qatflow.accuracy_top1"
+ACCURACY_TAG = "qatflow.accuracy_top1_pct"
+GATE_TAG = "qatflow.gate"  # passed/refused on the parent run, promoted/refused on a version
+GATE_POINTS_TAG = "qatflow.gate_points"
+GATE_REASONS_TAG = "qatflow.gate_reasons"
 PARENT_TAG = "mlflow.parentRunId"
+# MLflow 3's UI opens an experiment by its kind; this one is the classic runs/charts view.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 OFFLINE_PREFIX = "offline-"
 REDACTED = "***"
 VERSIONED_PACKAGES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "tensorrt", "mlflow")
@@ -67,7 +86,6 @@ _SECRET_QUERY = re.compile(
 )
 _ONNX_SERVING = ("onnx", "onnxruntime")
 _MAX_BATCH = 100
-_EPSILON = 1e-9
 
 
 class TrackingError(QatflowError):
@@ -76,15 +94,16 @@ class TrackingError(QatflowError):
 
 @dataclass(frozen=True)
 class GateDecision:
-    """Outcome of the champion gate for one registered model version."""
+    """Outcome of the champion gate for one registered model version (top-1 in percent)."""
 
     promoted: bool
     model_name: str
     version: str
-    candidate_accuracy: float
-    fp32_accuracy: float
+    candidate_accuracy_pct: float
+    fp32_accuracy_pct: float
+    gate_points: float
     champion_version: str | None
-    champion_accuracy: float | None
+    champion_accuracy_pct: float | None
     reasons: tuple[str, ...]
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,10 +154,14 @@ def package_versions(packages: tuple[str, ...] = VERSIONED_PACKAGES) -> dict[str
 
 
 @contextlib.contextmanager
-def _environ(**values: str) -> Iterator[None]:
-    """Temporarily set environment variables (used for MLflow's HTTP retry settings)."""
+def _environ(**values: str | None) -> Iterator[None]:
+    """Temporarily set (``None``: unset) environment variables, e.g. MLflow's HTTP settings."""
     saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     try:
         yield
     finally:
@@ -218,14 +241,18 @@ class Tracker:
         *,
         params: Mapping[str, object] | None = None,
         tags: Mapping[str, object] | None = None,
+        start_time: int | None = None,
     ) -> str:
         """Create the parent run of one pipeline run (left RUNNING) and return its id.
 
         ``params`` (model, dataset, training and quantization settings) are flattened and
-        redacted; package versions are added as ``version.<package>``.
+        redacted; package versions are added as ``version.<package>``. ``start_time`` (ms since
+        the epoch, default now) is when the pipeline's work began.
         """
         all_tags = {"qatflow.role": "pipeline", **(tags or {})}
-        run_id = self._create_run(run_name, self._experiment_id, all_tags, parent_run_id=None)
+        run_id = self._create_run(
+            run_name, self._experiment_id, all_tags, parent_run_id=None, start_time=start_time
+        )
         versions = {f"version.{name}": value for name, value in package_versions().items()}
         self.log_params(run_id, {**(params or {}), **versions})
         return run_id
@@ -236,11 +263,13 @@ class Tracker:
         variant: str,
         *,
         params: Mapping[str, object] | None = None,
+        start_time: int | None = None,
     ) -> str:
         """Create the child run for ``variant`` under ``parent_run_id`` and return its id.
 
         Works from any process: the parent is looked up by id and the child lands in the
-        parent's experiment, tagged ``variant`` and ``precision``.
+        parent's experiment, tagged ``variant`` and ``precision``. ``start_time`` (ms since the
+        epoch, default now) is when the step that measured the variant began.
         """
         if variant not in VARIANTS:
             raise TrackingError(f"variant {variant!r} is not one of {', '.join(VARIANTS)}")
@@ -256,30 +285,34 @@ class Tracker:
                     ) from err
                 self._go_offline(f"looking up parent run failed: {err}")
         tags = {"variant": variant, "precision": PRECISION[variant]}
-        run_id = self._create_run(variant, experiment_id, tags, parent_run_id=parent_run_id)
+        run_id = self._create_run(
+            variant, experiment_id, tags, parent_run_id=parent_run_id, start_time=start_time
+        )
         if params:
             self.log_params(run_id, params)
         return run_id
 
-    def end_run(self, run_id: str, *, failed: bool = False) -> None:
-        """Mark ``run_id`` FINISHED (or FAILED)."""
+    def end_run(self, run_id: str, *, failed: bool = False, end_time: int | None = None) -> None:
+        """Mark ``run_id`` FINISHED (or FAILED) at ``end_time`` (ms since the epoch; now)."""
         status = "FAILED" if failed else "FINISHED"
+        end = _now_ms() if end_time is None else end_time
         self._apply(
             run_id,
             f"ending run {run_id}",
-            lambda: self._client.set_terminated(run_id, status),
-            lambda doc: doc.update(status=status, end_time=_now_ms()),
+            lambda: self._client.set_terminated(run_id, status, end_time=end),
+            lambda doc: doc.update(status=status, end_time=end),
         )
 
     @contextlib.contextmanager
-    def ending(self, run_id: str) -> Iterator[str]:
-        """Yield ``run_id`` and end it afterwards: FAILED if the block raised, else FINISHED."""
+    def ending(self, run_id: str, *, end_time: int | None = None) -> Iterator[str]:
+        """Yield ``run_id`` and end it afterwards: FAILED (now) if the block raised, else
+        FINISHED at ``end_time`` (default now)."""
         try:
             yield run_id
         except BaseException:
             self.end_run(run_id, failed=True)
             raise
-        self.end_run(run_id)
+        self.end_run(run_id, end_time=end_time)
 
     # -- params, metrics, tags, artifacts -------------------------------------------------------
 
@@ -345,8 +378,8 @@ class Tracker:
         """
         fidelity = fidelity or {}
         metrics = {
-            metric: float(fidelity[key])
-            for metric, key in FIDELITY_METRICS.items()
+            metric: scale * float(fidelity[key])
+            for metric, (key, scale) in FIDELITY_METRICS.items()
             if _is_finite_number(fidelity.get(key))
         }
         if metrics:
@@ -375,9 +408,18 @@ class Tracker:
         )
 
     def log_artifact(
-        self, run_id: str, path: str | os.PathLike[str], artifact_path: str | None = None
+        self,
+        run_id: str,
+        path: str | os.PathLike[str],
+        artifact_path: str | None = None,
+        *,
+        file_name: str | None = None,
     ) -> None:
-        """Upload a file, or a folder under ``artifact_path`` (default: the folder's name)."""
+        """Upload a file, or a folder under ``artifact_path`` (default: the folder's name).
+
+        ``file_name`` renames a file on upload, e.g. to give an extensionless KFP artifact the
+        ``.json``/``.md`` suffix MLflow's artifact viewer previews by.
+        """
         local = Path(path)
         if not local.exists():
             raise TrackingError(f"artifact {local} for run {run_id} does not exist")
@@ -391,9 +433,19 @@ class Tracker:
             target = artifact_path or ""
 
             def upload() -> None:
-                self._client.log_artifact(run_id, str(local), artifact_path)
+                if file_name is None:
+                    self._client.log_artifact(run_id, str(local), artifact_path)
+                    return
+                with tempfile.TemporaryDirectory(prefix="qatflow-artifact-") as tmp:
+                    renamed = Path(tmp) / file_name
+                    shutil.copyfile(local, renamed)
+                    self._client.log_artifact(run_id, str(renamed), artifact_path)
 
-        record = {"path": str(local.resolve()), "artifact_path": target}
+        record = {
+            "path": str(local.resolve()),
+            "artifact_path": target,
+            "file_name": file_name or local.name,
+        }
         self._apply(
             run_id,
             f"uploading {local} to run {run_id}",
@@ -409,12 +461,13 @@ class Tracker:
         onnx_path: str | os.PathLike[str],
         model_name: str,
         *,
-        accuracy_top1: float,
+        accuracy_top1_pct: float,
     ) -> str | None:
-        """Log ``onnx_path`` with the ONNX flavor under ``run_id`` and register it.
+        """Log ``onnx_path`` with the ONNX flavor and its input/output signature under
+        ``run_id``, in that run's experiment, and register it.
 
         Returns the new model version (``None`` when offline). The version is tagged with its
-        top-1 accuracy so the champion gate can compare later versions against it.
+        top-1 accuracy (percent) so the champion gate can compare later versions against it.
         """
         import mlflow.onnx
         import onnx
@@ -422,19 +475,26 @@ class Tracker:
         source = Path(onnx_path)
         if not source.is_file():
             raise TrackingError(f"ONNX model {source} to register as {model_name!r} does not exist")
-        tags = {ACCURACY_TAG: str(accuracy_top1), "variant": "qat_int8", "precision": "int8"}
+        tags = {ACCURACY_TAG: str(accuracy_top1_pct), "variant": "qat_int8", "precision": "int8"}
         # Pinned here: MLflow would otherwise infer them in a subprocess (seconds per model).
         requirements = [f"{name}=={v}" for name, v in package_versions(_ONNX_SERVING).items()]
         registered: list[str] = []
 
         def register() -> None:
-            with _global_tracking_uri(self.tracking_uri):
+            model = onnx.load(str(source))
+            experiment_id = self._client.get_run(run_id).info.experiment_id
+            # log_model files its LoggedModel under the fluent API's experiment, not the run's.
+            with (
+                _global_tracking_uri(self.tracking_uri),
+                _environ(MLFLOW_EXPERIMENT_ID=experiment_id, MLFLOW_EXPERIMENT_NAME=None),
+            ):
                 info = mlflow.onnx.log_model(
-                    onnx.load(str(source)),
+                    model,
                     name="model",
                     registered_model_name=model_name,
                     run_id=run_id,
                     pip_requirements=requirements,
+                    signature=onnx_signature(model),
                 )
             version = str(info.registered_model_version)
             for key, value in tags.items():
@@ -451,7 +511,8 @@ class Tracker:
         return registered[0] if registered else None
 
     def champion(self, model_name: str) -> tuple[str, float | None] | None:
-        """The current champion's version and recorded top-1 accuracy, or None if there is none."""
+        """The current champion's version and recorded top-1 accuracy in percent, or None if
+        there is no champion."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -462,64 +523,59 @@ class Tracker:
             raise
         recorded: str | float | None = current.tags.get(ACCURACY_TAG)
         if recorded is None and current.run_id:
-            recorded = self._client.get_run(current.run_id).data.metrics.get("accuracy_top1")
+            recorded = self._client.get_run(current.run_id).data.metrics.get("accuracy_top1_pct")
         return str(current.version), None if recorded is None else float(recorded)
 
     def promote_if_better(
         self,
         model_name: str,
         version: str,
-        candidate_accuracy: float,
-        fp32_accuracy: float,
+        candidate_pct: float,
+        fp32_pct: float,
         *,
-        max_fp32_gap: float,
-        min_improvement: float = 0.0,
+        gate_points: float,
     ) -> GateDecision:
-        """Move the ``champion`` alias to ``version`` only if it passes both gates.
+        """Move the ``champion`` alias to ``version`` only if it passes the accuracy gate twice.
 
-        Gate 1: ``fp32_accuracy - candidate_accuracy <= max_fp32_gap``.
-        Gate 2: ``candidate_accuracy >= champion_accuracy + min_improvement`` (a negative
-        ``min_improvement`` tolerates a small regression); passes when there is no champion.
-        The decision is returned, logged, and tagged on the model version.
+        Accuracies are top-1 in percent; ``gate_points`` is ``qatflow.gate``'s gate in top-1
+        points. The candidate must be at most ``gate_points`` below FP32, and at most
+        ``gate_points`` below the current champion (passes when there is none). The decision is
+        returned, logged, and tagged on the model version.
         """
-        if max_fp32_gap < 0:
-            raise TrackingError(f"max_fp32_gap must be >= 0, got {max_fp32_gap}")
+        gate_points = gate.check_gate(gate_points, "gate_points")
         version = str(version)
         decisions = [
             GateDecision(
                 promoted=False,
                 model_name=model_name,
                 version=version,
-                candidate_accuracy=candidate_accuracy,
-                fp32_accuracy=fp32_accuracy,
+                candidate_accuracy_pct=candidate_pct,
+                fp32_accuracy_pct=fp32_pct,
+                gate_points=gate_points,
                 champion_version=None,
-                champion_accuracy=None,
+                champion_accuracy_pct=None,
                 reasons=("MLflow unreachable: registry not updated",),
             )
         ]
 
-        def gate() -> None:
-            decision = self._decide(
-                model_name,
-                version,
-                candidate_accuracy,
-                fp32_accuracy,
-                max_fp32_gap,
-                min_improvement,
-            )
+        def decide() -> None:
+            decision = self._decide(model_name, version, candidate_pct, fp32_pct, gate_points)
             if decision.promoted:
                 self._client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version)
             outcome = "promoted" if decision.promoted else "refused"
-            self._client.set_model_version_tag(model_name, version, "qatflow.gate", outcome)
+            self._client.set_model_version_tag(model_name, version, GATE_TAG, outcome)
             self._client.set_model_version_tag(
-                model_name, version, "qatflow.gate_reasons", "; ".join(decision.reasons)
+                model_name, version, GATE_POINTS_TAG, f"{gate_points:g}"
+            )
+            self._client.set_model_version_tag(
+                model_name, version, GATE_REASONS_TAG, "; ".join(decision.reasons)
             )
             decisions.append(decision)
 
         self._apply(
             "registry",
             f"champion gate for {model_name!r} version {version}",
-            gate,
+            decide,
             lambda doc: doc["gate_decisions"].append(decisions[0].to_dict()),
         )
         decision = decisions[-1]
@@ -533,18 +589,11 @@ class Tracker:
         return decision
 
     def _decide(
-        self,
-        model_name: str,
-        version: str,
-        candidate: float,
-        fp32: float,
-        max_fp32_gap: float,
-        min_improvement: float,
+        self, model_name: str, version: str, candidate: float, fp32: float, gate_points: float
     ) -> GateDecision:
-        gap = fp32 - candidate
-        fp32_ok = gap <= max_fp32_gap + _EPSILON
-        verdict = "within" if fp32_ok else "exceeds"
-        reasons = [f"FP32 gap {gap:.4f} {verdict} max_fp32_gap {max_fp32_gap:.4f}"]
+        label = f"{model_name} v{version}"
+        vs_fp32 = gate.judge(label, candidate, "fp32", fp32, gate_points)
+        reasons = [vs_fp32.reason]
         current = self.champion(model_name)
         champion_version, champion_accuracy = current if current else (None, None)
         if current is None:
@@ -554,21 +603,20 @@ class Tracker:
             champion_ok = False
             reasons.append(f"champion v{champion_version} has no recorded accuracy to compare")
         else:
-            needed = champion_accuracy + min_improvement
-            champion_ok = candidate >= needed - _EPSILON
-            reasons.append(
-                f"accuracy {candidate:.4f} {'>=' if champion_ok else '<'} {needed:.4f} "
-                f"(champion v{champion_version} {champion_accuracy:.4f} "
-                f"+ min_improvement {min_improvement:.4f})"
+            vs_champion = gate.judge(
+                label, candidate, f"champion v{champion_version}", champion_accuracy, gate_points
             )
+            champion_ok = vs_champion.passed
+            reasons.append(vs_champion.reason)
         return GateDecision(
-            promoted=fp32_ok and champion_ok,
+            promoted=vs_fp32.passed and champion_ok,
             model_name=model_name,
             version=version,
-            candidate_accuracy=candidate,
-            fp32_accuracy=fp32,
+            candidate_accuracy_pct=candidate,
+            fp32_accuracy_pct=fp32,
+            gate_points=gate_points,
             champion_version=champion_version,
-            champion_accuracy=champion_accuracy,
+            champion_accuracy_pct=champion_accuracy,
             reasons=tuple(reasons),
         )
 
@@ -581,13 +629,23 @@ class Tracker:
         )
 
     def _ensure_experiment(self) -> str:
+        """The experiment's id, created if missing; one without a kind is marked as model
+        development, so the MLflow 3 UI opens it on its runs, not on the GenAI overview."""
         from mlflow.exceptions import MlflowException
 
         found = self._client.get_experiment_by_name(self.experiment)
         if found is not None:
+            if EXPERIMENT_KIND_TAG not in found.tags:
+                self._client.set_experiment_tag(
+                    found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+                )
             return str(found.experiment_id)
         try:
-            return str(self._client.create_experiment(self.experiment))
+            return str(
+                self._client.create_experiment(
+                    self.experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+                )
+            )
         except MlflowException:  # created meanwhile by a parallel task
             found = self._client.get_experiment_by_name(self.experiment)
             if found is None:
@@ -620,14 +678,18 @@ class Tracker:
         tags: Mapping[str, object],
         *,
         parent_run_id: str | None,
+        start_time: int | None = None,
     ) -> str:
         clean = {key: redact(key, value) for key, value in tags.items()}
+        start = _now_ms() if start_time is None else start_time
         if parent_run_id:
             clean[PARENT_TAG] = parent_run_id
         offline_parent = bool(parent_run_id and parent_run_id.startswith(OFFLINE_PREFIX))
         if not self.offline and not offline_parent:
             try:
-                run = self._client.create_run(experiment_id, run_name=run_name, tags=clean)
+                run = self._client.create_run(
+                    experiment_id, start_time=start, run_name=run_name, tags=clean
+                )
                 return str(run.info.run_id)
             except Exception as err:
                 if self._reachable():
@@ -646,7 +708,7 @@ class Tracker:
                 "experiment": self.experiment,
                 "tracking_uri": redact_text(self.tracking_uri),
                 "status": "RUNNING",
-                "start_time": _now_ms(),
+                "start_time": start,
                 "params": {},
                 "metrics": {},
                 "tags": clean,
@@ -706,6 +768,26 @@ class Tracker:
     def _write(self, doc_name: str, doc: Mapping[str, Any]) -> None:
         with atomic_output(self.offline_dir / f"{doc_name}.json") as tmp:
             tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
+
+
+def onnx_signature(model: Any) -> Any:
+    """An MLflow ``ModelSignature`` from an ONNX graph's inputs and outputs (dynamic dims -1)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+    from onnx import helper
+
+    def schema(values: Any) -> Schema:
+        specs: list[ColSpec | TensorSpec] = []
+        for value in values:
+            tensor = value.type.tensor_type
+            shape = tuple(
+                dim.dim_value if dim.HasField("dim_value") else -1 for dim in tensor.shape.dim
+            )
+            dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+            specs.append(TensorSpec(dtype, shape, value.name))
+        return Schema(specs)
+
+    return ModelSignature(inputs=schema(model.graph.input), outputs=schema(model.graph.output))
 
 
 def _is_finite_number(value: object) -> bool:

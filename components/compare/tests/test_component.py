@@ -22,6 +22,11 @@ def _compare(chain: Chain, tmp_path: Path, qat_result: Path) -> dict[str, dsl.Ar
         ptq_result=artifact(dsl.Artifact, chain.results["ptq_int8"]),
         qat_result=artifact(dsl.Artifact, qat_result),
         placement=artifact(dsl.Markdown, chain.quantized / "model.placement.md"),
+        dataset=artifact(dsl.Dataset, chain.dataset),
+        accuracy_gate=2.5,
+        model_uri="demo",
+        run_name="qatflow-run",
+        run_id="run-42",
         **outputs,
     )
     return outputs
@@ -37,8 +42,17 @@ def test_report(chain: Chain, tmp_path: Path) -> None:
     assert "data:image/png;base64" in html and "Q/DQ placement" in html
     assert json.loads(Path(outputs["summary"].path).read_text())["rows"] == rows
     summary = outputs["summary"].metadata
-    assert summary["fp32.delta_top1_points"] == 0.0
-    assert summary["qat_int8.accuracy_top1"] == rows[2]["top1"]
+    assert summary["fp32.accuracy_top1_delta_points"] == 0.0
+    assert summary["qat_int8.accuracy_top1_pct"] == pytest.approx(100 * rows[2]["top1"])
+    comparison = json.loads((folder / "comparison.json").read_text())
+    assert comparison["gate_points"] == 2.5
+    for variant in ("ptq_int8", "qat_int8"):
+        passed = comparison["verdicts"][variant]["outcome"] == "passed"
+        assert summary[f"{variant}.gate_passed"] == float(passed)
+    markdown = (folder / "report.md").read_text()
+    assert "| Model | demo |" in markdown and "| Pipeline run | qatflow-run / run-42 |" in markdown
+    assert "| Dataset | data.npz (local) (npz);" in markdown
+    assert str(chain.root) not in markdown and str(chain.root) not in html
 
 
 def test_results_of_another_test_set_fail(chain: Chain, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from kfp import dsl
 from qatflow_components.evaluate.component import evaluate
 from qatflow_components.testing import Chain, artifact
@@ -36,10 +37,10 @@ def test_fp32_evaluation(chain: Chain, tmp_path: Path) -> None:
     assert result.num_samples == 32  # max_batches=2 of 16
     assert result.agreement is None
     metrics = outputs["metrics"].metadata
-    assert metrics["accuracy_top1"] == result.top1
+    assert metrics["accuracy_top1_pct"] == pytest.approx(100 * result.top1)
     assert set(metrics) == {
-        "accuracy_top1",
-        "accuracy_top5",
+        "accuracy_top1_pct",
+        "accuracy_top5_pct",
         "latency_ms_p50",
         "latency_ms_p99",
         "throughput_ips",
@@ -57,4 +58,4 @@ def test_agreement_with_reference(chain: Chain, tmp_path: Path) -> None:
     reference_32 = {**fp32, "predictions": fp32["predictions"][:32]}
     Path(reference.path).write_text(json.dumps(reference_32))
     outputs = _evaluate(chain, tmp_path, "ptq_int8", reference=reference)
-    assert 0.0 <= outputs["metrics"].metadata["agreement_vs_fp32"] <= 1.0
+    assert 0.0 <= outputs["metrics"].metadata["agreement_vs_fp32_pct"] <= 100.0

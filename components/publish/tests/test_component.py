@@ -45,7 +45,7 @@ def test_publish_to_sqlite(chain: Chain, tmp_path: Path, monkeypatch: pytest.Mon
             ("engine", dsl.Model, chain.engines[variant], "engine.onnx"),
         )
     }
-    publish.python_func(
+    outcome = publish.python_func(
         report=artifact(dsl.Artifact, chain.report),
         placement=artifact(dsl.Markdown, chain.quantized / "model.placement.md"),
         record=record,
@@ -58,6 +58,8 @@ def test_publish_to_sqlite(chain: Chain, tmp_path: Path, monkeypatch: pytest.Mon
         run_id="kfp-run-id",
     )
     summary = json.loads((Path(record.path) / "publish.json").read_text())
+    assert outcome == summary["gate"]["outcome"]  # the pipeline output: passed or refused
+    assert outcome in ("passed", "refused")
     assert summary["run_name"] == "run-1" and not summary["mlflow"]["offline"]
     assert summary["registry"]["version"] == "1"
     client = MlflowClient(tracking_uri)

@@ -64,9 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from qatflow.cli import options
     from qatflow.errors import QatflowError
 
     try:
+        options.apply(args)
         return int(args.func(args) or 0)
     except QatflowError as err:
         print(f"qatflow {args.command}: error: {err}", file=sys.stderr)

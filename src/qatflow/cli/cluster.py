@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 from qatflow import cluster
 from qatflow.errors import PipelineError
@@ -24,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Start one run of the qatflow pipeline on a Kubeflow Pipelines API server.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
     )
     _add_common(submit)
     submit.add_argument("--run-name", help="run name shown in the KFP UI")
@@ -38,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
     )
     _add_common(schedule)
     schedule.add_argument(
@@ -65,14 +69,39 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 _EPILOG = f"""\
 examples:
-  qatflow submit --host http://127.0.0.1:8080 --param epochs=3
+  qatflow submit --host http://127.0.0.1:8080 --param epochs=3 --param dataset_uri=fashion-mnist
   qatflow schedule --host https://kfp.example.com --cron '0 0 2 * * *' --param epochs=3
 
 The API token, if the server needs one, is read from ${TOKEN_ENV} (never from the command line).
 """
 
 
+class _HelpWithParameters(argparse.Action):
+    """``-h``: the usual help, then the pipeline's parameters (built only when asked for)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> NoReturn:
+        from qatflow_pipelines.qat_int8.parameters import describe
+
+        print(parser.format_help() + "\n" + describe(), end="", file=sys.stdout)
+        parser.exit()
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-h",
+        "--help",
+        action=_HelpWithParameters,
+        help="show this help, with the pipeline's parameters, and exit",
+    )
     parser.add_argument(
         "--host",
         default=os.environ.get(HOST_ENV),
@@ -131,9 +160,10 @@ def _package(path: Path | None) -> Iterator[Path]:
 
 
 def _host(args: argparse.Namespace) -> str:
+    """The checked ``--host``, before any compile or connection."""
     if not args.host:
         raise PipelineError(f"no KFP host: pass --host or set ${HOST_ENV}")
-    return str(args.host)
+    return cluster.normalize_host(str(args.host))
 
 
 def run_submit(args: argparse.Namespace) -> int:

@@ -5,22 +5,31 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-_RUN_EPILOG = """\
+from qatflow import gate
+
+_RUN_EPILOG = f"""\
 profiles:
   default  the full demo: Fashion-MNIST, the demo CNN pretrained 5 epochs (cached after the
            first run), one epoch of QAT (about 6.5 minutes on 2 idle CPU cores the first time)
-  smoke    2000 train / 512 test images, one pretraining epoch, 10 QAT steps (1.5-4 minutes)
+  smoke    2000 train / 512 test images, 4 pretraining epochs (about 70 % top-1), 10 QAT
+           steps (2-4 minutes)
 
-Each task runs as a subprocess of this Python with kfp.local; engines run on ONNX Runtime
-(CPU). A rerun reuses the cached data, model, quantization, export and engine steps of the
-same inputs and the same qatflow source (--no-cache to redo them anyway). Results in
---output: comparison.json, report.html/.md, plots/, publish.json, pipeline.log (KFP's full
-log) and, when MLflow is unreachable, mlflow-offline/. S3 credentials come from the
-environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL), never from the
-command line.
+Each task runs as a subprocess of this Python with kfp.local (--runner docker: in a container
+of its image, as your user); engines run on ONNX Runtime (CPU). A rerun reuses the cached
+data, model, quantization, export and engine steps of the same inputs and the same qatflow
+source (and image IDs with docker; --no-cache to redo them anyway). Results in --output:
+comparison.json, report.html/.md, plots/, publish.json, pipeline.log (KFP's full log) and,
+when MLflow is unreachable, mlflow-offline/. S3 credentials come from the environment
+(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL), never from the command line.
+
+exit status:
+  0  the run finished and the accuracy gate passed QAT INT8 (or --allow-refused was given)
+  2  bad input or a failed step: nothing of the pipeline ran, or the failed task is named
+  {gate.EXIT_REFUSED}  the run finished but the accuracy gate refused QAT INT8 (see report.html)
 
 examples:
   qatflow run --output runs/local
+  qatflow run --profile smoke --accuracy-gate 2.5 --allow-refused
   qatflow run --profile smoke --output runs/smoke --tracking-uri http://127.0.0.1:5000
   qatflow run --model model.keras --dataset data.npz --epochs 2 --s3-prefix s3://bucket/qat
 """
@@ -96,8 +105,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run.add_argument(
         "--accuracy-gate",
         type=float,
-        help="max top-1 drop in points of QAT INT8 vs FP32 and vs the champion before the "
-        "'champion' alias is moved (default: 1.0)",
+        metavar="POINTS",
+        help=f"the accuracy gate in {gate.UNIT}: the largest top-1 drop of an INT8 variant vs "
+        "FP32, and of QAT INT8 vs the registry's champion, that passes "
+        f"(default: {gate.DEFAULT_POINTS:g})",
+    )
+    run.add_argument(
+        "--allow-refused",
+        action="store_true",
+        help=f"exit 0 even when the gate refuses QAT INT8 (default: exit {gate.EXIT_REFUSED}), "
+        "for exploratory runs",
     )
     run.add_argument(
         "--tracking-uri",
@@ -110,6 +127,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         dest="enable_caching",
         action="store_false",
         help="rerun every step instead of reusing cached results",
+    )
+    run.add_argument(
+        "--runner",
+        choices=("subprocess", "docker"),
+        default="subprocess",
+        help="run each task as a subprocess of this Python, or in a container of its image "
+        "built here (`make images-tf`) (default: %(default)s)",
     )
     run.set_defaults(func=run_pipeline)
 
@@ -190,13 +214,21 @@ _RUN_PARAMETERS = (
 def run_pipeline(args: argparse.Namespace) -> int:
     """Handle ``qatflow run``."""
     from qatflow.local_run import run_local
+    from qatflow.publish import SUMMARY_FILE, verdict
 
-    run_local(
+    out = run_local(
         args.output,
         profile=args.profile,
+        runner=args.runner,
         enable_caching=args.enable_caching,
         **{name: getattr(args, name) for name in _RUN_PARAMETERS},
     )
+    if verdict(out / SUMMARY_FILE) == gate.REFUSED and not args.allow_refused:
+        print(
+            f"qatflow run: the accuracy gate refused QAT INT8 (exit {gate.EXIT_REFUSED}; "
+            f"--allow-refused exits 0): see {out / 'report.html'}"
+        )
+        return gate.EXIT_REFUSED
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import re
 
+from qatflow.cli.options import add_custom_objects
 from qatflow.runtimes.cpu_int8 import ENCODING_CHOICES
 
 _FLOW = """\
@@ -23,6 +24,7 @@ The pipeline's steps by hand (the same functions the KFP components call):
   qatflow compare fp32=fp32.json qat_int8=qat.json --output report/
 """
 _DATASET_HELP = "dataset spec (.json) written by `qatflow prepare-data`"
+_OUTPUT_HELP = "output {} (local, or an s3:// URI: written locally, then uploaded)"
 _VARIANT = re.compile(r"^([A-Za-z0-9_.-]+)=(.+)$")
 
 
@@ -49,14 +51,15 @@ def _register_data(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     data = _parser(
         subparsers,
         "prepare-data",
-        "load a dataset once, check it (finite images, labels in range) and write its spec",
+        "load a dataset once, check it (every image of every split finite, labels in range) "
+        "and write its spec",
     )
     data.add_argument(
         "dataset",
         metavar="DATASET",
         help="fashion-mnist, an IDX/image/TFRecord folder or .npz; local or s3://",
     )
-    data.add_argument("--output", "-o", required=True, help="output spec (.json)")
+    data.add_argument("--output", "-o", required=True, help=_OUTPUT_HELP.format("spec (.json)"))
     data.add_argument(
         "--preprocessing",
         default="scale01",
@@ -88,11 +91,13 @@ def _register_data(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
         help="demo, a .keras/.h5/SavedModel path or s3:// URI, or a keras.applications name",
     )
     model.add_argument("--dataset", required=True, help=_DATASET_HELP)
-    model.add_argument("--output", "-o", required=True, help="output .keras file")
+    model.add_argument("--output", "-o", required=True, help=_OUTPUT_HELP.format(".keras file"))
     model.add_argument("--weights", help="weights file for a keras.applications name")
     model.add_argument(
         "--pretrain-epochs", type=int, default=5, help="demo model only (default: %(default)s)"
     )
+    add_overwrite(model)
+    add_custom_objects(model)
     model.set_defaults(func=run_prepare_model)
 
 
@@ -104,7 +109,7 @@ def _register_training(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     )
     finetune.add_argument("model", metavar="MODEL", help="quantized, calibrated .keras file")
     finetune.add_argument("--dataset", required=True, help=_DATASET_HELP)
-    finetune.add_argument("--output", "-o", required=True, help="output .keras file")
+    finetune.add_argument("--output", "-o", required=True, help=_OUTPUT_HELP.format(".keras file"))
     finetune.add_argument("--epochs", type=int, default=2, help="(default: %(default)s)")
     finetune.add_argument(
         "--learning-rate", type=float, default=1e-3, help="peak learning rate (default: 0.001)"
@@ -117,7 +122,14 @@ def _register_training(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     )
     finetune.add_argument(
         "--checkpoint-dir",
-        help="checkpoint after every epoch and resume from here after an interruption",
+        help="checkpoint after every epoch and resume from here after an interruption (only "
+        "a checkpoint of the same model, data and settings is resumed)",
+    )
+    finetune.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="discard the checkpoint in --checkpoint-dir and start over",
     )
     finetune.add_argument(
         "--early-stopping-patience",
@@ -125,6 +137,8 @@ def _register_training(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         help="stop after this many epochs without a better validation accuracy",
     )
     finetune.add_argument("--steps-per-epoch", type=int, help="cap on steps per epoch")
+    add_overwrite(finetune)
+    add_custom_objects(finetune)
     finetune.set_defaults(func=run_finetune)
 
 
@@ -135,7 +149,7 @@ def _register_engines(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         "build an inference engine from ONNX: ONNX Runtime on CPU or TensorRT on a GPU",
     )
     engine.add_argument("onnx", metavar="MODEL.onnx")
-    engine.add_argument("--output", "-o", required=True, help="output engine file")
+    engine.add_argument("--output", "-o", required=True, help=_OUTPUT_HELP.format("engine file"))
     engine.add_argument(
         "--runtime",
         choices=("onnxruntime", "tensorrt"),
@@ -162,6 +176,7 @@ def _register_engines(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         help="ONNX Runtime integer weight encoding: auto picks u8s8 where this CPU's kernels "
         "compute it exactly (VNNI/AMX), else u8u8 (default: %(default)s)",
     )
+    add_overwrite(engine)
     engine.set_defaults(func=run_build_engine)
 
     evaluate = _parser(
@@ -171,7 +186,9 @@ def _register_engines(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     )
     evaluate.add_argument("engine", metavar="ENGINE")
     evaluate.add_argument("--dataset", required=True, help=_DATASET_HELP)
-    evaluate.add_argument("--output", "-o", required=True, help="output result (.json)")
+    evaluate.add_argument(
+        "--output", "-o", required=True, help=_OUTPUT_HELP.format("result (.json)")
+    )
     evaluate.add_argument("--reference", help="the FP32 result (.json), for top-1 agreement")
     evaluate.add_argument(
         "--latency-iterations", type=int, default=200, help="timed batch-1 runs (default: 200)"
@@ -200,6 +217,13 @@ def _register_engines(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     compare.add_argument("--title", default="qatflow: FP32 vs PTQ INT8 vs QAT INT8")
     compare.add_argument("--placement", help="placement summary (.md) to add to the report")
     compare.set_defaults(func=run_compare)
+
+
+def add_overwrite(parser: argparse.ArgumentParser) -> None:
+    """Add ``--overwrite`` (allow the output to replace the input)."""
+    parser.add_argument(
+        "--overwrite", action="store_true", help="allow --output to be the input file"
+    )
 
 
 def run_prepare_data(args: argparse.Namespace) -> int:
@@ -231,6 +255,7 @@ def run_prepare_model(args: argparse.Namespace) -> int:
         args.output,
         weights=args.weights,
         pretrain_epochs=args.pretrain_epochs,
+        overwrite=args.overwrite,
     )
     print(f"wrote {path}")
     return 0
@@ -248,8 +273,10 @@ def run_finetune(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate,
         optimizer=args.optimizer,
         checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
         early_stopping_patience=args.early_stopping_patience,
         steps_per_epoch=args.steps_per_epoch,
+        overwrite=args.overwrite,
     )
     print(f"wrote {path} (history: {steps.side_file(path, '.history.json')})")
     return 0
@@ -266,6 +293,7 @@ def run_build_engine(args: argparse.Namespace) -> int:
         batch_profile=tuple(args.batch_profile),
         dataset_spec=args.dataset,
         encoding=args.encoding,
+        overwrite=args.overwrite,
     )
     print(f"wrote {path}")
     return 0
@@ -287,7 +315,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         threads=args.threads,
         max_batches=args.max_batches,
     )
-    result = EvaluationResult.load(path)
+    result = EvaluationResult.load(steps.local_input(path, "result"))
     agreement = "" if result.agreement is None else f", agreement {100 * result.agreement:.2f} %"
     print(
         f"top-1 {100 * result.top1:.2f} % on {result.num_samples} images{agreement}; "

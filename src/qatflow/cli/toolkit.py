@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qatflow.cli.options import add_custom_objects
+from qatflow.cli.steps import add_overwrite
+
 _QUANTIZE_EPILOG = """\
 MODEL is a .keras/.h5 file, a SavedModel folder, an s3:// URI, or a keras.applications name
-(resnet50, mobilenet_v2, ...; built with random weights unless --weights is given).
+(resnet50, mobilenet_v2, ...; built with random weights unless --weights names a weights file).
+--output may be an s3:// URI: the files are written locally, then uploaded.
 
 --calibration-data takes a dataset spec written by the pipeline (.json), an array of
 preprocessed images (.npy), or a dataset URI (fashion-mnist, an image folder, TFRecords, .npz;
@@ -34,7 +38,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     quantize.add_argument("model", metavar="MODEL", help="model file, URI or application name")
-    quantize.add_argument("--output", "-o", required=True, help="output .keras file")
+    quantize.add_argument("--output", "-o", required=True, help="output .keras file or s3:// URI")
+    quantize.add_argument(
+        "--weights", help="weights file (.weights.h5, local or s3://) for an application name"
+    )
     quantize.add_argument(
         "--mode",
         choices=("full", "partial"),
@@ -57,7 +64,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="how activation ranges are chosen from the data (default: %(default)s)",
     )
     quantize.add_argument(
-        "--calibration-batches", type=int, default=16, help="batches to calibrate on (default: 16)"
+        "--calibration-batches",
+        type=int,
+        default=16,
+        help="batches to calibrate on, >= 1 (default: 16)",
     )
     quantize.add_argument(
         "--percentile", type=float, default=99.99, help="for --calibration-method percentile"
@@ -72,6 +82,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     quantize.add_argument(
         "--strict", action="store_true", help="fail on layer classes qatflow does not know"
     )
+    add_overwrite(quantize)
+    add_custom_objects(quantize)
     quantize.set_defaults(func=run_quantize)
 
     export = subparsers.add_parser(
@@ -82,8 +94,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "rules before anything is written.",
     )
     export.add_argument("model", metavar="MODEL", help=".keras file (or any MODEL as for quantize)")
-    export.add_argument("--output", "-o", required=True, help="output .onnx file")
+    export.add_argument("--output", "-o", required=True, help="output .onnx file or s3:// URI")
     export.add_argument("--opset", type=int, default=17, help="ONNX opset, 13+ (default: 17)")
+    add_overwrite(export)
+    add_custom_objects(export)
     export.set_defaults(func=run_export)
 
     validate = subparsers.add_parser(
@@ -91,7 +105,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="check an ONNX graph against TensorRT's Q/DQ import rules",
         description="Check zero-points (int8, 0), scales (positive, finite), per-channel axes, "
         "Q/DQ on both inputs of every INT8 Conv/MatMul/Gemm, and no Q/DQ on outputs. Exits 1 "
-        "when the graph breaks a rule.",
+        "when the graph breaks a rule. The ONNX checker runs first (full check with shape "
+        "inference): a node input that nothing produces is an error.",
     )
     validate.add_argument("onnx", metavar="MODEL.onnx")
     validate.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -114,6 +129,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         percentile=args.percentile,
         activation_range=args.activation_range,
         strict=args.strict,
+        weights=args.weights,
+        overwrite=args.overwrite,
     )
     print(outputs.summary.to_text())
     print(f"\nwrote {outputs.model}")
@@ -128,8 +145,8 @@ def run_export(args: argparse.Namespace) -> int:
     from qatflow import steps
     from qatflow.onnx.validate import validate_onnx
 
-    path = steps.export(args.model, args.output, opset=args.opset)
-    print(validate_onnx(path))
+    path = steps.export(args.model, args.output, opset=args.opset, overwrite=args.overwrite)
+    print(validate_onnx(steps.local_input(path, "ONNX model")))
     print(f"wrote {path}")
     return 0
 

@@ -19,7 +19,7 @@ from qatflow.data.preprocessing import (
 )
 from qatflow.data.sources import Examples, is_builtin, open_source
 from qatflow.data.splits import plan_splits
-from qatflow.errors import DataError
+from qatflow.errors import DataError, flagged
 
 log = logging.getLogger("qatflow.data")
 
@@ -149,17 +149,17 @@ def _check_args(
 ) -> None:
     problems = []
     if batch_size < 1:
-        problems.append(f"batch_size must be >= 1, got {batch_size}")
+        problems.append(f"{flagged('batch_size')} must be >= 1, got {batch_size}")
     if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
-        problems.append(f"image_size must be (height, width) > 0, got {image_size}")
+        problems.append(f"{flagged('image_size')} must be (height, width) > 0, got {image_size}")
     if channels not in (None, 1, 3):
-        problems.append(f"channels must be 1 or 3, got {channels}")
+        problems.append(f"{flagged('channels')} must be 1 or 3, got {channels}")
     for name, value in (("validation_split", validation_split), ("test_split", test_split)):
         if not 0.0 <= value < 1.0:
             problems.append(f"{name} must be in [0, 1), got {value}")
     if calibration_size < 0:
-        problems.append(f"calibration_size must be >= 0, got {calibration_size}")
+        problems.append(f"{flagged('calibration_size')} must be >= 0, got {calibration_size}")
     if limit is not None and limit < 1:
-        problems.append(f"limit must be >= 1, got {limit}")
+        problems.append(f"{flagged('limit')} must be >= 1, got {limit}")
     if problems:
         raise DataError("; ".join(problems))

@@ -48,6 +48,7 @@ def evaluate(
     ``throughput_batch`` images after ``ceil(warmup / 10)`` untimed ones. ``model_file`` names
     the file whose size is reported for an in-memory Keras model.
     """
+    started_at = _utc_now()
     if throughput_iterations is None:
         throughput_iterations = max(1, latency_iterations // 10)
     _check_parameters(latency_iterations, warmup, throughput_batch, threads, max_batches)
@@ -95,7 +96,8 @@ def evaluate(
         throughput=throughput,
         size_bytes=predictor.size_bytes,
         agreement=match,
-        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        started_at=started_at,
+        created_at=_utc_now(),
         predictions=predictions,
         fidelity=predictor.fidelity,
         engine=predictor.engine,
@@ -290,3 +292,7 @@ def _check_parameters(
         raise PipelineError(f"threads must be at least 1, got {threads}")
     if max_batches is not None and max_batches < 1:
         raise PipelineError(f"max_batches must be at least 1, got {max_batches}")
+
+
+def _utc_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")

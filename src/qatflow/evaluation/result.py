@@ -32,6 +32,8 @@ class EvaluationResult:
     as float math (``qatflow.runtimes.fidelity.FidelityReport.to_dict()``), and ``engine`` the
     kernels it was built for: ``encoding`` (``u8s8``/``u8u8``) and CPU ``isa``, where known.
     Both are ``None`` for Keras models and engines that recorded nothing (older results too).
+    ``started_at`` and ``created_at`` (UTC, ISO 8601) bracket the evaluation; ``started_at`` is
+    ``None`` in results written before it was recorded.
     """
 
     source: str
@@ -49,6 +51,7 @@ class EvaluationResult:
     predictions: np.ndarray = field(compare=False, repr=False)
     fidelity: dict[str, Any] | None = None
     engine: dict[str, str] | None = None
+    started_at: str | None = None
 
     @property
     def top1(self) -> float:
@@ -86,6 +89,7 @@ class EvaluationResult:
             "throughput": self.throughput.to_dict(),
             "size_bytes": self.size_bytes,
             "agreement": self.agreement,
+            "started_at": self.started_at,
             "created_at": self.created_at,
             "predictions": self.predictions.tolist(),
             "fidelity": None if self.fidelity is None else json_safe(self.fidelity),
@@ -116,6 +120,7 @@ class EvaluationResult:
                 size_bytes=None if data["size_bytes"] is None else int(data["size_bytes"]),
                 agreement=None if data["agreement"] is None else float(data["agreement"]),
                 created_at=str(data["created_at"]),
+                started_at=None if data.get("started_at") is None else str(data["started_at"]),
                 predictions=frozen_array(data["predictions"]),
                 fidelity=_optional_mapping(data.get("fidelity"), "fidelity"),
                 engine=_engine_provenance(data.get("engine")),

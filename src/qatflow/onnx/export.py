@@ -14,6 +14,7 @@ from qatflow.errors import ExportError
 from qatflow.onnx.trt_layout import fold_weight_quantization, sink_qdq_through_layout_ops
 from qatflow.onnx.validate import ValidationReport, validate_onnx
 from qatflow.quantization.calibration import uncalibrated_quantizers
+from qatflow.quantization.ranges import describe_unset
 from qatflow.quantization.transform import check_quantizable
 from qatflow.storage import atomic_output
 
@@ -39,6 +40,17 @@ def _input_signature(model: keras.Model) -> list[tf.TensorSpec]:
     return specs
 
 
+def _with_output_names(model: keras.Model) -> keras.Model:
+    """``model``, or for a Sequential a Functional model over the same layers.
+
+    tf2onnx names the graph outputs after ``model.output_names``, which Keras 3 Sequential
+    models (Keras 2 ``.h5`` files included) do not have.
+    """
+    if isinstance(model, keras.Sequential):
+        return keras.Model(model.inputs, model.outputs, name=model.name)
+    return model
+
+
 def to_onnx_proto(model: keras.Model, opset: int = 17) -> onnx.ModelProto:
     """Convert ``model`` with tf2onnx and apply the Q/DQ placement rewrites (no file I/O)."""
     import tf2onnx
@@ -48,14 +60,13 @@ def to_onnx_proto(model: keras.Model, opset: int = 17) -> onnx.ModelProto:
     check_quantizable(model)
     missing = uncalibrated_quantizers(model)
     if missing:
-        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ExportError(
-            f"model {model.name!r} has {len(missing)} uncalibrated activation quantizer(s) "
-            f"({shown}); run qatflow.calibrate (or `qatflow quantize --calibration-data`) first"
+            f"{describe_unset(model, missing)}; run qatflow.calibrate (or `qatflow quantize "
+            "--calibration-data`), or fine-tune the model, first"
         )
     try:
         proto, _ = tf2onnx.convert.from_keras(
-            model,
+            _with_output_names(model),
             input_signature=_input_signature(model),
             opset=opset,
             optimizers=_optimizers(),

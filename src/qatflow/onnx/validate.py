@@ -18,10 +18,12 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 @dataclass
 class ValidationReport:
-    """What ``validate_onnx`` found. ``ok`` is false when any error was found."""
+    """What ``validate_onnx`` found. ``ok`` is false when any error was found; ``fatal`` holds
+    the errors that make the graph wrong for every runtime (also in ``errors``)."""
 
     path: str
     errors: list[str] = field(default_factory=list)
+    fatal: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     quantized_ops: list[str] = field(default_factory=list)
     float_ops: list[str] = field(default_factory=list)
@@ -43,6 +45,7 @@ class ValidationReport:
             "quantized_ops": len(self.quantized_ops),
             "float_ops": self.float_ops,
             "errors": self.errors,
+            "fatal": self.fatal,
             "warnings": self.warnings,
         }
 
@@ -66,7 +69,7 @@ def _check_qdq_node(node: onnx.NodeProto, index: GraphIndex, report: ValidationR
         report.errors.append(f"{label}: scale is not a constant")
     else:
         if not np.all(np.isfinite(scale)) or not np.all(scale > 0):
-            report.errors.append(f"{label}: scales must be positive and finite (min {scale.min()})")
+            report.fatal.append(f"{label}: scales must be positive and finite (min {scale.min()})")
     zero_point = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     if zero_point is None:
         report.errors.append(
@@ -151,27 +154,22 @@ def _check_outputs(index: GraphIndex, report: ValidationReport) -> None:
 
 
 def validate_onnx(model: str | Path | onnx.ModelProto) -> ValidationReport:
-    """Check a graph against TensorRT's Q/DQ import rules and return a report.
+    """Check a graph with ``onnx.checker`` (full check, with shape inference) and against
+    TensorRT's Q/DQ import rules, and return a report.
 
-    Checked: int8 zero-points equal to 0; positive, finite scales; per-channel axis right
+    Checked: the ONNX checker passes (every node input is produced somewhere, types and shapes
+    infer); int8 zero-points equal to 0; positive, finite scales; per-channel axis right
     for the op (Conv 0, ConvTranspose 1, MatMul weights 1); both inputs of every
     Conv/ConvTranspose/MatMul/Gemm dequantized when either is (ops with neither run in
     float and are listed); no Q/DQ feeding only a graph output; opset 13+ for per-channel.
+    The checker's findings and bad scales are ``fatal``: no runtime computes such a graph right.
     """
-    if isinstance(model, onnx.ModelProto):
-        proto, path = model, "<model>"
-    else:
-        path = str(model)
-        try:
-            proto = onnx.load(path, load_external_data=True)
-        except FileNotFoundError:
-            raise ExportError(f"ONNX file {path} does not exist") from None
-        except Exception as err:  # onnx raises DecodeError and others for a corrupt file
-            raise ExportError(f"{path} is not a valid ONNX model: {err}") from None
+    proto, path = _load(model)
     report = ValidationReport(path)
     report.opset = max(
         (o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0
     )
+    _check_structure(proto, report)
     index = GraphIndex(proto.graph)
     counts = op_counts(proto.graph.node)
     report.qdq_nodes = sum(counts.get(op, 0) for op in QDQ_OPS)
@@ -184,4 +182,38 @@ def validate_onnx(model: str | Path | onnx.ModelProto) -> ValidationReport:
         if banned in counts:
             report.errors.append(f"{banned} is not supported by TensorRT: use Q/DQ + float ops")
     _check_outputs(index, report)
+    report.errors[:0] = report.fatal
     return report
+
+
+def check_runnable(model: str | Path | onnx.ModelProto, path: str | Path | None = None) -> None:
+    """Raise an ExportError naming the file (``path`` for a loaded ``model``) and its fatal
+    problems (see ``validate_onnx``)."""
+    report = validate_onnx(model)
+    where = path or report.path
+    if report.fatal:
+        raise ExportError(
+            f"{where} cannot be run correctly by any runtime: {'; '.join(report.fatal)} "
+            f"(`qatflow validate {where}` lists every problem)"
+        )
+
+
+def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    if isinstance(model, onnx.ModelProto):
+        return model, "<model>"
+    path = str(model)
+    try:
+        return onnx.load(path, load_external_data=True), path
+    except FileNotFoundError:
+        raise ExportError(f"ONNX file {path} does not exist") from None
+    except Exception as err:  # onnx raises DecodeError and others for a corrupt file
+        raise ExportError(f"{path} is not a valid ONNX model: {err}") from None
+
+
+def _check_structure(proto: onnx.ModelProto, report: ValidationReport) -> None:
+    """``onnx.checker``'s full check (with strict shape inference) as fatal findings."""
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        report.fatal.append(f"onnx checker: {first}")

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from qatflow.errors import QuantizationError
 from qatflow.progress import progress
-from qatflow.quantization import graph, observer
+from qatflow.quantization import graph, observer, ranges
 from qatflow.quantization.histogram import AbsHistogram
 from qatflow.quantization.wrapper import QuantizeWrapper
 
@@ -50,18 +50,13 @@ def wrappers(model: keras.Model) -> list[QuantizeWrapper]:
     ]
 
 
-def quantizer_key(wrapper: QuantizeWrapper, slot: int) -> str:
-    """Human-readable name of one input quantizer: ``<layer>:<input index>``."""
-    return f"{wrapper.layer.name}:{wrapper.quantizer_labels[slot]}"
-
-
 def uncalibrated_quantizers(model: keras.Model) -> list[str]:
     """Names of input quantizers whose range was never set (still zero)."""
     return [
-        quantizer_key(w, slot)
+        w.quantizer_name(slot)
         for w in wrappers(model)
         for slot, amax in enumerate(w.input_amax)
-        if float(amax.numpy()) <= 0.0
+        if not ranges.is_set(amax)
     ]
 
 
@@ -148,9 +143,9 @@ def calibrate(
             key = (id(wrapper), slot)
             if not collector.seen(key):
                 raise QuantizationError(
-                    f"quantizer {quantizer_key(wrapper, slot)} saw no data during calibration"
+                    f"quantizer {wrapper.quantizer_name(slot)} saw no data during calibration"
                 )
             value = collector.amax(key, percentile)
             variable.assign(value)
-            result.amax[quantizer_key(wrapper, slot)] = value
+            result.amax[wrapper.quantizer_name(slot)] = value
     return result

@@ -27,3 +27,12 @@ def observing(observer: Observer) -> Iterator[None]:
         yield
     finally:
         _active.pop()
+
+
+def float_activations() -> contextlib.AbstractContextManager[None]:
+    """While active, quantizers pass activations through in float and need no range.
+
+    For probing a quantized model (output shape, logits or probabilities) whose ranges may
+    not be set yet; weights stay quantized. Eager calls only, as for ``observing``.
+    """
+    return observing(lambda wrapper, slot, tensor: None)

@@ -22,9 +22,12 @@ def check_quantizable(model: Any) -> None:
         raise ModelError(f"expected a keras.Model, got {type(model).__name__}")
     if not graph.is_graph_model(model):
         raise ModelError(
-            f"model {model.name!r} is a subclassed keras.Model ({type(model).__name__}); "
-            "qatflow rewrites models layer by layer and needs a Functional or Sequential "
-            "model. Rebuild it with keras.Input(...) and the functional API."
+            f"model {model.name!r} is a subclassed keras.Model ({type(model).__name__}) with "
+            "no layer graph; qatflow rewrites models layer by layer and needs a Functional or "
+            "Sequential model. If its call() only chains Keras layers and ops, trace it into "
+            "one over the same layers and weights: inputs = keras.Input(shape=...); "
+            "keras.Model(inputs, model.call(inputs)).save('model.keras'); otherwise rebuild "
+            "it with the functional API"
         )
     try:
         inputs = model.inputs
@@ -102,4 +105,8 @@ def quantize_model(
     quantized = keras.models.clone_model(model, clone_function=clone, recursive=True)
     for original, copy in copies:
         copy.set_weights(original.get_weights())
+        # Adapted preprocessing layers (Normalization's mean and variance) derive their state
+        # from their weights: recompute it, as Keras does after loading a file.
+        if hasattr(copy, "finalize_state"):
+            copy.finalize_state()
     return quantized

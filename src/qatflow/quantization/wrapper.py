@@ -8,7 +8,7 @@ import keras
 import tensorflow as tf
 from keras.src.backend.common.stateless_scope import StatelessScope
 
-from qatflow.quantization import observer
+from qatflow.quantization import observer, ranges
 from qatflow.quantization.quantizers import fake_quant_per_channel, fake_quant_per_tensor
 
 ACTIVATION_RANGE_MODES = ("frozen", "ema")
@@ -26,7 +26,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         reason: why the layer is quantized (shown in the placement summary).
         activation_range: how input ranges evolve in training: ``"frozen"`` keeps the
             calibrated ranges; ``"ema"`` follows an exponential moving average of each
-            batch's abs-max (initialised from the first batch when uncalibrated).
+            batch's abs-max. Either way an uncalibrated range is set from the first training
+            batch; in inference an uncalibrated range raises (see ``ranges``).
         ema_momentum: the moving-average momentum for ``"ema"``.
     """
 
@@ -58,8 +59,13 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if not self.layer.built:
             self.layer.build(input_shape)
         self.input_amax = [
+            # "mean": replicas that set a range from their own batch agree on the average.
             self.add_weight(
-                name=f"input_amax_{label}", shape=(), initializer="zeros", trainable=False
+                name=f"input_amax_{label}",
+                shape=(),
+                initializer="zeros",
+                trainable=False,
+                aggregation="mean",
             )
             for label in self.quantizer_labels
         ]
@@ -70,6 +76,10 @@ class QuantizeWrapper(keras.layers.Wrapper):
         """One label per activation quantizer: the index of the input it quantizes."""
         return [str(i) for i in self.input_indices]
 
+    def quantizer_name(self, slot: int) -> str:
+        """Human-readable name of one input quantizer: ``<layer>:<input index>``."""
+        return f"{self.layer.name}:{self.quantizer_labels[slot]}"
+
     def compute_output_shape(self, input_shape: Any) -> Any:
         return self.layer.compute_output_shape(input_shape)
 
@@ -78,18 +88,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if watcher is not None:
             watcher(self, slot, x)
             return x
-        amax = self.input_amax[slot]
-        if training and self.activation_range == "ema":
-            batch_amax = tf.reduce_max(tf.abs(tf.stop_gradient(x)))
-            current = tf.convert_to_tensor(amax.value)
-            updated = tf.where(
-                current > 0,
-                self.ema_momentum * current + (1.0 - self.ema_momentum) * batch_amax,
-                batch_amax,
-            )
-            amax.assign(updated)
-            return fake_quant_per_tensor(x, updated)
-        return fake_quant_per_tensor(x, amax.value)
+        if training:
+            return fake_quant_per_tensor(x, ranges.training_amax(self, slot, x))
+        return fake_quant_per_tensor(x, ranges.inference_amax(self, slot))
 
     def call(self, inputs: Any, training: bool | None = None, **kwargs: Any) -> Any:
         training = bool(training)

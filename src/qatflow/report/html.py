@@ -1,7 +1,8 @@
 """The Markdown subset that reports use, rendered as one self-contained HTML page.
 
 Supported: ATX headings, pipe tables (with ``:`` alignment), ``-``/``*`` lists, fenced code,
-paragraphs; inline code, ``**bold**``, ``*italic*``, links and images. Images whose source is
+paragraphs, ``>`` blockquotes (GitHub's ``> [!TIP]``/``> [!CAUTION]`` alerts become coloured
+boxes); inline code, ``**bold**``, ``*italic*``, links and images. Images whose source is
 in ``images`` are embedded as base64 PNG data URIs, so the page needs no other file.
 """
 
@@ -20,6 +21,7 @@ _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
 _LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
 _BOLD = re.compile(r"\*\*(.+?)\*\*")
 _ITALIC = re.compile(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])")
+_ALERT = re.compile(r"^\[!(NOTE|TIP|IMPORTANT|WARNING|CAUTION)\]$")
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px;
@@ -31,6 +33,9 @@ tr:nth-child(even) td { background: #fafafc; }
 code { background: #f2f2f5; padding: 0 0.2rem; border-radius: 3px; }
 pre { background: #f2f2f5; padding: 0.8rem; overflow-x: auto; }
 img { max-width: 100%; border: 1px solid #e0e0e5; }
+blockquote { margin: 1rem 0; padding: 0.5rem 1rem; border-left: 4px solid #d0d0d5; }
+blockquote.tip { border-color: #1a7f37; background: #dafbe1; }
+blockquote.caution, blockquote.warning { border-color: #cf222e; background: #ffebe9; }
 """
 
 
@@ -66,6 +71,10 @@ def markdown_to_html(markdown: str, *, images: Mapping[str, bytes]) -> str:
             end = _find(lines, i + 2, lambda text: not text.strip().startswith("|"))
             out.append(_table(lines[i], lines[i + 1], lines[i + 2 : end], images))
             i = end
+        elif line.startswith(">"):
+            end = _find(lines, i, lambda text: not text.strip().startswith(">"))
+            out.append(_blockquote([t.strip()[1:].strip() for t in lines[i:end]], images))
+            i = end
         elif _LIST_ITEM.match(line):
             end = _find(lines, i, lambda text: not _LIST_ITEM.match(text.strip()))
             items = (_inline(t.strip()[1:].strip(), images) for t in lines[i:end])
@@ -84,9 +93,18 @@ def _starts_block(text: str, lines: list[str]) -> bool:
     stripped = text.strip()
     return (
         not stripped
-        or stripped.startswith(("```", "|"))
+        or stripped.startswith(("```", "|", ">"))
         or bool(_HEADING.match(stripped) or _LIST_ITEM.match(stripped))
     )
+
+
+def _blockquote(lines: list[str], images: Mapping[str, bytes]) -> str:
+    """A blockquote; a GitHub alert marker on its first line sets its class instead."""
+    alert = _ALERT.match(lines[0]) if lines else None
+    if alert:
+        lines = lines[1:]
+    css = f' class="{alert.group(1).lower()}"' if alert else ""
+    return f"<blockquote{css}>{markdown_to_html(chr(10).join(lines), images=images)}</blockquote>"
 
 
 def _find(lines: list[str], start: int, stop: Callable[[str], bool]) -> int:

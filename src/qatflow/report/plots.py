@@ -8,10 +8,12 @@ from collections.abc import Mapping
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from qatflow import gate
 from qatflow.comparison import Comparison
 from qatflow.evaluation import EvaluationResult
 
 MAX_CLASS_BARS = 40
+_SHORT_LABEL = 3  # tick labels up to this length stay horizontal
 _DPI = 120
 _LOG_SPREAD = 20.0
 
@@ -23,7 +25,13 @@ def variant_colors(variants: list[str]) -> dict[str, str]:
 
 
 def accuracy_vs_latency(comparison: Comparison) -> bytes:
-    """Scatter of top-1 accuracy against batch-1 p50 latency, one point per variant."""
+    """``accuracy_vs_latency_figure`` as PNG bytes."""
+    return _png(accuracy_vs_latency_figure(comparison))
+
+
+def accuracy_vs_latency_figure(comparison: Comparison) -> Figure:
+    """Scatter of top-1 accuracy against batch-1 p50 latency, one point per variant, over the
+    accuracy gate's band: the variants inside it pass."""
     colors = variant_colors(comparison.variants)
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
@@ -47,13 +55,20 @@ def accuracy_vs_latency(comparison: Comparison) -> bytes:
             xytext=(8, 8 if index % 2 == 0 else -14),
             fontsize=9,
         )
-    base = comparison.row(comparison.baseline)
+    base_pct = gate.points(comparison.row(comparison.baseline).top1)
     ax.axhline(
-        100 * base.top1,
+        base_pct,
         color="grey",
         linestyle="--",
         linewidth=0.8,
         label=f"{comparison.baseline} top-1",
+    )
+    ax.axhspan(
+        max(base_pct - comparison.gate_points, 0.0),
+        base_pct,
+        color="tab:green",
+        alpha=0.12,
+        label=f"accuracy gate: within {comparison.gate_points:g} {gate.UNIT}",
     )
     latencies = [row.latency_p99_ms for row in comparison.rows]
     latencies += [row.latency_p50_ms for row in comparison.rows]
@@ -65,16 +80,25 @@ def accuracy_vs_latency(comparison: Comparison) -> bytes:
     ax.set_title("Accuracy vs latency (up and left is better)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    return _png(fig)
+    return fig
 
 
 def per_class_change(
     comparison: Comparison, results: Mapping[str, EvaluationResult]
 ) -> bytes | None:
+    """``per_class_change_figure`` as PNG bytes, or ``None``."""
+    fig = per_class_change_figure(comparison, results)
+    return None if fig is None else _png(fig)
+
+
+def per_class_change_figure(
+    comparison: Comparison, results: Mapping[str, EvaluationResult]
+) -> Figure | None:
     """Bars of per-class top-1 change vs the baseline, one panel per other variant.
 
-    With more than ``MAX_CLASS_BARS`` classes only the largest changes are shown, worst
-    first. Returns
+    Bars are labelled with the dataset's class names (horizontal when short); an unchanged
+    class is marked with a dot on the zero line, so it does not look missing. With more than
+    ``MAX_CLASS_BARS`` classes only the largest changes are shown, worst first. Returns
     ``None`` when there is no variant besides the baseline.
     """
     others = [name for name in comparison.variants if name != comparison.baseline]
@@ -108,12 +132,17 @@ def per_class_change(
         colors = ["tab:red" if v < 0 else "tab:green" for v in values]
         ax.bar(range(len(values)), values, color=colors)
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(values)), labels, rotation=45, ha="right", fontsize=8)
-        ax.set_ylabel("change (points)")
+        unchanged = [index for index, value in enumerate(values) if value == 0]
+        ax.plot(unchanged, [0.0] * len(unchanged), "o", color="grey", markersize=4)
+        short = all(len(label) <= _SHORT_LABEL for label in labels)
+        rotation, align = (0, "center") if short else (45, "right")
+        ax.set_xticks(range(len(values)), labels, rotation=rotation, ha=align, fontsize=8)
+        ax.set_xlabel("class")
+        ax.set_ylabel(f"change ({gate.UNIT})")
         ax.set_title(title, fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle("Per-class top-1 accuracy change")
-    return _png(fig)
+    return fig
 
 
 def latency_distribution(comparison: Comparison, results: Mapping[str, EvaluationResult]) -> bytes:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from qatflow import gate
 from qatflow.comparison import (
     FIDELITY_EXPLANATION,
     NONE_MARK,
@@ -20,6 +21,7 @@ from qatflow.errors import DataError, PipelineError
 from qatflow.evaluation import EvaluationResult
 from qatflow.report import plots
 from qatflow.report.html import render_page
+from qatflow.report.provenance import RunInfo, display_uri, provenance
 from qatflow.storage import atomic_output
 
 PLOT_DIR = "plots"
@@ -40,14 +42,17 @@ def write_report(
     output_dir: str | os.PathLike[str],
     *,
     title: str,
+    run_info: RunInfo | None = None,
     extra_sections: Mapping[str, str] | None = None,
 ) -> ReportFiles:
     """Write ``report.md``, ``report.html`` and ``plots/*.png`` into ``output_dir``.
 
-    ``results`` must hold every variant of ``comparison`` (the plots need per-class accuracy
-    and the raw latency samples). ``extra_sections`` maps a heading to Markdown, e.g. a
-    placement summary table. Everything is rendered before anything is written, and each
-    file is written atomically.
+    The report opens with the accuracy gate's verdict on every variant but the baseline and a
+    provenance table (``run_info``: dataset, model, run; versions and hardware from
+    ``results``); it names files, never local paths. ``results`` must hold every variant of
+    ``comparison`` (the plots need per-class accuracy and the raw latency samples).
+    ``extra_sections`` maps a heading to Markdown, e.g. a placement summary table. Everything
+    is rendered before anything is written, and each file is written atomically.
     """
     if not title.strip():
         raise PipelineError("title must not be empty")
@@ -58,7 +63,9 @@ def write_report(
             f"of every compared variant"
         )
     images = _render_plots(comparison, results)
-    markdown = _markdown(comparison, results, title, images, extra_sections or {})
+    markdown = _markdown(
+        comparison, results, title, images, run_info or RunInfo(), extra_sections or {}
+    )
     page = render_page(
         markdown, title=title, images={_plot_ref(name): png for name, png in images.items()}
     )
@@ -99,6 +106,7 @@ def _markdown(
     results: Mapping[str, EvaluationResult],
     title: str,
     images: Mapping[str, bytes],
+    run_info: RunInfo,
     extra_sections: Mapping[str, str],
 ) -> str:
     base = comparison.baseline
@@ -107,10 +115,19 @@ def _markdown(
     generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         f"# {title}",
+        *_banners(comparison),
         f"Generated {generated} by qatflow. Baseline: `{base}`; "
         f"{reference.num_samples} test images, {len(reference.class_names)} classes.",
+        "## Provenance",
+        markdown_table(
+            ("What", "Value"),
+            provenance(run_info, comparison.variants, results),
+            numeric=False,
+        ),
         "## Comparison",
         comparison.to_markdown(),
+        f"*Gate*: the accuracy gate, at most {comparison.gate_points:g} {gate.UNIT} below "
+        f"`{base}` (`--accuracy-gate`); pass or REFUSED. "
         f"Top-1/Top-5 in %. *Delta top-1* is the change vs `{base}` in percentage points. "
         f"*Agree* is the share of test images whose top-1 class equals `{base}`'s. "
         f"*Speedup* is `{base}` p50 / variant p50 at batch 1. *Img/s* is throughput at "
@@ -131,10 +148,22 @@ def _markdown(
     return "\n\n".join(part.strip("\n") for part in parts) + "\n"
 
 
+def _banners(comparison: Comparison) -> list[str]:
+    """One GitHub alert per judged variant: a green TIP when it passes, a red CAUTION if not."""
+    banners = []
+    for name, verdict in comparison.verdicts().items():
+        if verdict.passed:
+            head = f"> [!TIP]\n> **{name}: passed the accuracy gate.**"
+        else:
+            head = f"> [!CAUTION]\n> **{name}: REFUSED by the accuracy gate.**"
+        banners.append(f"{head} {verdict.reason}.")
+    return banners
+
+
 def _details(comparison: Comparison, results: Mapping[str, EvaluationResult]) -> str:
     headers = (
         "Variant",
-        "Model",
+        "File",
         "Runtime",
         "Device",
         "Threads",
@@ -149,7 +178,7 @@ def _details(comparison: Comparison, results: Mapping[str, EvaluationResult]) ->
         rows.append(
             [
                 name,
-                f"`{result.source}`",
+                f"`{display_uri(result.source)}`",
                 f"{result.runtime} {result.runtime_version}",
                 result.device,
                 "n/a" if result.threads is None else str(result.threads),

@@ -7,7 +7,6 @@ other way round, and the dispatch functions import a backend only when it is nee
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -20,6 +19,7 @@ import numpy as np
 import onnx
 
 from qatflow.errors import RuntimeBackendError
+from qatflow.storage import file_sha256 as file_sha256  # re-exported for the backends
 
 RuntimeName = Literal["onnxruntime", "tensorrt"]
 RUNTIMES: tuple[str, ...] = get_args(RuntimeName)
@@ -161,15 +161,6 @@ def onnx_io(model: onnx.ModelProto, source: Path) -> tuple[str, tuple[int | str 
 def has_qdq(model: onnx.ModelProto) -> bool:
     """True if the graph holds QuantizeLinear nodes (explicit quantization)."""
     return any(node.op_type == "QuantizeLinear" for node in model.graph.node)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- shapes and profiles
@@ -340,13 +331,15 @@ def build_engine(
     ``fidelity_data`` (an array of inputs or an iterable of batches, at most
     ``fidelity_samples`` samples; None: synthetic inputs over the input's quantization range)
     before it is written; an engine that fails the check is an error (see
-    :mod:`qatflow.runtimes.fidelity`).
+    :mod:`qatflow.runtimes.fidelity`). A source graph with fatal problems (``validate_onnx``:
+    the ONNX checker fails, or a Q/DQ scale is not positive and finite) is refused first.
 
     ``onnxruntime`` options: ``threads``, ``encoding``, ``execution_mode``,
     ``optimization_level``, ``int8_rewrite``. ``tensorrt`` options: ``fp16``,
     ``workspace_bytes``, ``builder_optimization_level``, ``timing_cache``, ``layer_info``.
     See docs/runtimes.md.
     """
+    from qatflow.onnx.validate import check_runnable
     from qatflow.runtimes.fidelity import FidelityCheck
 
     if runtime not in RUNTIMES:
@@ -354,6 +347,7 @@ def build_engine(
     source, output = Path(onnx_path), Path(output_path)
     if not source.is_file():
         raise RuntimeBackendError(f"ONNX file {source} does not exist")
+    check_runnable(source)
     profile = validate_batch_profile(batch_profile)
     if isinstance(fidelity_samples, bool) or not isinstance(fidelity_samples, int):
         raise RuntimeBackendError(f"fidelity_samples must be an integer, got {fidelity_samples!r}")
@@ -374,8 +368,10 @@ def build_engine(
 def load_engine(path: str | os.PathLike[str], *, threads: int | None = None) -> Engine:
     """Load an engine file built by ``build_engine`` (or a plain ONNX model, run by ORT).
 
-    A file with a ``<engine>.json`` sidecar is a TensorRT engine; anything else must be an
-    ONNX model. Mismatched runtimes or versions raise ``RuntimeBackendError``.
+    An ONNX model is run by ONNX Runtime (an ORT engine carries its metadata inside, so a
+    ``<engine>.json`` beside it is no sidecar of it and is ignored); any other file with a
+    ``<engine>.json`` sidecar is a TensorRT engine. Mismatched runtimes or versions raise
+    ``RuntimeBackendError``.
     """
     engine_path = Path(path)
     if not engine_path.is_file():
@@ -383,7 +379,7 @@ def load_engine(path: str | os.PathLike[str], *, threads: int | None = None) -> 
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise RuntimeBackendError(f"threads must be a positive integer, got {threads!r}")
     sidecar = sidecar_path(engine_path)
-    if sidecar.is_file():
+    if sidecar.is_file() and not is_onnx_model(engine_path):
         metadata = read_sidecar(sidecar)
         if metadata.runtime != "tensorrt":
             raise RuntimeBackendError(
@@ -396,6 +392,15 @@ def load_engine(path: str | os.PathLike[str], *, threads: int | None = None) -> 
     from qatflow.runtimes.onnxruntime_backend import load_ort_engine
 
     return load_ort_engine(engine_path, threads=threads)
+
+
+def is_onnx_model(path: Path) -> bool:
+    """Whether ``path`` holds an ONNX graph (then it is no TensorRT plan, whatever lies beside)."""
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # onnx raises DecodeError and others for what is not ONNX
+        return False
+    return bool(model.graph.node)
 
 
 def read_sidecar(sidecar: Path) -> EngineMetadata:

@@ -223,13 +223,14 @@ def write_ort_metadata(model: onnx.ModelProto, metadata: EngineMetadata) -> None
 
 
 def read_ort_metadata(model: onnx.ModelProto, path: Path) -> EngineMetadata | None:
-    """qatflow metadata of an ORT engine, or None for a plain ONNX model."""
+    """qatflow metadata of an ORT engine, or None for a plain ONNX model (an exported one's
+    ``qatflow.source_model`` and ``qatflow.quantized`` props are no engine metadata)."""
     raw = {
         p.key[len(_METADATA_PREFIX) :]: p.value
         for p in model.metadata_props
         if p.key.startswith(_METADATA_PREFIX)
     }
-    if not raw:
+    if "format" not in raw:
         return None
     data: dict[str, Any] = {}
     for key, text in raw.items():

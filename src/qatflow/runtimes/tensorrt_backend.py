@@ -6,7 +6,10 @@ version), so it is unit-tested without TensorRT:
 * TensorRT 10 is weakly typed: ``BuilderFlag.INT8`` when the graph has Q/DQ (explicit
   quantization; no calibrator), ``BuilderFlag.FP16`` on request for the float layers.
 * TensorRT 11 is strongly typed only: no precision flags; FP16 float layers come from
-  converting the ONNX to mixed precision (Q/DQ kept in FP32) before parsing.
+  converting the ONNX to mixed precision (:mod:`qatflow.runtimes.tensorrt_fp16`) before parsing.
+
+Everything runs in the process's one CUDA context (:mod:`qatflow.runtimes.cuda_context`), and
+the build log lists the layers that run in INT8, read from the engine inspector.
 
 Before anything is written, the built plan is deserialized and run on the fidelity data
 (:mod:`qatflow.runtimes.fidelity`) and its outputs are compared with the source ONNX run as
@@ -30,6 +33,7 @@ import numpy as np
 import onnx
 
 from qatflow.errors import RuntimeBackendError
+from qatflow.runtimes import tensorrt_timing_cache
 from qatflow.runtimes.base import (
     BatchProfile,
     Engine,
@@ -43,6 +47,7 @@ from qatflow.runtimes.base import (
     sidecar_path,
     version_tuple,
 )
+from qatflow.runtimes.cuda_context import CudaContext, cuda_context
 from qatflow.runtimes.fidelity import (
     FidelityCheck,
     FidelityReport,
@@ -50,6 +55,8 @@ from qatflow.runtimes.fidelity import (
     compare_outputs,
     reference_outputs,
 )
+from qatflow.runtimes.tensorrt_fp16 import convert_to_mixed_fp16
+from qatflow.runtimes.tensorrt_layers import precision_summary
 from qatflow.storage import atomic_output
 
 if TYPE_CHECKING:
@@ -58,9 +65,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("qatflow.runtimes.tensorrt")
 
 SUPPORTED_MAJORS = (10, 11)
-# Kept in FP32 by the TensorRT 11 mixed-precision conversion: opset-17 Q/DQ take FP32 scales.
-FP16_KEEP_FLOAT32_OPS = ("QuantizeLinear", "DequantizeLinear")
-BUILD_LOG_FORMAT = "qatflow-trt-build-log/1"
+BUILD_LOG_FORMAT = "qatflow-trt-build-log/2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,17 +139,10 @@ def plan_build(trt_version: str, has_qdq: bool, fp16: bool) -> BuildPlan:
     notes.append("TensorRT 11: strongly typed network; precision comes from the graph")
     notes.append("Q/DQ layers run in INT8" if has_qdq else "no Q/DQ: no INT8 layers")
     if fp16:
-        notes.append("FP16: ONNX converted to mixed precision, Q/DQ and graph I/O kept FP32")
+        notes.append(
+            "FP16: ONNX converted to mixed precision (opset 19, FP16 Q/DQ scales), I/O FP32"
+        )
     return BuildPlan(trt_version, major, True, (), fp16, tuple(notes), precision)
-
-
-def network_flags(trt: ModuleType, plan: BuildPlan) -> int:
-    """``create_network`` flags: STRONGLY_TYPED for strongly typed plans (if still defined)."""
-    if not plan.strongly_typed:
-        return 0
-    # TensorRT 11 deprecates STRONGLY_TYPED (always on, ignored); a later release may drop it.
-    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    return 0 if flag is None else 1 << int(flag)
 
 
 def resolve_timing_cache(option: str | os.PathLike[str] | None, output: Path) -> Path | None:
@@ -154,42 +152,6 @@ def resolve_timing_cache(option: str | os.PathLike[str] | None, output: Path) ->
     if option == "auto":
         return output.parent / "tensorrt.timing-cache"
     return Path(option)
-
-
-def convert_to_mixed_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """FP16 float layers for strongly typed TensorRT; I/O and Q/DQ nodes stay FP32."""
-    try:
-        from onnxconverter_common import float16
-    except ImportError as exc:
-        raise RuntimeBackendError(
-            "fp16=True with TensorRT 11 needs onnxconverter-common "
-            "(pip install 'qatflow[tensorrt]')"
-        ) from exc
-    blocked = [*float16.DEFAULT_OP_BLOCK_LIST, *FP16_KEEP_FLOAT32_OPS]
-    converted: onnx.ModelProto = float16.convert_float_to_float16(
-        with_unique_node_names(model), keep_io_types=True, op_block_list=blocked
-    )
-    return converted
-
-
-def with_unique_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Copy of ``model`` whose nodes all have distinct names.
-
-    The float16 converter names its Cast tensors after the node, so unnamed or duplicate
-    node names would produce a graph that is not in SSA form.
-    """
-    named = onnx.ModelProto()
-    named.CopyFrom(model)
-    seen: set[str] = set()
-    for index, node in enumerate(named.graph.node):
-        if not node.name or node.name in seen:
-            base = node.name or f"{node.op_type}_{index}"
-            node.name, suffix = base, 0
-            while node.name in seen:
-                suffix += 1
-                node.name = f"{base}_{suffix}"
-        seen.add(node.name)
-    return named
 
 
 def import_tensorrt() -> ModuleType:
@@ -208,21 +170,6 @@ def import_tensorrt() -> ModuleType:
             "build and run TensorRT engines on a GPU node with pip install 'qatflow[tensorrt]'"
         )
     return trt
-
-
-def gpu_info() -> dict[str, Any]:
-    """Name and compute capability of CUDA device 0 via pycuda ({} if that is not possible)."""
-    try:
-        import pycuda.driver as cuda
-    except ImportError:
-        return {}
-    try:
-        cuda.init()
-        device = cuda.Device(0)
-        return {"name": str(device.name()), "compute_capability": list(device.compute_capability())}
-    except Exception as exc:  # informational: a CUDA driver error must not hide the real one
-        logger.warning("cannot query the GPU through pycuda: %s", exc)
-        return {}
 
 
 def format_parser_error(error: Any) -> str:
@@ -285,40 +232,59 @@ def build_tensorrt_engine(
     ``check``; its outputs are compared with ``source`` itself run as float math (not with the
     FP16-converted ONNX of a TensorRT 11 FP16 build). The report goes into the sidecar and the
     build log. An engine that fails the check raises RuntimeBackendError and nothing (plan,
-    sidecar, build log, timing cache) is written.
+    sidecar, build log, timing cache) is written. The whole build runs in the process's CUDA
+    context, current on the calling thread for its duration.
     """
-    # Imported here: tensorrt_inference imports this module.
-    from qatflow.runtimes.tensorrt_inference import (
-        TensorRTEngine,
-        deserialize_plan,
-        import_pycuda,
-    )
-
     trt = import_tensorrt()
-    # Checked before the (long) build: the fidelity check runs the plan through pycuda.
-    cuda = import_pycuda(source, "checking a TensorRT engine against its reference")
+    # Checked before the (long) build: the fidelity check runs the plan on the GPU.
+    cuda = cuda_context(source, "building and checking a TensorRT engine")
+    with cuda.active(f"{source}: building a TensorRT engine"):
+        return _build(trt, cuda, source, output, batch_profile, options, check)
+
+
+def _build(
+    trt: ModuleType,
+    cuda: CudaContext,
+    source: Path,
+    output: Path,
+    batch_profile: BatchProfile,
+    options: TensorRTBuildOptions,
+    check: FidelityCheck,
+) -> Path:
+    # Imported here: tensorrt_inference imports this module.
+    from qatflow.runtimes.tensorrt_inference import TensorRTEngine, deserialize_plan
+
     started = time.perf_counter()
     clock = _Stopwatch()
     source_model = onnx.load(source)
     input_name, dims, output_name = onnx_io(source_model, source)
     shapes = profile_shapes(input_name, dims, batch_profile, source)
     plan = plan_build(str(trt.__version__), has_qdq(source_model), options.fp16)
-    logger.info("TensorRT build plan for %s: %s", source, "; ".join(plan.notes))
     with clock.phase("reference"):
         inputs, expected, data_label = _reference(source_model, source, input_name, dims, check)
-    model = source_model
+    model, notes = source_model, list(plan.notes)
     if plan.fp16_onnx_conversion:
         with clock.phase("fp16_conversion"):
-            model = convert_to_mixed_fp16(source_model)
+            conversion = convert_to_mixed_fp16(source_model)
+        model = conversion.model
+        if conversion.fp32_qdq_nodes:
+            notes.append(
+                "Q/DQ kept FP32 (scale below the FP16 range): "
+                + ", ".join(conversion.fp32_qdq_nodes)
+            )
+    plan = dataclasses.replace(plan, notes=tuple(notes))
+    logger.info("TensorRT build plan for %s: %s", source, "; ".join(plan.notes))
     messages: list[str] = []
     trt_logger = _make_logger(trt, messages)
     builder: trt_t.Builder = trt.Builder(trt_logger)
-    network: trt_t.INetworkDefinition = builder.create_network(network_flags(trt, plan))
+    # Flags 0 in both majors: TensorRT 10 builds weakly typed; TensorRT 11 networks are always
+    # strongly typed and its STRONGLY_TYPED flag (0 there, 1 in 10) is deprecated and ignored.
+    network: trt_t.INetworkDefinition = builder.create_network(0)
     with clock.phase("parse"):
         _parse(trt, network, trt_logger, model, source)
     config = _configure(trt, builder, plan, options, input_name, shapes)
     cache_path = resolve_timing_cache(options.timing_cache, output)
-    cache_loaded = _attach_timing_cache(config, cache_path)
+    cache_loaded = tensorrt_timing_cache.attach(config, cache_path)
     with clock.phase("build"):
         serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -328,7 +294,8 @@ def build_tensorrt_engine(
     engine = deserialize_plan(trt, trt_logger, plan_bytes, source)
     with clock.phase("inspect"):
         layers, layer_error = _layer_info(trt, engine, options.layer_info)
-    gpu = gpu_info()
+    precision = precision_summary(layers)
+    _log_precision(source, plan, precision)
     metadata = EngineMetadata(
         runtime="tensorrt",
         runtime_version=str(trt.__version__),
@@ -339,19 +306,14 @@ def build_tensorrt_engine(
         output_name=output_name,
         batch_profile=batch_profile,
         build_options=_options_dict(options, cache_path),
-        device=gpu,
+        device=cuda.device,
     )
-    with clock.phase("fidelity"):
-        runner = TensorRTEngine(
-            output,
-            metadata,
-            trt=trt,
-            cuda=cuda,
-            engine=engine,
-            device_name=str(gpu.get("name", "cuda:0")),
-        )
+    with (
+        clock.phase("fidelity"),
+        TensorRTEngine(output, metadata, trt=trt, cuda=cuda, engine=engine) as runner,
+    ):
+        del engine  # the runner owns it now and frees it on close
         report = _check_fidelity(runner, source, inputs, expected, data_label)
-        del runner, engine  # release the check's device buffers and execution context
     if not report.passed:
         raise fidelity_error(source, plan, report)
     logger.info("%s: TensorRT %s", source, report.summary())
@@ -370,15 +332,15 @@ def build_tensorrt_engine(
             "opt": list(shapes[1]),
             "max": list(shapes[2]),
         },
-        "gpu": gpu,
+        "gpu": cuda.device,
         "timing_cache": {
             "path": None if cache_path is None else str(cache_path),
             "loaded": cache_loaded,
-            "saved": cache_path is not None,
         },
         "fidelity": metadata.fidelity,
         "timings_s": clock.timings,
         "messages": messages,
+        "precision": precision,
         "layers": layers,
         "layer_info_error": layer_error,
     }
@@ -387,6 +349,23 @@ def build_tensorrt_engine(
         "TensorRT engine %s built from %s in %.1f s", output, source, clock.timings["total"]
     )
     return output
+
+
+def _log_precision(source: Path, plan: BuildPlan, precision: dict[str, Any] | None) -> None:
+    """Say how many layers run in INT8 (and warn when a Q/DQ graph got none)."""
+    if precision is None:
+        logger.info("%s: no per-layer precision (layer_info=False or no inspector)", source)
+        return
+    int8 = precision["int8_layers"]
+    logger.info(
+        "%s: %d of %d engine layers run in INT8%s",
+        source,
+        len(int8),
+        precision["layers"],
+        f": {', '.join(int8)}" if int8 else "",
+    )
+    if "int8" in plan.precision and not int8:
+        logger.warning("%s: the graph has Q/DQ but no engine layer runs in INT8", source)
 
 
 def _reference(
@@ -476,24 +455,6 @@ def _parse(
         )
 
 
-def _attach_timing_cache(config: trt_t.IBuilderConfig, path: Path | None) -> bool:
-    """Attach a timing cache (from ``path`` if readable and compatible); True if reused."""
-    if path is None:
-        return False
-    data = path.read_bytes() if path.is_file() else b""
-    if data:
-        try:
-            cache = config.create_timing_cache(data)
-            if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
-                logger.info("reusing TensorRT timing cache %s", path)
-                return True
-        except Exception as exc:  # a corrupt cache file must not fail the build
-            logger.warning("ignoring unreadable timing cache %s: %s", path, exc)
-        logger.warning("timing cache %s does not match this GPU/TensorRT; starting anew", path)
-    config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-    return False
-
-
 def _layer_info(trt: ModuleType, engine: trt_t.ICudaEngine, wanted: bool) -> tuple[Any, str | None]:
     """Per-layer engine information from the engine inspector, or the reason it is missing."""
     if not wanted:
@@ -520,16 +481,26 @@ def _write_outputs(
     config: trt_t.IBuilderConfig,
     cache_path: Path | None,
 ) -> None:
-    """Write engine, sidecar, build log and timing cache; all renamed only if all succeed."""
-    writers: list[tuple[Path, Callable[[Path], object]]] = [
-        (output, lambda tmp: tmp.write_bytes(plan_bytes)),
-        (sidecar_path(output), lambda tmp: _write_json(tmp, metadata.to_dict())),
-        (build_log_path(output), lambda tmp: _write_json(tmp, log)),
-    ]
-    if cache_path is not None:
-        cache_bytes = bytes(config.get_timing_cache().serialize())
-        writers.append((cache_path, lambda tmp: tmp.write_bytes(cache_bytes)))
+    """Write engine, sidecar, build log and timing cache; all renamed only if all succeed.
+
+    The timing cache is merged with the file's current content under its lock, held until the
+    new file is in place.
+    """
     with contextlib.ExitStack() as stack:
+        writers: list[tuple[Path, Callable[[Path], object]]] = [
+            (output, lambda tmp: tmp.write_bytes(plan_bytes))
+        ]
+        if cache_path is not None:
+            stack.enter_context(tensorrt_timing_cache.locked(cache_path))
+            update = tensorrt_timing_cache.merged(config, cache_path)
+            log["timing_cache"].update(saved=update.data is not None, note=update.note)
+            if update.data is not None:
+                cache_bytes = update.data
+                writers.append((cache_path, lambda tmp: tmp.write_bytes(cache_bytes)))
+        writers += [
+            (sidecar_path(output), lambda tmp: _write_json(tmp, metadata.to_dict())),
+            (build_log_path(output), lambda tmp: _write_json(tmp, log)),
+        ]
         for final, write in writers:
             write(stack.enter_context(atomic_output(final)))
 

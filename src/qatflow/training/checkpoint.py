@@ -24,7 +24,9 @@ from qatflow.training.config import TrainingError
 log = logging.getLogger("qatflow.training")
 
 CHECKPOINT_NAME = "finetune-state.npz"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Fingerprint entries that are digests, and what they stand for in messages.
+_DIGESTS = {"model": "the starting model (architecture or weights)", "data": "the training data"}
 
 
 @dataclass
@@ -116,7 +118,7 @@ def discard_checkpoint(directory: str | os.PathLike[str]) -> None:
     """Remove the checkpoint in ``directory`` (a run that starts over must not resume it later)."""
     path = checkpoint_path(directory)
     if path.exists():
-        log.info("resume=False: removing the old checkpoint %s", path)
+        log.info("not resuming: removing the old checkpoint %s", path)
         path.unlink()
 
 
@@ -142,15 +144,22 @@ def _take(arrays: dict[str, np.ndarray], prefix: str) -> list[np.ndarray]:
 
 def _check_fingerprint(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
     changed = [
-        f"{key}={saved.get(key)!r} (now {current.get(key)!r})"
+        _describe_change(key, saved.get(key), current.get(key))
         for key in sorted(set(saved) | set(current))
         if saved.get(key) != current.get(key)
     ]
     if changed:
         raise TrainingError(
-            f"checkpoint {path} was written by a run with other settings: {', '.join(changed)}; "
-            "use the same settings, another checkpoint_dir, or resume=False to start over"
+            f"checkpoint {path} was written by another run: {'; '.join(changed)}. Pass "
+            "--no-resume (resume=False) to discard it and start over, or give another "
+            "--checkpoint-dir"
         )
+
+
+def _describe_change(key: str, saved: Any, current: Any) -> str:
+    if key in _DIGESTS:
+        return f"{_DIGESTS[key]} differs (digest {str(saved)[:12]}, now {str(current)[:12]})"
+    return f"{key}={saved!r} (now {current!r})"
 
 
 def _assign(path: Path, what: str, variables: Sequence[Any], values: list[np.ndarray]) -> None:

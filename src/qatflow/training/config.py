@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import keras
+import numpy as np
 
-from qatflow.errors import QatflowError
+from qatflow.errors import QatflowError, flagged
 from qatflow.training.schedules import SCHEDULES, ScheduleKind, WarmupSchedule
 
 OptimizerName = Literal["sgd", "adam"]
 OPTIMIZERS: tuple[OptimizerName, ...] = ("sgd", "adam")
 # Variables whose names contain these are never weight-decayed (biases, BN scale and offset).
 NO_DECAY = ["bias", "gamma", "beta"]
+# Settings that ``qatflow finetune`` takes as flags: messages name the flag too.
+CLI_FLAGS = frozenset(
+    {"epochs", "optimizer", "learning_rate", "early_stopping_patience", "steps_per_epoch"}
+)
 
 
 class TrainingError(QatflowError):
@@ -101,7 +108,7 @@ class FinetuneConfig:
             *_check(_is_int(self.seed) and self.seed >= 0, "seed", "an int >= 0", self.seed),
         ]
         if problems:
-            raise TrainingError("invalid fine-tuning hyperparameters: " + "; ".join(problems))
+            raise TrainingError("invalid fine-tuning settings: " + "; ".join(problems))
 
     def schedule_for(self, steps_per_epoch: int) -> WarmupSchedule:
         """The learning-rate schedule for ``steps_per_epoch`` real optimizer steps per epoch."""
@@ -124,13 +131,43 @@ class FinetuneConfig:
             optimizer.exclude_from_weight_decay(var_names=NO_DECAY)
         return optimizer
 
-    def fingerprint(self, batch_size: int, steps_per_epoch: int) -> dict[str, Any]:
-        """What a checkpoint must have been written with to be resumed by this run."""
-        return {**asdict(self), "batch_size": batch_size, "real_steps_per_epoch": steps_per_epoch}
+    def fingerprint(
+        self, batch_size: int, steps_per_epoch: int, model: str, data: str | None
+    ) -> dict[str, Any]:
+        """What a checkpoint must have been written with to be resumed by this run: these
+        settings, the digest of the starting ``model`` and that of the training ``data``."""
+        return {
+            **asdict(self),
+            "batch_size": batch_size,
+            "real_steps_per_epoch": steps_per_epoch,
+            "model": model,
+            "data": data,
+        }
+
+
+def model_digest(model: keras.Model) -> str:
+    """A digest of ``model``'s architecture (layer classes, weight shapes and dtypes, in order)
+    and of its current weights; layer names are left out (they vary between processes)."""
+    digest = hashlib.sha256()
+    for layer in _layers(model):
+        digest.update(f"{type(layer).__module__}.{type(layer).__qualname__}\n".encode())
+    for weight in model.weights:
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+        digest.update(f"{value.shape}\t{value.dtype}\n".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def _layers(model: keras.Model) -> Iterator[keras.Layer]:
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _layers(layer)
 
 
 def _check(ok: bool, name: str, wanted: str, got: object) -> list[str]:
-    return [] if ok else [f"{name} must be {wanted}, got {got!r}"]
+    label = flagged(name) if name in CLI_FLAGS else name
+    return [] if ok else [f"{label} must be {wanted}, got {got!r}"]
 
 
 def _is_int(value: object) -> bool:

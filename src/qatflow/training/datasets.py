@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from qatflow.errors import DataError, ModelError
+from qatflow.quantization.observer import float_activations
 
 log = logging.getLogger("qatflow.training")
 
@@ -44,7 +45,9 @@ def inspect(
         _check_spec(model, name, ds)
     images, labels = _first_batch("train_ds", train_ds)
     try:
-        outputs = keras.ops.convert_to_numpy(model(images, training=False))
+        # Float activations: a quantized model whose ranges are still unset can be probed too.
+        with float_activations():
+            outputs = keras.ops.convert_to_numpy(model(images, training=False))
     except (ValueError, TypeError, tf.errors.InvalidArgumentError) as exc:
         raise DataError(
             f"model {model.name!r} cannot run on a train_ds batch of shape {images.shape}: {exc}"

@@ -25,7 +25,7 @@ from qatflow.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from qatflow.training.config import FinetuneConfig, OptimizerName, TrainingError
+from qatflow.training.config import FinetuneConfig, OptimizerName, TrainingError, model_digest
 from qatflow.training.datasets import EpochBatches, inspect
 from qatflow.training.schedules import ScheduleKind
 from qatflow.training.steps import StepSums, default_strategy, make_steps, replicate
@@ -67,6 +67,7 @@ def finetune(
     schedule: ScheduleKind = "cosine",
     checkpoint_dir: str | os.PathLike[str] | None = None,
     resume: bool = True,
+    data_digest: str | None = None,
     early_stopping_patience: int | None = None,
     steps_per_epoch: int | None = None,
     batch_size: int | None = None,
@@ -87,10 +88,13 @@ def finetune(
     batch order depends only on (``seed``, epoch); ``train_ds`` must yield the same order on
     every pass. With ``checkpoint_dir`` a checkpoint is written atomically after every epoch,
     and with ``resume`` a run restarts from it and ends with the weights an uninterrupted run
-    would have. ``early_stopping_patience`` stops after that many epochs without a better
-    validation accuracy and restores the best weights. ``from_logits`` None decides from the
-    model's output on the first batch. Several GPUs (or logical CPUs) mean MirroredStrategy; the
-    returned model is then a copy made in its scope, otherwise ``model`` is trained in place.
+    would have. A checkpoint is resumed only by a run with the same settings, the same starting
+    model (architecture and weights) and the same ``data_digest`` (what identifies the training
+    data, e.g. ``qatflow.data.dataset_digest``); otherwise a TrainingError says what differs.
+    ``early_stopping_patience`` stops after that many epochs without a better validation accuracy
+    and restores the best weights. ``from_logits`` None decides from the model's output on the
+    first batch. Several GPUs (or logical CPUs) mean MirroredStrategy; the returned model is
+    then a copy made in its scope, otherwise ``model`` is trained in place.
     ``epoch_callback(epoch, metrics)`` runs after each epoch's checkpoint.
     """
     config = FinetuneConfig(
@@ -114,6 +118,7 @@ def finetune(
     if not model.trainable_variables:
         raise ModelError(f"model {model.name!r} has no trainable variables")
     strategy = strategy or default_strategy()
+    starting_model = model_digest(model) if checkpoint_dir is not None else ""
     batch_size = batch_size or facts.batch_size
     batches = EpochBatches(
         train_ds,
@@ -130,7 +135,7 @@ def finetune(
     with strategy.scope():
         opt = config.build_optimizer(rate)
         opt.build(model.trainable_variables)
-    fingerprint = config.fingerprint(batch_size, batches.steps)
+    fingerprint = config.fingerprint(batch_size, batches.steps, starting_model, data_digest)
     state = LoopState()
     if checkpoint_dir is not None and resume:
         state = load_checkpoint(checkpoint_dir, model, opt, fingerprint) or state

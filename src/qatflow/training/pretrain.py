@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,9 @@ import tensorflow as tf
 
 from qatflow import storage
 from qatflow.data import DatasetBundle
+from qatflow.data.fingerprint import describe
 from qatflow.errors import DataError
-from qatflow.storage import atomic_output, write_json
+from qatflow.storage import atomic_output, file_sha256, write_json
 from qatflow.training.config import OptimizerName
 from qatflow.training.demo_model import DEFAULT_WIDTHS, DEMO_MODEL_VERSION, build_demo_model
 from qatflow.training.finetune import finetune
@@ -58,33 +59,39 @@ def pretrain(
     ``data`` is a ``DatasetBundle`` or ``(train, validation, test, info)`` where ``info`` has
     ``input_shape`` and ``num_classes`` (a ``DatasetInfo``). The trained model is cached in
     ``cache_dir`` (default ``$QATFLOW_CACHE_DIR/pretrain``) under a hash of the model version,
-    the recipe, ``seed`` and the dataset's identity and preprocessing (all of ``info``); a later
-    call with the same key copies the cached file without training. An interrupted training
-    resumes from its checkpoint in the cache. Test accuracy and time go to the log and to the
-    ``.json`` beside the cached model.
+    the recipe, ``seed`` and the dataset's identity (all of ``info``) and content (its files:
+    see ``qatflow.data.content_digest``); a later call with the same key copies the cached file
+    without training, once its SHA-256 (written beside it) checks out. A cache entry that fails
+    the check is discarded and the model retrained. An interrupted training resumes from its
+    checkpoint in the cache. Test accuracy and time go to the log and to the ``.json`` beside
+    the cached model.
     """
     train, validation, test, info = _unpack(data)
     recipe = Recipe(epochs=epochs)
-    key = cache_key(info, recipe, seed)
+    dataset = describe(info)
+    key = cache_key(info, recipe, seed, dataset=dataset)
     cache = Path(cache_dir) if cache_dir is not None else storage.cache_dir("pretrain")
     cached = cache / f"demo-{key}.keras"
-    if cached.exists():
+    if _verified(cached):
         log.info("pretrain: cache hit %s", cached)
     else:
-        _train(train, validation, test, info, recipe, seed, cached, progress)
+        _train(train, validation, test, info, recipe, seed, cached, progress, dataset)
     with atomic_output(output_path) as tmp:
         shutil.copyfile(cached, tmp)
     return Path(output_path)
 
 
-def cache_key(info: Any, recipe: Recipe, seed: int) -> str:
-    """A short hash of everything that determines the pretrained model."""
+def cache_key(
+    info: Any, recipe: Recipe, seed: int, *, dataset: dict[str, Any] | None = None
+) -> str:
+    """A short hash of everything that determines the pretrained model; ``dataset`` is
+    ``qatflow.data.fingerprint.describe(info)`` when already computed."""
     identity = {
         "model_version": DEMO_MODEL_VERSION,
         "widths": list(DEFAULT_WIDTHS),
         "recipe": asdict(recipe),
         "seed": seed,
-        "dataset": _describe(info),
+        "dataset": dataset if dataset is not None else describe(info),
     }
     text = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -99,6 +106,7 @@ def _train(
     seed: int,
     cached: Path,
     progress: bool,
+    dataset: dict[str, Any],
 ) -> None:
     started = time.monotonic()
     keras.utils.set_random_seed(seed)
@@ -111,6 +119,7 @@ def _train(
         seed=seed,
         checkpoint_dir=checkpoints,
         progress=progress,
+        data_digest=cache_key(info, recipe, seed, dataset=dataset),
         **asdict(recipe),
     )
     accuracy = _accuracy(result.model, test)
@@ -124,7 +133,8 @@ def _train(
         "seconds": round(seconds, 1),
         "recipe": asdict(recipe),
         "seed": seed,
-        "dataset": _describe(info),
+        "dataset": dataset,
+        "sha256": file_sha256(cached),
     }
     write_json(cached.with_suffix(".json"), summary)
     shutil.rmtree(checkpoints, ignore_errors=True)
@@ -145,16 +155,21 @@ def _unpack(data: DataArg) -> tuple[tf.data.Dataset, tf.data.Dataset, tf.data.Da
     )
 
 
-def _describe(info: Any) -> dict[str, Any]:
-    """The dataset's identity; its batch size is left out (the recipe re-batches)."""
-    if hasattr(info, "to_dict"):
-        described = dict(info.to_dict())
-    elif is_dataclass(info) and not isinstance(info, type):
-        described = asdict(info)
-    else:
-        described = dict(vars(info))
-    described.pop("batch_size", None)
-    return described
+def _verified(cached: Path) -> bool:
+    """Whether ``cached`` exists and matches the SHA-256 in its ``.json``; a bad one is removed."""
+    if not cached.exists():
+        return False
+    summary = cached.with_suffix(".json")
+    try:
+        expected = json.loads(summary.read_text(encoding="utf-8")).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        expected = None
+    if expected == file_sha256(cached):
+        return True
+    log.warning("pretrain: discarding the cache entry %s (checksum mismatch); retraining", cached)
+    cached.unlink()
+    summary.unlink(missing_ok=True)
+    return False
 
 
 def _accuracy(model: keras.Model, ds: tf.data.Dataset) -> float:

@@ -1,0 +1,151 @@
+"""Every example in README.md and docs/ parses against the code it documents.
+
+- ``qatflow ...`` command lines (in any code block) go through the real argument parser; for
+  ``qatflow run`` the values go through the pipeline's parameter rules too, and for ``submit``/
+  ``schedule`` the ``--param`` names must be pipeline parameters and ``--host`` a valid URL.
+- ``make <target>`` lines name a target of the Makefile.
+- Python blocks compile; every ``qatflow`` name they import exists, and every call of an
+  imported function or class binds to its signature (so a renamed keyword fails here).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import re
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qatflow_pipelines.qat_int8.parameters import check_arguments
+
+from qatflow.cli import build_parser
+from qatflow.cli.pipeline import _RUN_PARAMETERS
+from qatflow.cluster import normalize_host
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+_FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+_MAKE_TARGET = re.compile(r"^([\w-]+):", re.M)
+
+
+def _blocks(language: str | None = None) -> Iterator[tuple[str, str]]:
+    """(id, code) of every fenced block, or of those tagged ``language``."""
+    for doc in DOCS:
+        text = doc.read_text(encoding="utf-8")
+        for match in _FENCE.finditer(text):
+            if language is None or match[1] == language:
+                line = text[: match.start()].count("\n") + 1
+                yield f"{doc.relative_to(ROOT)}:{line}", match[2]
+
+
+def _command_lines(program: str) -> list[tuple[str, list[str]]]:
+    """(id, argv) of every line of a code block that runs ``program``, comments dropped."""
+    found = []
+    for where, code in _blocks():
+        joined = code.replace("\\\n", " ")
+        for number, line in enumerate(joined.splitlines()):
+            words = shlex.split(line, comments=True)
+            if words[:1] == [program]:
+                found.append((f"{where}+{number}", words[1:]))
+    return found
+
+
+QATFLOW = _command_lines("qatflow")
+MAKE = _command_lines("make")
+PYTHON = list(_blocks("python"))
+
+
+def test_the_docs_have_examples_of_each_kind() -> None:
+    assert len(QATFLOW) >= 20 and len(MAKE) >= 5 and len(PYTHON) >= 8
+
+
+@pytest.mark.parametrize(("where", "argv"), QATFLOW, ids=[where for where, _ in QATFLOW])
+def test_qatflow_command_lines_parse(where: str, argv: list[str]) -> None:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:
+        pytest.fail(f"{where}: `qatflow {shlex.join(argv)}` is rejected (exit {exit_.code})")
+    if args.command == "run":
+        given = {name: getattr(args, name) for name in _RUN_PARAMETERS}
+        check_arguments({name: value for name, value in given.items() if value is not None})
+    if args.command in ("submit", "schedule"):
+        if args.host:
+            normalize_host(args.host)
+        if args.package is None:
+            unknown = {name for name, _ in args.params} - set(_pipeline_parameters())
+            assert not unknown, f"{where}: no pipeline parameter(s) {sorted(unknown)}"
+
+
+def _pipeline_parameters() -> list[str]:
+    from qatflow_pipelines.qat_int8.pipeline import build_pipeline
+
+    return list(build_pipeline().component_spec.inputs or {})
+
+
+@pytest.mark.parametrize(("where", "argv"), MAKE, ids=[where for where, _ in MAKE])
+def test_make_lines_name_real_targets(where: str, argv: list[str]) -> None:
+    targets = set(_MAKE_TARGET.findall((ROOT / "Makefile").read_text()))
+    for target in argv:
+        assert target in targets, f"{where}: `make {target}` is not a Makefile target"
+
+
+@pytest.mark.parametrize(("where", "code"), PYTHON, ids=[where for where, _ in PYTHON])
+def test_python_examples_use_the_real_api(where: str, code: str) -> None:
+    tree = ast.parse(code, filename=where)
+    names = _imported(tree, where)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            target = _resolve(node.func, names)
+            if target is not None and callable(target):
+                _bind(target, node, where)
+
+
+def _imported(tree: ast.Module, where: str) -> dict[str, Any]:
+    """Local name -> object for every ``qatflow`` import in the block (which must resolve)."""
+    names: dict[str, Any] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("qatflow"):
+            module = importlib.import_module(str(node.module))
+            for alias in node.names:
+                assert hasattr(module, alias.name), f"{where}: {node.module} has no {alias.name}"
+                names[alias.asname or alias.name] = getattr(module, alias.name)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("qatflow"):
+                    names[alias.asname or alias.name.split(".")[0]] = importlib.import_module(
+                        alias.name.split(".")[0]
+                    )
+    return names
+
+
+def _resolve(func: ast.expr, names: dict[str, Any]) -> Any:
+    """The object a call's ``func`` names, for ``name(...)`` and ``module.attr(...)``."""
+    if isinstance(func, ast.Name):
+        return names.get(func.id)
+    if isinstance(func, ast.Attribute):
+        owner = _resolve(func.value, names)
+        if inspect.ismodule(owner) or inspect.isclass(owner):
+            assert hasattr(owner, func.attr), f"{owner.__name__} has no {func.attr}"
+            return getattr(owner, func.attr)
+    return None
+
+
+def _bind(target: Any, call: ast.Call, where: str) -> None:
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return
+    if any(isinstance(arg, ast.Starred) for arg in call.args) or any(
+        keyword.arg is None for keyword in call.keywords
+    ):
+        return
+    args = [object()] * len(call.args)
+    kwargs = {keyword.arg: object() for keyword in call.keywords if keyword.arg}
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as err:
+        pytest.fail(f"{where}: {getattr(target, '__qualname__', target)}{signature}: {err}")
