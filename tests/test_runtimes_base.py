@@ -154,6 +154,20 @@ def test_onnx_io_rejects_several_inputs(tmp_path: Path) -> None:
         onnx_io(model, Path("m.onnx"))
 
 
+def test_a_multi_output_model_is_refused_before_any_work(tmp_path: Path) -> None:
+    """An engine serves one output; a second head would be dropped without a word."""
+    model = make_model()
+    first = model.graph.output[0].name
+    model.graph.node.append(helper.make_node("Identity", [first], ["second_head"]))
+    second = model.graph.output.add()
+    second.CopyFrom(model.graph.output[0])
+    second.name = "second_head"
+    source = save_model(model, tmp_path / "two_heads.onnx")
+    with pytest.raises(RuntimeBackendError, match=r"two_heads\.onnx.*one output.*second_head"):
+        build_engine(source, tmp_path / "e.onnx")
+    assert not (tmp_path / "e.onnx").exists()
+
+
 @pytest.mark.parametrize("profile", [(1, 8, 64), (4, 4, 4), [2, 3, 5]])
 def test_valid_batch_profiles(profile: list[int]) -> None:
     assert validate_batch_profile(profile) == tuple(profile)

@@ -141,14 +141,22 @@ class Engine(ABC):
 
 
 def onnx_io(model: onnx.ModelProto, source: Path) -> tuple[str, tuple[int | str | None, ...], str]:
-    """Return (input name, input dims, first output name); dims are ints, symbols or None."""
+    """Return (input name, input dims, output name); dims are ints, symbols or None.
+
+    Engines have one output: an engine of a multi-output model would serve its first head
+    only, so such a model is refused.
+    """
     initializers = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
         names = [i.name for i in inputs]
         raise RuntimeBackendError(f"{source}: expected exactly one model input, found {names}")
-    if not model.graph.output:
-        raise RuntimeBackendError(f"{source}: the model has no outputs")
+    if len(model.graph.output) != 1:
+        names = [o.name for o in model.graph.output]
+        raise RuntimeBackendError(
+            f"{source}: an engine takes a model with exactly one output, found {names}; "
+            "export one head at a time (keras.Model(model.input, model.outputs[i]))"
+        )
     dims: list[int | str | None] = []
     for dim in inputs[0].type.tensor_type.shape.dim:
         if dim.HasField("dim_value") and dim.dim_value > 0:
