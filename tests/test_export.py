@@ -180,3 +180,42 @@ def test_validator_names_a_corrupt_or_missing_file(tmp_path):
         qatflow.validate_onnx(bad)
     with pytest.raises(ExportError, match="missing.onnx does not exist"):
         qatflow.validate_onnx(tmp_path / "missing.onnx")
+
+
+def test_export_records_its_check_against_keras(tmp_path):
+    """The export compares the ONNX with the Keras model and stores the verdict in the file."""
+    from qatflow.onnx.parity import read_export_check
+
+    x = images(32, (28, 28, 1))
+    qmodel = quantized(small_cnn(), x)
+    path = qatflow.export_onnx(qmodel, tmp_path / "q.onnx", check_data=x)
+    record = read_export_check(onnx.load(str(path)))
+    assert record is not None and record["checked"] and record["passed"]
+    assert record["samples"] == 32 and record["data"] == "32 samples of the given data"
+    synthetic = read_export_check(onnx.load(str(qatflow.export_onnx(qmodel, tmp_path / "s.onnx"))))
+    assert synthetic is not None and synthetic["data"].startswith("synthetic")
+
+
+def test_an_export_that_disagrees_with_keras_is_recorded_and_warned(tmp_path, monkeypatch, caplog):
+    """A conversion that changes the math (here: a shift added to the logits) is not silent."""
+    from qatflow.onnx import export, parity
+
+    real = export.to_onnx_proto
+
+    def wrong(model, opset=17):
+        proto = real(model, opset)
+        output = proto.graph.output[0].name
+        last = next(n for n in proto.graph.node if output in n.output)
+        last.output[0] = "raw_logits"
+        shift = numpy_helper.from_array(np.arange(10, dtype=np.float32), "class_shift")
+        proto.graph.initializer.append(shift)
+        proto.graph.node.append(helper.make_node("Add", ["raw_logits", "class_shift"], [output]))
+        return proto
+
+    monkeypatch.setattr(export, "to_onnx_proto", wrong)
+    x = images(32, (28, 28, 1))
+    with caplog.at_level("WARNING", logger="qatflow.export"):
+        path = qatflow.export_onnx(quantized(small_cnn(), x), tmp_path / "q.onnx", check_data=x)
+    record = parity.read_export_check(onnx.load(str(path)))
+    assert record is not None and not record["passed"]
+    assert "disagrees with the Keras model" in caplog.text

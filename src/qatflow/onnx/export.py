@@ -11,11 +11,13 @@ import onnx
 import tensorflow as tf
 
 from qatflow.errors import ExportError
+from qatflow.onnx.parity import record_export_check
 from qatflow.onnx.trt_layout import fold_weight_quantization, sink_qdq_through_layout_ops
 from qatflow.onnx.validate import ValidationReport, validate_onnx
-from qatflow.quantization.calibration import uncalibrated_quantizers
 from qatflow.quantization.ranges import describe_unset
 from qatflow.quantization.transform import check_quantizable
+from qatflow.quantization.wrapper import uncalibrated_quantizers
+from qatflow.runtimes.fidelity import FidelityData
 from qatflow.storage import atomic_output
 
 log = logging.getLogger("qatflow.export")
@@ -83,18 +85,27 @@ def to_onnx_proto(model: keras.Model, opset: int = 17) -> onnx.ModelProto:
     return proto
 
 
-def export_onnx(model: keras.Model, path: str | os.PathLike[str], opset: int = 17) -> Path:
+def export_onnx(
+    model: keras.Model,
+    path: str | os.PathLike[str],
+    opset: int = 17,
+    *,
+    check_data: FidelityData | None = None,
+) -> Path:
     """Export ``model`` to ONNX at ``path`` and return the path.
 
     Q/DQ pairs stay as placed (tf2onnx's Q/DQ optimizers are off), the batch dimension is
     dynamic, quantized weights are stored as INT8 initializers feeding DequantizeLinear,
     and FP32 models export the same way. The graph is checked with ``validate_onnx``;
-    a graph TensorRT would reject raises ExportError and nothing is written.
+    a graph TensorRT would reject raises ExportError and nothing is written. The ONNX is
+    then compared with ``model`` on ``check_data`` (synthetic inputs without it) and the
+    result is stored in the file (:mod:`qatflow.onnx.parity`).
     """
     proto = to_onnx_proto(model, opset)
     report: ValidationReport = validate_onnx(proto)
     if not report.ok:
         raise ExportError(f"exported graph breaks TensorRT's rules:\n{report}")
+    record_export_check(model, proto, check_data)
     with atomic_output(path) as tmp:
         onnx.save(proto, str(tmp))
     return Path(path)
