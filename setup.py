@@ -8,13 +8,16 @@ wherever qatflow is installed, without claiming generic top-level package names.
 from setuptools import find_packages, setup
 
 RENAMED = {"qatflow_components": "components", "qatflow_pipelines": "pipelines"}
+# Component tests (components/<step>/tests) stay out of the wheel; their support code lives in
+# tests/ and the repository's conftest.py.
+TESTS = ["tests", "*.tests", "*.tests.*"]
 
-packages = find_packages("src", include=["qatflow*"])
+packages = find_packages("src", include=["qatflow", "qatflow.*"], exclude=TESTS)
 package_dir = {"": "src"}
 for name, folder in RENAMED.items():
-    for sub in ["", *find_packages(folder)]:
+    for sub in ["", *find_packages(folder, exclude=TESTS)]:
         package = f"{name}.{sub}" if sub else name
         packages.append(package)
         package_dir[package] = f"{folder}/{sub.replace('.', '/')}".rstrip("/")
 
-setup(packages=packages, package_dir=package_dir)
+setup(packages=packages, package_dir=package_dir, exclude_package_data={"": ["tests/*"]})

@@ -353,7 +353,7 @@ def compute_op_share(ops: Mapping[str, int]) -> str:
 
 
 def _op_share(path: Path, threads: int) -> str:
-    from qatflow.onnx.ort_int8 import ort_optimized_op_counts
+    from bench.ort_ops import ort_optimized_op_counts
 
     try:
         return compute_op_share(ort_optimized_op_counts(onnx.load(str(path)), threads=threads))

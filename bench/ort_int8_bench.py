@@ -444,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Benchmark ResNet50 latency and print the accuracy cost of each rewrite option."""
     import argparse
 
-    from qatflow.onnx.ort_int8 import ort_optimized_op_counts
+    from bench.ort_ops import ort_optimized_op_counts
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")

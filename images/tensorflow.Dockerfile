@@ -21,7 +21,9 @@ FROM ${DEBIAN_BASE} AS base-pypi
 ARG TF_VERSION
 ARG PIP_INDEX_URL=https://pypi.org/simple
 ARG PIP_EXTRA_INDEX_URL
-ENV PATH=/opt/venv/bin:$PATH
+# pip verifies TLS against the system bundle, which the pip-ca secret replaces while pip runs.
+ENV PATH=/opt/venv/bin:$PATH \
+    PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 # Versions come from the Debian release of the base image, so apt packages are not pinned.
 # hadolint ignore=DL3008
 RUN apt-get update \

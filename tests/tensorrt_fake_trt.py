@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 import onnx
+from tests.onnx_models import CLASSES
 from tests.tensorrt_fake_cuda import ContextState, FakeDriver
-from tests.test_runtimes_base import CLASSES
 
 from qatflow.onnx.reference import run_reference
 from qatflow.runtimes.tensorrt_inference import from_bfloat16_bits, to_bfloat16_bits

@@ -10,8 +10,8 @@ from tests.model_zoo import images, small_cnn
 import qatflow
 from qatflow.errors import QuantizationError
 from qatflow.quantization import QuantizeWrapper, summarize
-from qatflow.quantization.calibration import uncalibrated_quantizers
 from qatflow.quantization.histogram import AbsHistogram
+from qatflow.quantization.wrapper import uncalibrated_quantizers
 
 
 def dense_model() -> keras.Model:

@@ -111,10 +111,10 @@ def test_unknown_layer_in_strict_mode_names_the_layer(tmp_path, capsys):
 
 def test_validate_exit_code_on_a_broken_graph(tmp_path, capsys):
     import onnx
-    from tests.test_export import _graph
+    from tests.onnx_models import conv_qdq_graph
 
     path = tmp_path / "bad.onnx"
-    onnx.save(_graph(np.full(4, 0.02), quantize_input=False), str(path))
+    onnx.save(conv_qdq_graph(np.full(4, 0.02), quantize_input=False), str(path))
     assert main(["validate", str(path)]) == 1
     assert "only one input is dequantized" in capsys.readouterr().out
 

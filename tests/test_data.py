@@ -210,7 +210,7 @@ def test_resize_and_channels_are_recorded(tmp_path: Path) -> None:
     assert bundle.info.image_size == (12, 10) and bundle.info.channels == 3
     images, _ = next(iter(bundle.test))
     assert images.shape[1:] == (12, 10, 3)
-    with pytest.raises(DataError, match="channels must be 1 or 3, got 2"):
+    with pytest.raises(DataError, match=r"channels \(--channels\) must be 1 or 3, got 2"):
         load_dataset(str(path), channels=2)
 
 

@@ -32,8 +32,9 @@ pytestmark = [pytest.mark.docker, pytest.mark.timeout(2400)]
 
 TASKS = 16
 BUILD_TIMEOUT_S = 1800
-# Same code, data and seeds: identical numbers in and out of the container (latency aside).
-ACCURACY_METRICS = ("top1", "top5", "delta_top1_points", "agreement", "size_mb")
+# Same code, data and seeds: identical accuracy in and out of the container (latencies differ,
+# and so can the files' sizes by a few bytes of metadata).
+ACCURACY_METRICS = ("top1", "top5", "delta_top1_points", "agreement")
 
 
 @dataclass(frozen=True)
@@ -69,21 +70,24 @@ def image(client: Any) -> str:
     """The TensorFlow image of this checkout, built unless already built from these files."""
     from docker.errors import ImageNotFound
 
-    def built_hash() -> str | None:
+    def built() -> tuple[str | None, str | None]:
         with contextlib.suppress(ImageNotFound):
-            return client.images.get(TENSORFLOW_IMAGE).labels.get(CONTEXT_LABEL)
-        return None
+            found = client.images.get(TENSORFLOW_IMAGE)
+            return found.id, found.labels.get(CONTEXT_LABEL)
+        return None, None
 
-    before = context_hash("tensorflow")
-    if built_hash() != before:
+    old_id, old_hash = built()
+    if old_hash != context_hash("tensorflow"):
         subprocess.run(
             ["make", IMAGES["tensorflow"].make_target],
             cwd=REPO_ROOT,
             check=True,
             timeout=BUILD_TIMEOUT_S,
         )
-        # The label is the hash when the build started: the files may change while it runs.
-        assert built_hash() in {before, context_hash("tensorflow")}
+        # A new image with the hash of the files as the build found them (they may have
+        # changed since in a shared checkout).
+        new_id, new_hash = built()
+        assert new_id != old_id and new_hash
     return TENSORFLOW_IMAGE
 
 
@@ -129,7 +133,10 @@ def test_every_task_ran_in_a_container_of_the_image(
     images = [event["Actor"]["Attributes"]["image"] for event in events]
     assert images == [image] * TASKS
     assert client.containers.list(all=True, filters=label) == []  # all gone
-    assert (in_docker.out / "pipeline.log").read_text().count(f"Found image '{image}'") == TASKS
+    log = (in_docker.out / "pipeline.log").read_text()
+    assert log.count(f"Found image '{image}'") == TASKS
+    # Each container's own output (KFP's executor in it) reached the run log.
+    assert log.count("[KFP Executor") >= TASKS and log.count("Looking for component") == TASKS
 
 
 def test_host_outputs_belong_to_the_caller(in_docker: Run) -> None:

@@ -1,8 +1,9 @@
 """Every example in README.md and docs/ parses against the code it documents.
 
-- ``qatflow ...`` command lines (in any code block) go through the real argument parser; for
-  ``qatflow run`` the values go through the pipeline's parameter rules too, and for ``submit``/
-  ``schedule`` the ``--param`` names must be pipeline parameters and ``--host`` a valid URL.
+- ``qatflow ...`` command lines (in any code block but ``text`` output samples) go through the
+  real argument parser; for ``qatflow run`` the values go through the pipeline's parameter rules
+  too, and for ``submit``/``schedule`` the ``--param`` names must be pipeline parameters and
+  ``--host`` a valid URL.
 - ``make <target>`` lines name a target of the Makefile.
 - Python blocks compile; every ``qatflow`` name they import exists, and every call of an
   imported function or class binds to its signature (so a renamed keyword fails here).
@@ -33,11 +34,12 @@ _MAKE_TARGET = re.compile(r"^([\w-]+):", re.M)
 
 
 def _blocks(language: str | None = None) -> Iterator[tuple[str, str]]:
-    """(id, code) of every fenced block, or of those tagged ``language``."""
+    """(id, code) of every fenced block but ``text`` ones (samples of output), or of those
+    tagged ``language``."""
     for doc in DOCS:
         text = doc.read_text(encoding="utf-8")
         for match in _FENCE.finditer(text):
-            if language is None or match[1] == language:
+            if match[1] == language or (language is None and match[1] != "text"):
                 line = text[: match.start()].count("\n") + 1
                 yield f"{doc.relative_to(ROOT)}:{line}", match[2]
 
@@ -49,7 +51,8 @@ def _command_lines(program: str) -> list[tuple[str, list[str]]]:
         joined = code.replace("\\\n", " ")
         for number, line in enumerate(joined.splitlines()):
             words = shlex.split(line, comments=True)
-            if words[:1] == [program]:
+            # "qatflow run: error: ..." is a sample of output, not a command.
+            if words[:1] == [program] and not "".join(words[1:2]).endswith(":"):
                 found.append((f"{where}+{number}", words[1:]))
     return found
 
@@ -61,6 +64,14 @@ PYTHON = list(_blocks("python"))
 
 def test_the_docs_have_examples_of_each_kind() -> None:
     assert len(QATFLOW) >= 20 and len(MAKE) >= 5 and len(PYTHON) >= 8
+
+
+def test_the_readme_links_every_doc_and_its_images_exist() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for doc in DOCS[1:]:
+        assert f"]({doc.relative_to(ROOT)})" in readme, f"README.md does not link {doc.name}"
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme):
+        assert (ROOT / image).is_file(), f"README.md shows {image}, which does not exist"
 
 
 @pytest.mark.parametrize(("where", "argv"), QATFLOW, ids=[where for where, _ in QATFLOW])

@@ -72,7 +72,7 @@ def test_auto_picks_the_exact_fast_encoding(source: Path, tmp_path: Path) -> Non
 
 
 def test_float_models_get_no_encoding_but_are_checked(tmp_path: Path) -> None:
-    from tests.test_runtime_onnxruntime import make_model, save_model
+    from tests.onnx_models import make_model, save_model
 
     path = save_model(make_model(), tmp_path / "fp32.onnx")
     metadata = load_engine(build_engine(path, tmp_path / "e.onnx")).metadata

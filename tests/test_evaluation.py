@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 import tensorflow as tf
 import tf2onnx
-from tests.test_comparison import fidelity_report
+from tests.results import fidelity_report
 
 from qatflow.data import DatasetBundle, load_dataset
 from qatflow.errors import DataError, ModelError, PipelineError, StorageError

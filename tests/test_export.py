@@ -8,6 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from tests.model_zoo import images, separable_transpose_model, small_cnn
+from tests.onnx_models import conv_qdq_graph
 
 import qatflow
 from qatflow.errors import ExportError
@@ -109,49 +110,8 @@ def test_old_opset_is_refused(tmp_path):
 # --- validate_onnx on hand-made graphs that break TensorRT's rules ---------------------
 
 
-def _graph(
-    weight_scale: np.ndarray,
-    *,
-    zero_point_type: type = np.int8,
-    axis: int = 0,
-    quantize_input: bool = True,
-    output_qdq: bool = False,
-) -> onnx.ModelProto:
-    weights = np.ones((4, 2, 1, 1), np.int8)
-    inits = [
-        numpy_helper.from_array(weights, "w_q"),
-        numpy_helper.from_array(weight_scale.astype(np.float32), "w_scale"),
-        numpy_helper.from_array(np.zeros(weight_scale.shape, zero_point_type), "w_zp"),
-        numpy_helper.from_array(np.array(0.1, np.float32), "x_scale"),
-        numpy_helper.from_array(np.array(0, np.int8), "x_zp"),
-    ]
-    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w"], axis=axis)]
-    conv_input = "x"
-    if quantize_input:
-        nodes += [
-            helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"]),
-            helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xdq"]),
-        ]
-        conv_input = "xdq"
-    conv_out = "conv_out" if output_qdq else "y"
-    nodes.append(helper.make_node("Conv", [conv_input, "w"], [conv_out], name="conv"))
-    if output_qdq:
-        nodes += [
-            helper.make_node("QuantizeLinear", ["conv_out", "x_scale", "x_zp"], ["yq"]),
-            helper.make_node("DequantizeLinear", ["yq", "x_scale", "x_zp"], ["y"], name="out_dq"),
-        ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2, 4, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 4, 4])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
 def test_validator_accepts_a_good_graph():
-    report = qatflow.validate_onnx(_graph(np.full(4, 0.02)))
+    report = qatflow.validate_onnx(conv_qdq_graph(np.full(4, 0.02)))
     assert report.ok, str(report)
     assert report.quantized_ops == ["conv"]
 
@@ -168,7 +128,7 @@ def test_validator_accepts_a_good_graph():
     ],
 )
 def test_validator_rejects_broken_graphs(kwargs, message):
-    report = qatflow.validate_onnx(_graph(**kwargs))
+    report = qatflow.validate_onnx(conv_qdq_graph(**kwargs))
     assert not report.ok
     assert any(message in e for e in report.errors), report.errors
 

@@ -16,7 +16,7 @@ import pytest
 import qatflow
 from qatflow.data import DatasetBundle, load_dataset
 from qatflow.errors import ExportError, QuantizationError
-from qatflow.quantization.calibration import uncalibrated_quantizers, wrappers
+from qatflow.quantization.wrapper import uncalibrated_quantizers, wrappers
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 

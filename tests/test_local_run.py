@@ -21,7 +21,6 @@ import boto3
 import pytest
 from mlflow import MlflowClient
 from tests.s3_server import make_bucket, s3_endpoint
-from tests.test_tracking import mlflow_server
 
 from qatflow.cli import main
 from qatflow.data.sources.fashion_mnist import SYSTEM_DIR as FASHION_MNIST_DIR
@@ -30,7 +29,7 @@ from qatflow.local_docker import docker_runner, local_inputs, mlflow_store_dir
 from qatflow.local_run import run_local
 from qatflow.tracking import AGREEMENT_METRIC, FIDELITY_METRICS, METRIC_KEYS, PARENT_TAG
 
-__all__ = ["mlflow_server", "s3_endpoint"]
+__all__ = ["s3_endpoint"]
 
 
 VARIANTS = ["fp32", "ptq_int8", "qat_int8"]
@@ -180,7 +179,7 @@ def test_cli_exit_status_follows_the_gate(smoke: Run, tmp_path: Path) -> None:
     assert verdict["reason"] in stdout.getvalue()
     report = (smoke.out / "report.md").read_text()
     assert report.startswith("# qatflow: FP32 vs PTQ INT8 vs QAT INT8\n\n> [!")
-    assert "| Dataset | fashion-mnist (" in report
+    assert "| Dataset | fashion-mnist; " in report
     assert str(smoke.out) not in report
 
 

@@ -11,7 +11,8 @@ import pytest
 from tests.s3_server import make_bucket, s3_endpoint
 
 from qatflow.errors import ModelError
-from qatflow.models import APPLICATIONS, check_layerwise, load_model
+from qatflow.models import APPLICATIONS, load_model
+from qatflow.quantization.graph import check_layerwise
 from qatflow.storage import upload
 
 __all__ = ["s3_endpoint"]  # the imported fixture, named here so linters see it used

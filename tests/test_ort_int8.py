@@ -23,6 +23,7 @@ from bench.ort_int8_bench import (
     keras_to_onnx,
     small_resnet,
 )
+from bench.ort_ops import ort_optimized_op_counts
 from onnx import TensorProto, helper, numpy_helper
 
 from qatflow.errors import RuntimeBackendError
@@ -31,7 +32,6 @@ from qatflow.onnx.ort_int8 import (
     EXACT_STAGES,
     METADATA_KEY,
     STAGES,
-    ort_optimized_op_counts,
     rewrite_for_ort_int8,
 )
 from qatflow.runtimes.cpu_int8 import detect

@@ -35,6 +35,7 @@ import keras
 import numpy as np
 import onnx
 import pytest
+from bench.ort_ops import ort_optimized_op_counts
 from onnx import TensorProto, helper, numpy_helper
 from tests import model_zoo
 
@@ -45,7 +46,6 @@ from qatflow.onnx.ort_int8 import (
     METADATA_KEY,
     ReluMode,
     RequantizeMode,
-    ort_optimized_op_counts,
     rewrite_for_ort_int8,
 )
 from qatflow.onnx.reference import run_optimized, run_reference

@@ -9,7 +9,16 @@ from tests.model_zoo import images, nested_model, small_cnn
 
 import qatflow
 from qatflow.errors import ModelError, QuantizationError
-from qatflow.quantization import QDQCase, QuantizationSpec, QuantizeWrapper, summarize
+from qatflow.quantization import (
+    DEFAULT_REGISTRY,
+    LayerQuantizeConfig,
+    LayerRegistry,
+    QDQCase,
+    QuantizationSpec,
+    QuantizeWrapper,
+    register_layer_config,
+    summarize,
+)
 
 
 def wrapper(model: keras.Model, name: str) -> QuantizeWrapper | None:
@@ -206,6 +215,41 @@ def test_unknown_layer_float_or_strict_error():
     assert "unknown layer class _Custom" in summarize(qmodel).row("doubler").why
     with pytest.raises(QuantizationError, match="'doubler'.*_Custom.*strict"):
         qatflow.quantize_model(model, strict=True)
+
+
+class _Scaled(_Custom):
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+def _custom_model() -> keras.Model:
+    inputs = keras.Input((8, 8, 1))
+    x = _Scaled(name="doubler")(inputs)
+    return keras.Model(inputs, keras.layers.Conv2D(2, 3, name="conv")(x))
+
+
+def test_a_layer_registry_applies_to_the_calls_given_it():
+    registry = LayerRegistry()
+    registry.register(_Scaled, LayerQuantizeConfig(quantize_input=True, note="custom"))
+    model = _custom_model()
+    scoped = qatflow.quantize_model(model, registry=registry, strict=True)
+    assert wrapper(scoped, "doubler").input_indices == (0,)
+    assert wrapper(scoped, "conv").weight_axes == {"kernel": -1}  # the defaults are kept
+    assert wrapper(qatflow.quantize_model(model), "doubler") is None  # the default is untouched
+    assert DEFAULT_REGISTRY.config_for(model.get_layer("doubler")) is None
+    assert registry.copy().config_for(model.get_layer("doubler")).note == "custom"
+    with pytest.raises(TypeError, match="is not a Keras layer class"):
+        registry.register(int, LayerQuantizeConfig())
+
+
+def test_register_layer_config_extends_the_default_registry():
+    class Tripler(_Scaled):
+        pass
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, Tripler(name="tripler")(inputs))
+    register_layer_config(Tripler, LayerQuantizeConfig(quantize_input=True))
+    assert wrapper(qatflow.quantize_model(model, strict=True), "tripler").input_indices == (0,)
 
 
 def test_subclassed_model_is_rejected():

@@ -469,12 +469,13 @@ def test_unknown_preprocessing(world: World, here: Path) -> None:
     )
 
 
-def test_zero_batch_size_names_the_flag(world: World, here: Path) -> None:
+@pytest.mark.parametrize("option", ["--batch-size 0", "--limit -3", "--calibration-size -1"])
+def test_zero_or_negative_data_options_name_the_flag(world: World, here: Path, option: str) -> None:
     probe(
         world,
-        f"prepare-data {world.npz} -o {here / 'd.json'} --batch-size 0",
+        f"prepare-data {world.npz} -o {here / 'd.json'} {option}",
         code=2,
-        names=["--batch-size"],
+        names=[option.split()[0]],
         absent=[here / "d.json"],
     )
 

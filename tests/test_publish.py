@@ -14,9 +14,8 @@ from typing import Any
 import boto3
 import pytest
 from mlflow import MlflowClient
-from qatflow_components.testing import Chain, build_chain
+from tests.chain import Chain, build_chain
 from tests.s3_server import make_bucket, s3_endpoint
-from tests.test_tracking import mlflow_server
 
 from qatflow.comparison import Comparison
 from qatflow.errors import DataError, PipelineError, StorageError
@@ -34,7 +33,7 @@ from qatflow.tracking import (
     VARIANTS,
 )
 
-__all__ = ["mlflow_server", "s3_endpoint"]
+__all__ = ["s3_endpoint"]
 
 PARAMS = {"model": {"uri": "demo"}, "qat": {"epochs": 1}, "dataset": {"uri": "data.npz"}}
 

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 import tf2onnx
 from matplotlib.image import imread
-from tests.test_comparison import FP32, PTQ, QAT, fidelity_report, make_result
+from tests.results import FP32, PTQ, QAT, fidelity_report, make_result
 
 from qatflow.comparison import FIDELITY_EXPLANATION, NONE_MARK, compare
 from qatflow.errors import DataError, PipelineError

@@ -24,9 +24,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from tests.onnx_models import make_model, sample_batch, save_model
 from tests.tensorrt_fake_cuda import DeviceSpec, FakeDriver, install_fake_pycuda
 from tests.tensorrt_fake_trt import BY_MAJOR, FakeTensorRT, enums
-from tests.test_runtimes_base import make_model, sample_batch, save_model
 
 from qatflow.errors import RuntimeBackendError
 from qatflow.onnx.reference import run_reference
@@ -42,7 +42,6 @@ from qatflow.runtimes.tensorrt_backend import (
     BuildPlan,
     build_log_path,
     format_parser_error,
-    import_tensorrt,
     plan_build,
     resolve_timing_cache,
 )
@@ -58,6 +57,7 @@ from qatflow.runtimes.tensorrt_inference import (
     to_bfloat16_bits,
 )
 from qatflow.runtimes.tensorrt_layers import precision_summary
+from qatflow.runtimes.tensorrt_module import import_tensorrt
 
 # --------------------------------------------------------------------------- fakes
 

@@ -6,15 +6,11 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -22,7 +18,8 @@ import onnx
 import pytest
 from mlflow import MlflowClient
 from onnx import TensorProto, helper
-from tests.test_comparison import FP32, PTQ, QAT, fidelity_report, make_result
+from tests.net import free_port
+from tests.results import FP32, PTQ, QAT, fidelity_report, make_result
 
 from qatflow.comparison import compare
 from qatflow.errors import PipelineError
@@ -46,66 +43,6 @@ from qatflow.tracking import (
     redact_text,
     resolve_tracking_uri,
 )
-
-VENV_BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """An `mlflow server` subprocess with a sqlite backend and a local artifacts destination."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    log_file = (root / "server.log").open("w")
-    proc = subprocess.Popen(
-        [
-            str(VENV_BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-        ],
-        cwd=root,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("mlflow server did not answer /health within 120 s")
-            time.sleep(0.5)
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log_file.close()
 
 
 class TcpForwarder:
@@ -477,7 +414,7 @@ def test_partial_fidelity_logs_what_is_there(
 def test_unreachable_server_falls_back_offline(
     tmp_path: Path, onnx_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    closed = f"http://127.0.0.1:{_free_port()}"
+    closed = f"http://127.0.0.1:{free_port()}"
     with caplog.at_level(logging.WARNING, logger="qatflow.tracking"):
         tracker = Tracker(tmp_path, tracking_uri=closed, probe_timeout=2)
         parent = tracker.start_pipeline_run("offline", params={"db_password": "hunter2"})

@@ -69,7 +69,7 @@ def _gate(value: object) -> str | None:
     try:
         gate.check_gate(value)
     except PipelineError as err:
-        return str(err).removeprefix(f"{gate.PARAMETER} ")
+        return str(err).removeprefix(f"{gate.PARAMETER} ").split(", got ")[0]
     return None
 
 

@@ -21,8 +21,19 @@ _EXPORTS: dict[str, str] = {
     "register_layer_config": "qatflow.quantization",
     "LayerQuantizeConfig": "qatflow.quantization",
     "QuantizeWrapper": "qatflow.quantization",
+    "LayerRegistry": "qatflow.quantization",
+    "DEFAULT_REGISTRY": "qatflow.quantization",
+    "quantize_scope": "qatflow.quantization",
     "export_onnx": "qatflow.onnx.export",
     "validate_onnx": "qatflow.onnx.validate",
+    "load_model": "qatflow.models",
+    "load_dataset": "qatflow.data",
+    "pretrain": "qatflow.training",
+    "finetune": "qatflow.training",
+    "build_engine": "qatflow.runtimes",
+    "load_engine": "qatflow.runtimes",
+    "evaluate": "qatflow.evaluation",
+    "compare": "qatflow.comparison",
 }
 
 

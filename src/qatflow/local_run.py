@@ -143,18 +143,7 @@ def run_local(
         image_ids = local_docker.check_images(_images(pipeline))
         code_version += f"-{local_docker.images_fingerprint(image_ids)}"
         pipeline = build_pipeline(runtime=runtime, code_version=code_version)
-        inputs = {
-            name: path
-            for name in LOCAL_INPUTS
-            for path in local_docker.local_inputs(str(arguments.get(name, "")))
-        }
-        arguments.update({name: str(path) for name, path in inputs.items()})
-        mlflow_dir = local_docker.mlflow_store_dir(str(arguments["tracking_uri"]))
-        if mlflow_dir is not None:
-            mlflow_dir.mkdir(parents=True, exist_ok=True)
-        kfp_runner = local_docker.docker_runner(
-            run_label=str(out), read_only=list(inputs.values()), mlflow_dir=mlflow_dir
-        )
+        kfp_runner = _docker_runner(arguments, out)
     else:
         kfp_runner = local.SubprocessRunner(use_venv=False)
     out.mkdir(parents=True, exist_ok=True)
@@ -182,6 +171,24 @@ def _images(pipeline: Any) -> set[str]:
     """The container images of the pipeline's tasks."""
     executors = pipeline.pipeline_spec.deployment_spec["executors"]
     return {str(executor["container"]["image"]) for executor in executors.values()}
+
+
+def _docker_runner(arguments: dict[str, Any], out: Path) -> Any:
+    """The DockerRunner for ``arguments``, whose local input paths it makes absolute."""
+    from qatflow import local_docker
+
+    inputs = {
+        name: path
+        for name in LOCAL_INPUTS
+        for path in local_docker.local_inputs(str(arguments.get(name, "")))
+    }
+    arguments.update({name: str(path) for name, path in inputs.items()})
+    mlflow_dir = local_docker.mlflow_store_dir(str(arguments["tracking_uri"]))
+    if mlflow_dir is not None:
+        mlflow_dir.mkdir(parents=True, exist_ok=True)
+    return local_docker.docker_runner(
+        run_label=str(out), read_only=list(inputs.values()), mlflow_dir=mlflow_dir
+    )
 
 
 class _Progress(io.TextIOBase):
@@ -308,7 +315,7 @@ def _summary(out: Path, seconds: float, tracking_uri: str) -> str:
         f"\nqatflow pipeline finished in {seconds / 60:.1f} min: FP32 vs PTQ INT8 vs QAT INT8\n",
         comparison.to_text(),
     ]
-    lines += [f"{name}: {verdict.reason}" for name, verdict in comparison.verdicts().items()]
+    lines += [verdict.reason for verdict in comparison.verdicts().values()]
     lines.append(f"Accuracy gate on {record['gate']['candidate']}: {record['gate']['outcome']}")
     if mlflow["offline"]:
         lines.append(

@@ -16,6 +16,8 @@ import keras
 
 from qatflow import storage
 from qatflow.errors import ModelError
+from qatflow.keras_compat import flatten_layers
+from qatflow.quantization.scope import quantize_scope
 
 log = logging.getLogger("qatflow.models")
 
@@ -42,13 +44,15 @@ def load_model(
 ) -> keras.Model:
     """Load a Keras model: an FP32 model to quantize, or one qatflow quantized and saved.
 
+    qatflow's layers load without any other import (``quantize_scope`` is applied).
+
     ``uri`` is a ``.keras`` or ``.h5`` file, a SavedModel folder (local or ``s3://``), or a
     ``keras.applications`` name such as ``resnet50``, ``mobilenet_v2`` or ``EfficientNetB0``.
     An application is built untrained (``weights=None``) with ``input_shape`` and
     ``num_classes`` (default 1000); ``weights`` (a weights file, local or ``s3://``) is then
     loaded into it. For model files, ``input_shape`` / ``num_classes`` are checked when given.
     A SavedModel is wrapped in one ``keras.layers.TFSMLayer``: it runs, but its layers cannot be
-    quantized one by one (see ``check_layerwise``).
+    quantized one by one (see ``qatflow.quantization.graph.check_layerwise``).
     """
     builder = _application(uri)
     if builder is not None:
@@ -113,17 +117,6 @@ def _custom_names(found: Any, spec: str) -> dict[str, Any]:
     return {keras.saving.get_registered_name(found): found, found.__name__: found}
 
 
-def check_layerwise(model: keras.Model) -> None:
-    """Raise a ModelError if ``model`` hides its layers in a SavedModel (``TFSMLayer``)."""
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.TFSMLayer):
-            raise ModelError(
-                f"model {model.name} wraps the SavedModel {layer.filepath} in one TFSMLayer, so "
-                "its layers cannot be quantized one by one; save the original Keras model as "
-                ".keras or .h5 and load that instead"
-            )
-
-
 def _application(uri: str) -> str | None:
     """The keras.applications builder named by ``uri``, None for paths; unknown names raise."""
     if storage.is_s3_uri(uri) or Path(uri).expanduser().exists():
@@ -169,10 +162,9 @@ def _load_file(path: Path, uri: str) -> keras.Model:
         raise ModelError(
             f"unsupported model file {uri}: expected a .keras or .h5 file or a SavedModel folder"
         )
-    import qatflow.quantization  # noqa: F401  (registers qatflow's layers for deserialization)
-
     try:
-        model = keras.saving.load_model(path, compile=False)
+        with quantize_scope():
+            model = keras.saving.load_model(path, compile=False)
     except OSError as exc:
         raise ModelError(f"{uri} is not a valid Keras/H5 file: {exc}") from exc
     except ValueError as exc:
@@ -252,7 +244,7 @@ def initialize_batchnorm(model: keras.Model, images: Any) -> keras.Model:
     training-mode pass with momentum 0 gives it the statistics a trained model would have,
     which makes random-weight models usable for latency and structure work.
     """
-    norms = [x for x in model._flatten_layers() if isinstance(x, keras.layers.BatchNormalization)]
+    norms = [x for x in flatten_layers(model) if isinstance(x, keras.layers.BatchNormalization)]
     saved = [bn.momentum for bn in norms]
     try:
         for bn in norms:

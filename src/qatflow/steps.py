@@ -41,7 +41,6 @@ log = logging.getLogger("qatflow.steps")
 
 PathLike = str | os.PathLike[str]
 DEMO_MODEL = "demo"
-MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 
 def write_text(path: PathLike, text: str) -> Path:

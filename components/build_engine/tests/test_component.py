@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from kfp import dsl
 from qatflow_components.build_engine.component import build_engine
-from qatflow_components.testing import Chain, artifact
+from tests.chain import Chain, artifact
 
 from qatflow.errors import QatflowError, RuntimeBackendError
 from qatflow.runtimes import load_engine

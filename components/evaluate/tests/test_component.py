@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from kfp import dsl
 from qatflow_components.evaluate.component import evaluate
-from qatflow_components.testing import Chain, artifact
+from tests.chain import Chain, artifact
 
 from qatflow.evaluation import EvaluationResult
 

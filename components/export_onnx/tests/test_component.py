@@ -6,7 +6,7 @@ from pathlib import Path
 import onnx
 from kfp import dsl
 from qatflow_components.export_onnx.component import export_onnx
-from qatflow_components.testing import Chain, artifact
+from tests.chain import Chain, artifact
 
 
 def _export(model_dir: Path, out: Path, **metadata: str) -> dsl.Model:

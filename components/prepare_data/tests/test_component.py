@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from kfp import dsl
 from qatflow_components.prepare_data.component import prepare_data
-from qatflow_components.testing import artifact, write_npz
+from tests.chain import artifact, write_npz
 
 from qatflow.errors import DataError
 

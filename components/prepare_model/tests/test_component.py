@@ -6,7 +6,7 @@ import keras
 import pytest
 from kfp import dsl
 from qatflow_components.prepare_model.component import prepare_model
-from qatflow_components.testing import Chain, artifact
+from tests.chain import Chain, artifact
 
 from qatflow.errors import DataError, ModelError
 

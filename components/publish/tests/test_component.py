@@ -8,7 +8,7 @@ import pytest
 from kfp import dsl
 from mlflow import MlflowClient
 from qatflow_components.publish.component import publish
-from qatflow_components.testing import Chain, artifact
+from tests.chain import Chain, artifact
 
 from qatflow.tracking import PARENT_TAG
 

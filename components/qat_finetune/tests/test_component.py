@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from kfp import dsl
 from qatflow_components.qat_finetune.component import qat_finetune
-from qatflow_components.testing import Chain, artifact
+from tests.chain import Chain, artifact
 
 from qatflow.training import TrainingError
 

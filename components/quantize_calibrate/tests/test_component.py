@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from kfp import dsl
 from qatflow_components.quantize_calibrate.component import quantize_calibrate
-from qatflow_components.testing import Chain, artifact
+from tests.chain import Chain, artifact
 
 from qatflow.errors import QuantizationError
 

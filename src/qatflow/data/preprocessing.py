@@ -83,7 +83,7 @@ def check_channels(preprocessing: Preprocessing, channels: int) -> None:
     if preprocessing.needs_rgb and channels != 3:
         raise DataError(
             f"preprocessing {preprocessing.name!r} needs RGB images but the dataset gives "
-            f"{channels} channel(s); pass channels=3"
+            f"{channels} channel(s); pass channels=3 (--channels 3)"
         )
 
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from qatflow import storage
 from qatflow.data.bundle import LOAD_ARGS, DatasetBundle, DatasetInfo
 from qatflow.data.loader import load_dataset
 from qatflow.errors import DataError
@@ -35,11 +36,13 @@ def load_dataset_from_spec(
     cache_dir: str | os.PathLike[str] | None = None,
     shuffle_train: bool = True,
 ) -> DatasetBundle:
-    """Call ``load_dataset`` with the arguments in the spec at ``path``.
+    """Call ``load_dataset`` with the arguments in the spec at ``path`` (local or ``s3://``).
 
     When the spec holds a full ``DatasetInfo``, the reloaded dataset must match it (same
     classes, shapes and split sizes), otherwise a DataError says what changed.
     """
+    if storage.is_s3_uri(path):
+        path = storage.fetch(path, storage.cache_dir("specs"))
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:

@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -935,17 +933,3 @@ def rewrite_for_ort_int8(
     onnx.checker.check_model(out)
     logger.info("ORT int8 rewrite: %s", summary)
     return out
-
-
-def ort_optimized_op_counts(model: onnx.ModelProto, *, threads: int = 1) -> Counter[str]:
-    """Op types in the graph ONNX Runtime (CPU, all optimizations) actually runs for ``model``."""
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "optimized.onnx"
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.optimized_model_filepath = str(path)
-        options.log_severity_level = 3
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return Counter(n.op_type for n in onnx.load(str(path)).graph.node)

@@ -1,10 +1,6 @@
 """TensorRT-style QDQ placement, fake quantization and calibration for Keras 3 models."""
 
-from qatflow.quantization.calibration import (
-    CalibrationResult,
-    calibrate,
-    uncalibrated_quantizers,
-)
+from qatflow.quantization.calibration import CalibrationResult, calibrate
 from qatflow.quantization.cases import (
     EfficientNetCase,
     InceptionCase,
@@ -16,17 +12,25 @@ from qatflow.quantization.cases import (
     ResNetV2Case,
     cases_for_model,
 )
-from qatflow.quantization.registry import LayerQuantizeConfig, register_layer_config
+from qatflow.quantization.registry import (
+    DEFAULT_REGISTRY,
+    LayerQuantizeConfig,
+    LayerRegistry,
+    register_layer_config,
+)
+from qatflow.quantization.scope import quantize_scope
 from qatflow.quantization.spec import QuantizationSpec, SpecEntry
 from qatflow.quantization.summary import PlacementSummary, summarize
 from qatflow.quantization.transform import quantize_model
-from qatflow.quantization.wrapper import QuantizeWrapper
+from qatflow.quantization.wrapper import QuantizeWrapper, uncalibrated_quantizers
 
 __all__ = [
+    "DEFAULT_REGISTRY",
     "CalibrationResult",
     "EfficientNetCase",
     "InceptionCase",
     "LayerQuantizeConfig",
+    "LayerRegistry",
     "MaxPoolCase",
     "MobileNetCase",
     "PlacementSummary",
@@ -40,6 +44,7 @@ __all__ = [
     "calibrate",
     "cases_for_model",
     "quantize_model",
+    "quantize_scope",
     "register_layer_config",
     "summarize",
     "uncalibrated_quantizers",

@@ -13,9 +13,9 @@ import tensorflow as tf
 
 from qatflow.errors import QuantizationError
 from qatflow.progress import progress
-from qatflow.quantization import graph, observer, ranges
+from qatflow.quantization import observer
 from qatflow.quantization.histogram import AbsHistogram
-from qatflow.quantization.wrapper import QuantizeWrapper
+from qatflow.quantization.wrapper import QuantizeWrapper, wrappers
 
 Method = Literal["max", "percentile", "mse"]
 METHODS: tuple[str, ...] = ("max", "percentile", "mse")
@@ -38,26 +38,6 @@ class CalibrationResult:
             "num_samples": self.num_samples,
             "amax": dict(self.amax),
         }
-
-
-def wrappers(model: keras.Model) -> list[QuantizeWrapper]:
-    """Every QuantizeWrapper in ``model`` and its nested models."""
-    return [
-        layer
-        for sub in graph.iter_models(model)
-        for layer in sub.layers
-        if isinstance(layer, QuantizeWrapper)
-    ]
-
-
-def uncalibrated_quantizers(model: keras.Model) -> list[str]:
-    """Names of input quantizers whose range was never set (still zero)."""
-    return [
-        w.quantizer_name(slot)
-        for w in wrappers(model)
-        for slot, amax in enumerate(w.input_amax)
-        if not ranges.is_set(amax)
-    ]
 
 
 def _batches(data: Any, batch_size: int) -> Iterator[Any]:

@@ -6,12 +6,24 @@ from collections.abc import Iterator
 
 import keras
 
+from qatflow.errors import ModelError
+from qatflow.keras_compat import Functional, inbound_nodes, outbound_nodes, producer
+
 
 def is_graph_model(layer: keras.layers.Layer) -> bool:
     """True for Functional and Sequential models (whose layers can be cloned one by one)."""
-    from keras.src.models.functional import Functional
-
     return isinstance(layer, Functional | keras.Sequential)
+
+
+def check_layerwise(model: keras.Model) -> None:
+    """Raise a ModelError if ``model`` hides its layers in a SavedModel (``TFSMLayer``)."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.TFSMLayer):
+            raise ModelError(
+                f"model {model.name} wraps the SavedModel {layer.filepath} in one TFSMLayer, so "
+                "its layers cannot be quantized one by one; save the original Keras model as "
+                ".keras or .h5 and load that instead"
+            )
 
 
 def iter_models(model: keras.Model) -> Iterator[keras.Model]:
@@ -24,11 +36,11 @@ def iter_models(model: keras.Model) -> Iterator[keras.Model]:
 
 def _first_node(layer: keras.layers.Layer, model: keras.Model) -> object | None:
     members = {id(x) for x in model.layers}
-    for node in layer._inbound_nodes:
-        producers = [t._keras_history.operation for t in node.input_tensors]
-        if all(id(p) in members for p in producers):
+    nodes = inbound_nodes(layer)
+    for node in nodes:
+        if all(id(producer(t)) in members for t in node.input_tensors):
             return node
-    return layer._inbound_nodes[0] if layer._inbound_nodes else None
+    return nodes[0] if nodes else None
 
 
 def producers(layer: keras.layers.Layer, model: keras.Model) -> list[keras.layers.Layer]:
@@ -36,7 +48,7 @@ def producers(layer: keras.layers.Layer, model: keras.Model) -> list[keras.layer
     node = _first_node(layer, model)
     if node is None:
         return []
-    return [t._keras_history.operation for t in node.input_tensors]  # type: ignore[attr-defined]
+    return [producer(t) for t in node.input_tensors]  # type: ignore[attr-defined]
 
 
 def num_inputs(layer: keras.layers.Layer, model: keras.Model) -> int:
@@ -47,7 +59,7 @@ def num_inputs(layer: keras.layers.Layer, model: keras.Model) -> int:
 def consumers(layer: keras.layers.Layer, model: keras.Model) -> list[keras.layers.Layer]:
     """The layers inside ``model`` that consume ``layer``'s output."""
     members = {id(x) for x in model.layers}
-    found = [node.operation for node in layer._outbound_nodes]
+    found = [node.operation for node in outbound_nodes(layer)]
     return [c for c in found if id(c) in members]
 
 

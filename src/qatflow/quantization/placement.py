@@ -10,8 +10,9 @@ from typing import Literal
 import keras
 
 from qatflow.errors import QuantizationError
-from qatflow.quantization import graph, registry
+from qatflow.quantization import graph
 from qatflow.quantization.cases import QDQCase, cases_for_model, residual_inputs_to_quantize
+from qatflow.quantization.registry import DEFAULT_REGISTRY, LayerRegistry
 from qatflow.quantization.spec import QuantizationSpec, SpecEntry
 
 Mode = Literal["full", "partial"]
@@ -51,22 +52,28 @@ def _resolve_index(
     return tuple(sorted(set(index)))
 
 
-def _default_placement(layer: keras.layers.Layer, count: int, mode: Mode) -> Placement:
+def _default_placement(
+    layer: keras.layers.Layer, count: int, mode: Mode, layers: LayerRegistry
+) -> Placement:
     placement = Placement(layer.name, type(layer).__name__, count)
-    config = registry.config_for(layer)
+    config = layers.config_for(layer)
     if config is not None and mode == "full":
         if config.quantize_input:
             placement.input_indices = tuple(range(count))
         if config.quantize_weight:
             placement.weight_axes = dict(config.weight_axes)
-    placement.reason = "default" if placement.quantized else registry.float_reason(layer)
+    placement.reason = "default" if placement.quantized else layers.float_reason(layer)
     return placement
 
 
 def _apply_entry(
-    placement: Placement, entry: SpecEntry, layer: keras.layers.Layer, owner: keras.Model
+    placement: Placement,
+    entry: SpecEntry,
+    layer: keras.layers.Layer,
+    owner: keras.Model,
+    layers: LayerRegistry,
 ) -> None:
-    config = registry.config_for(layer)
+    config = layers.config_for(layer)
     placement.input_indices = (
         _resolve_index(entry, layer, owner, placement.num_inputs) if entry.quantize_input else ()
     )
@@ -95,12 +102,15 @@ def plan_placement(
     spec: QuantizationSpec | None = None,
     cases: Iterable[QDQCase] | None = None,
     strict: bool = False,
+    registry: LayerRegistry | None = None,
 ) -> dict[int, Placement]:
     """Decide the placement for every layer of ``model`` and its nested models, keyed by id.
 
     Order of precedence: defaults (full mode only) < automatic cases (full mode only) <
-    the user's cases < the user's spec.
+    the user's cases < the user's spec. The defaults come from ``registry``
+    (``DEFAULT_REGISTRY`` when None).
     """
+    layers = DEFAULT_REGISTRY if registry is None else registry
     if mode not in ("full", "partial"):
         raise QuantizationError(f"mode must be 'full' or 'partial', got {mode!r}")
     if mode == "partial" and not spec and not cases:
@@ -120,15 +130,15 @@ def plan_placement(
     entries.extend(spec)
     plan: dict[int, Placement] = {}
     for owner, layer in owned:
-        placement = _default_placement(layer, graph.num_inputs(layer, owner), mode)
+        placement = _default_placement(layer, graph.num_inputs(layer, owner), mode, layers)
         matching = [entry for entry in entries if entry.matches(layer)]
-        if strict and not matching and not registry.is_known(layer):
+        if strict and not matching and not layers.is_known(layer):
             raise QuantizationError(
                 f"layer {layer.name!r} has class {type(layer).__name__}, which qatflow does "
                 "not know how to quantize (strict mode). Register it with "
                 "qatflow.register_layer_config, name it in a spec, or drop strict=True."
             )
         for entry in matching:
-            _apply_entry(placement, entry, layer, owner)
+            _apply_entry(placement, entry, layer, owner, layers)
         plan[id(layer)] = placement
     return plan

@@ -17,7 +17,6 @@ import keras
 import tensorflow as tf
 
 from qatflow.errors import QuantizationError
-from qatflow.quantization import graph
 
 if TYPE_CHECKING:
     from qatflow.quantization.wrapper import QuantizeWrapper
@@ -65,7 +64,7 @@ def inference_amax(wrapper: QuantizeWrapper, slot: int) -> tf.Tensor:
     amax = wrapper.input_amax[slot]
     if not is_set(amax):
         raise QuantizationError(
-            f"{describe_unset(*_called_model(wrapper))}: in inference they would "
+            f"{describe_unset(*wrapper.uncalibrated_in_call())}: in inference they would "
             "quantize every activation to zero. Calibrate first (qatflow.calibrate(qmodel, "
             "data) or `qatflow quantize --calibration-data`), or train the model (fit), "
             "which takes each range from the first training batch"
@@ -79,7 +78,7 @@ def _announce_first_batch(wrapper: QuantizeWrapper) -> None:
     tf.function may trace a step twice, and eager steps set one range after another: a model
     is announced again only when a quantizer not announced before is unset.
     """
-    model, names = _called_model(wrapper)
+    model, names = wrapper.uncalibrated_in_call()
     announced = _announced.setdefault(model, set())
     if set(names) <= announced:
         return
@@ -90,15 +89,3 @@ def _announce_first_batch(wrapper: QuantizeWrapper) -> None:
         describe_unset(model, names),
         wrapper.activation_range,
     )
-
-
-def _called_model(wrapper: QuantizeWrapper) -> tuple[keras.layers.Layer, list[str]]:
-    """The model being called (or the wrapper, if called alone) and its unset quantizers."""
-    # Imported here: calibration imports the wrapper, which imports this module.
-    from qatflow.quantization.calibration import uncalibrated_quantizers
-
-    model = wrapper._get_call_context().entry_layer
-    if isinstance(model, keras.Model) and graph.is_graph_model(model):
-        return model, uncalibrated_quantizers(model)
-    names = [wrapper.quantizer_name(s) for s, a in enumerate(wrapper.input_amax) if not is_set(a)]
-    return wrapper, names

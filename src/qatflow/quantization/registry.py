@@ -32,7 +32,7 @@ class LayerQuantizeConfig:
 _WEIGHTED = "weighted layer: TensorRT runs it in INT8 when input and weights are quantized"
 _POOL = "average pooling does not commute with Q/DQ: quantize its input"
 
-_REGISTRY: dict[type, LayerQuantizeConfig] = {
+_DEFAULTS: dict[type, LayerQuantizeConfig] = {
     keras.layers.Conv1D: LayerQuantizeConfig({"kernel": -1}, True, True, _WEIGHTED),
     keras.layers.Conv2D: LayerQuantizeConfig({"kernel": -1}, True, True, _WEIGHTED),
     keras.layers.Conv3D: LayerQuantizeConfig({"kernel": -1}, True, True, _WEIGHTED),
@@ -76,33 +76,53 @@ _PASSIVE = (
 )
 
 
+class LayerRegistry:
+    """Layer class -> quantize config; ``quantize_model(registry=...)`` takes one.
+
+    ``LayerRegistry()`` starts from qatflow's defaults; ``copy()`` a registry to change it for
+    one model without touching the others. ``DEFAULT_REGISTRY`` is the one used when none is
+    given, and ``register_layer_config`` adds to it.
+    """
+
+    def __init__(self, configs: dict[type, LayerQuantizeConfig] | None = None) -> None:
+        self._configs = dict(_DEFAULTS if configs is None else configs)
+
+    def register(self, layer_class: type, config: LayerQuantizeConfig) -> None:
+        """Register (or replace) the config of a Keras layer class, custom ones included."""
+        if not (isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)):
+            raise TypeError(f"register_layer_config: {layer_class!r} is not a Keras layer class")
+        self._configs[layer_class] = config
+
+    def copy(self) -> LayerRegistry:
+        """An independent registry with the same configs."""
+        return LayerRegistry(self._configs)
+
+    def config_for(self, layer: keras.layers.Layer) -> LayerQuantizeConfig | None:
+        """The config registered for ``layer``'s class (the most specific one), or None."""
+        for cls in type(layer).__mro__:
+            if cls in self._configs:
+                return self._configs[cls]
+        return None
+
+    def is_known(self, layer: keras.layers.Layer) -> bool:
+        """True when the registry knows how to treat ``layer`` (a config or a passive layer)."""
+        return self.config_for(layer) is not None or isinstance(layer, _PASSIVE)
+
+    def float_reason(self, layer: keras.layers.Layer) -> str:
+        """Why ``layer`` is left in float, for the placement summary."""
+        config = self.config_for(layer)
+        if config is None:
+            if self.is_known(layer):
+                return "left in float: no arithmetic to quantize"
+            return f"left in float: unknown layer class {type(layer).__name__}"
+        if config.quantize_input or config.quantize_weight:
+            return "left in float: not selected (partial mode or spec)"
+        return f"left in float: {config.note}"
+
+
+DEFAULT_REGISTRY = LayerRegistry()
+
+
 def register_layer_config(layer_class: type, config: LayerQuantizeConfig) -> None:
-    """Register (or replace) the quantize config of a Keras layer class, custom ones included."""
-    if not (isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)):
-        raise TypeError(f"register_layer_config: {layer_class!r} is not a Keras layer class")
-    _REGISTRY[layer_class] = config
-
-
-def config_for(layer: keras.layers.Layer) -> LayerQuantizeConfig | None:
-    """The config registered for ``layer``'s class (the most specific one), or None."""
-    for cls in type(layer).__mro__:
-        if cls in _REGISTRY:
-            return _REGISTRY[cls]
-    return None
-
-
-def is_known(layer: keras.layers.Layer) -> bool:
-    """True when qatflow knows how to treat ``layer`` (a config or a passive layer)."""
-    return config_for(layer) is not None or isinstance(layer, _PASSIVE)
-
-
-def float_reason(layer: keras.layers.Layer) -> str:
-    """Why ``layer`` is left in float, for the placement summary."""
-    config = config_for(layer)
-    if config is None:
-        if is_known(layer):
-            return "left in float: no arithmetic to quantize"
-        return f"left in float: unknown layer class {type(layer).__name__}"
-    if config.quantize_input or config.quantize_weight:
-        return "left in float: not selected (partial mode or spec)"
-    return f"left in float: {config.note}"
+    """Register (or replace) a layer class's config in ``DEFAULT_REGISTRY``."""
+    DEFAULT_REGISTRY.register(layer_class, config)

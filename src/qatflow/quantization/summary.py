@@ -8,8 +8,9 @@ from typing import Any
 
 import keras
 
-from qatflow.quantization import graph, registry
+from qatflow.quantization import graph
 from qatflow.quantization.placement import Placement
+from qatflow.quantization.registry import DEFAULT_REGISTRY, LayerRegistry
 from qatflow.quantization.wrapper import QuantizeWrapper
 
 
@@ -103,8 +104,12 @@ class PlacementSummary:
         return self.to_text()
 
 
-def summarize(model: keras.Model) -> PlacementSummary:
-    """The placement summary of a quantized model (also after loading it from a file)."""
+def summarize(model: keras.Model, registry: LayerRegistry | None = None) -> PlacementSummary:
+    """The placement summary of a quantized model (also after loading it from a file).
+
+    ``registry`` explains the float layers (``DEFAULT_REGISTRY`` when None).
+    """
+    layers = DEFAULT_REGISTRY if registry is None else registry
     placements = []
     for owner in graph.iter_models(model):
         for layer in owner.layers:
@@ -123,6 +128,6 @@ def summarize(model: keras.Model) -> PlacementSummary:
                     )
                 )
                 continue
-            why = registry.float_reason(layer)
+            why = layers.float_reason(layer)
             placements.append(Placement(layer.name, type(layer).__name__, count, reason=why))
     return PlacementSummary.from_placements(placements)

@@ -8,10 +8,10 @@ from typing import Any
 import keras
 
 from qatflow.errors import ModelError
-from qatflow.models import check_layerwise
 from qatflow.quantization import graph
 from qatflow.quantization.cases import QDQCase
 from qatflow.quantization.placement import Mode, Placement, plan_placement
+from qatflow.quantization.registry import LayerRegistry
 from qatflow.quantization.spec import QuantizationSpec
 from qatflow.quantization.wrapper import QuantizeWrapper, SeparableQuantizeWrapper
 
@@ -44,7 +44,7 @@ def check_quantizable(model: Any) -> None:
                 f"model {model.name!r} input {tensor.name!r} has no fixed rank "
                 f"(shape {tensor.shape}); declare keras.Input(shape=(H, W, C))"
             )
-    check_layerwise(model)
+    graph.check_layerwise(model)
     for sub in graph.iter_models(model):
         for layer in sub.layers:
             if isinstance(layer, keras.Model) and not graph.is_graph_model(layer):
@@ -67,6 +67,7 @@ def quantize_model(
     strict: bool = False,
     *,
     activation_range: str = "frozen",
+    registry: LayerRegistry | None = None,
 ) -> keras.Model:
     """Return a copy of ``model`` with TensorRT-style Q/DQ; ``model`` itself is left untouched.
 
@@ -79,11 +80,15 @@ def quantize_model(
         cases: extra pattern cases (``QDQCase`` instances), user-written ones included.
         strict: raise on layer classes qatflow does not know instead of leaving them float.
         activation_range: ``"frozen"`` (calibrated ranges kept during QAT) or ``"ema"``.
+        registry: the layer configs behind the default placement (a ``LayerRegistry``);
+            None uses ``DEFAULT_REGISTRY``, which ``register_layer_config`` extends.
 
     Activation ranges start uncalibrated: run ``qatflow.calibrate`` before use.
     """
     check_quantizable(model)
-    plan = plan_placement(model, mode=mode, spec=spec, cases=cases, strict=strict)
+    plan = plan_placement(
+        model, mode=mode, spec=spec, cases=cases, strict=strict, registry=registry
+    )
     copies: list[tuple[keras.layers.Layer, keras.layers.Layer]] = []
 
     def clone(layer: keras.layers.Layer) -> keras.layers.Layer:

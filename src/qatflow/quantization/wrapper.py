@@ -6,9 +6,9 @@ from typing import Any
 
 import keras
 import tensorflow as tf
-from keras.src.backend.common.stateless_scope import StatelessScope
 
-from qatflow.quantization import observer, ranges
+from qatflow.keras_compat import StatelessScope, called_model
+from qatflow.quantization import graph, observer, ranges
 from qatflow.quantization.quantizers import fake_quant_per_channel, fake_quant_per_tensor
 
 ACTIVATION_RANGE_MODES = ("frozen", "ema")
@@ -80,6 +80,14 @@ class QuantizeWrapper(keras.layers.Wrapper):
         """Human-readable name of one input quantizer: ``<layer>:<input index>``."""
         return f"{self.layer.name}:{self.quantizer_labels[slot]}"
 
+    def uncalibrated_in_call(self) -> tuple[keras.layers.Layer, list[str]]:
+        """The model being called (or this wrapper, if called alone) and its unset quantizers."""
+        model = called_model(self)
+        if isinstance(model, keras.Model) and graph.is_graph_model(model):
+            return model, uncalibrated_quantizers(model)
+        unset = [s for s, amax in enumerate(self.input_amax) if not ranges.is_set(amax)]
+        return self, [self.quantizer_name(s) for s in unset]
+
     def compute_output_shape(self, input_shape: Any) -> Any:
         return self.layer.compute_output_shape(input_shape)
 
@@ -126,6 +134,26 @@ class QuantizeWrapper(keras.layers.Wrapper):
             ema_momentum=self.ema_momentum,
         )
         return config
+
+
+def wrappers(model: keras.Model) -> list[QuantizeWrapper]:
+    """Every QuantizeWrapper in ``model`` and its nested models."""
+    return [
+        layer
+        for sub in graph.iter_models(model)
+        for layer in sub.layers
+        if isinstance(layer, QuantizeWrapper)
+    ]
+
+
+def uncalibrated_quantizers(model: keras.Model) -> list[str]:
+    """Names of input quantizers whose range was never set (still zero)."""
+    return [
+        w.quantizer_name(slot)
+        for w in wrappers(model)
+        for slot, amax in enumerate(w.input_amax)
+        if not ranges.is_set(amax)
+    ]
 
 
 @keras.saving.register_keras_serializable(package="qatflow")

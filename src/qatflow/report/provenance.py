@@ -18,7 +18,7 @@ _UNKNOWN = "not recorded"
 class RunInfo:
     """Where the compared results came from: the inputs and the run, as the pipeline names them.
 
-    Every field is optional; ``dataset`` is a dataset spec's ``uri``, ``kind`` and split sizes.
+    Every field is optional; ``dataset_uri`` and ``dataset_kind`` come from the dataset spec.
     """
 
     dataset_uri: str | None = None
@@ -42,7 +42,7 @@ def provenance(
 ) -> list[tuple[str, str]]:
     """The report's provenance header as (label, value) rows, in display order."""
     dataset = display_uri(info.dataset_uri)
-    if info.dataset_kind:
+    if info.dataset_kind and info.dataset_kind != info.dataset_uri:
         dataset += f" ({info.dataset_kind})"
     first = results[variants[0]]
     versions = package_versions(("tensorflow", "onnxruntime"))

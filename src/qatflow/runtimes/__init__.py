@@ -4,6 +4,7 @@
 ``load_engine(path)`` returns an :class:`Engine` whose ``run(batch)`` gives logits.
 """
 
-from qatflow.runtimes.base import Engine, EngineMetadata, build_engine, load_engine
+from qatflow.runtimes.base import Engine, EngineMetadata
+from qatflow.runtimes.dispatch import build_engine, load_engine
 
 __all__ = ["Engine", "EngineMetadata", "build_engine", "load_engine"]

@@ -1,7 +1,7 @@
-"""Engine interface, engine metadata, shape/profile checks, version checks and dispatch.
+"""Engine interface, engine metadata, shape/profile checks and version checks.
 
 Everything here is pure Python (numpy + onnx): the runtime backends import it, never the
-other way round, and the dispatch functions import a backend only when it is needed.
+other way round; ``qatflow.runtimes.dispatch`` picks the backend.
 """
 
 from __future__ import annotations
@@ -315,91 +315,12 @@ def physical_cores() -> int:
     return len(allowed) if allowed else os.cpu_count() or 1
 
 
-# --------------------------------------------------------------------------- dispatch
+# --------------------------------------------------------------------------- engine files
 
 
 def sidecar_path(engine_path: Path) -> Path:
     """``<engine>.json``: metadata of a TensorRT engine."""
     return engine_path.with_name(engine_path.name + ".json")
-
-
-def build_engine(
-    onnx_path: str | os.PathLike[str],
-    output_path: str | os.PathLike[str],
-    runtime: RuntimeName = "onnxruntime",
-    *,
-    batch_profile: tuple[int, int, int] = (1, 8, 64),
-    fidelity_data: Any = None,
-    fidelity_samples: int = 256,
-    **runtime_options: Any,
-) -> Path:
-    """Build an engine for ``runtime`` from an ONNX file, check it, and return the engine path.
-
-    Every engine is checked against its reference (the same ONNX run as float math) on
-    ``fidelity_data`` (an array of inputs or an iterable of batches, at most
-    ``fidelity_samples`` samples; None: synthetic inputs over the input's quantization range)
-    before it is written; an engine that fails the check is an error (see
-    :mod:`qatflow.runtimes.fidelity`). A source graph with fatal problems (``validate_onnx``:
-    the ONNX checker fails, or a Q/DQ scale is not positive and finite) is refused first.
-
-    ``onnxruntime`` options: ``threads``, ``encoding``, ``execution_mode``,
-    ``optimization_level``, ``int8_rewrite``. ``tensorrt`` options: ``fp16``,
-    ``workspace_bytes``, ``builder_optimization_level``, ``timing_cache``, ``layer_info``.
-    See docs/runtimes.md.
-    """
-    from qatflow.onnx.validate import check_runnable
-    from qatflow.runtimes.fidelity import FidelityCheck
-
-    if runtime not in RUNTIMES:
-        raise RuntimeBackendError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
-    source, output = Path(onnx_path), Path(output_path)
-    if not source.is_file():
-        raise RuntimeBackendError(f"ONNX file {source} does not exist")
-    check_runnable(source)
-    profile = validate_batch_profile(batch_profile)
-    if isinstance(fidelity_samples, bool) or not isinstance(fidelity_samples, int):
-        raise RuntimeBackendError(f"fidelity_samples must be an integer, got {fidelity_samples!r}")
-    if fidelity_samples < 1:
-        raise RuntimeBackendError(f"fidelity_samples must be at least 1, got {fidelity_samples}")
-    check = FidelityCheck(fidelity_data, fidelity_samples)
-    if runtime == "onnxruntime":
-        from qatflow.runtimes.onnxruntime_backend import OrtBuildOptions, build_ort_engine
-
-        ort_options = options_from_kwargs(OrtBuildOptions, runtime, runtime_options)
-        return build_ort_engine(source, output, profile, ort_options, check)
-    from qatflow.runtimes.tensorrt_backend import TensorRTBuildOptions, build_tensorrt_engine
-
-    trt_options = options_from_kwargs(TensorRTBuildOptions, runtime, runtime_options)
-    return build_tensorrt_engine(source, output, profile, trt_options, check)
-
-
-def load_engine(path: str | os.PathLike[str], *, threads: int | None = None) -> Engine:
-    """Load an engine file built by ``build_engine`` (or a plain ONNX model, run by ORT).
-
-    An ONNX model is run by ONNX Runtime (an ORT engine carries its metadata inside, so a
-    ``<engine>.json`` beside it is no sidecar of it and is ignored); any other file with a
-    ``<engine>.json`` sidecar is a TensorRT engine. Mismatched runtimes or versions raise
-    ``RuntimeBackendError``.
-    """
-    engine_path = Path(path)
-    if not engine_path.is_file():
-        raise RuntimeBackendError(f"engine file {engine_path} does not exist")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise RuntimeBackendError(f"threads must be a positive integer, got {threads!r}")
-    sidecar = sidecar_path(engine_path)
-    if sidecar.is_file() and not is_onnx_model(engine_path):
-        metadata = read_sidecar(sidecar)
-        if metadata.runtime != "tensorrt":
-            raise RuntimeBackendError(
-                f"{sidecar} says runtime {metadata.runtime!r}; only TensorRT engines have a "
-                "sidecar (ONNX Runtime engines carry their metadata inside the model)"
-            )
-        from qatflow.runtimes.tensorrt_inference import load_tensorrt_engine
-
-        return load_tensorrt_engine(engine_path, metadata)
-    from qatflow.runtimes.onnxruntime_backend import load_ort_engine
-
-    return load_ort_engine(engine_path, threads=threads)
 
 
 def is_onnx_model(path: Path) -> bool:

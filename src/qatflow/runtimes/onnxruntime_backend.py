@@ -16,7 +16,7 @@ import platform
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnx
@@ -55,6 +55,9 @@ from qatflow.runtimes.fidelity import (
 from qatflow.runtimes.integer_share import node_share, time_share
 from qatflow.storage import atomic_output
 
+if TYPE_CHECKING:
+    from qatflow.onnx.ort_int8 import ReluMode, RequantizeMode
+
 logger = logging.getLogger("qatflow.runtimes.onnxruntime")
 
 GraphPass = Callable[[onnx.ModelProto], onnx.ModelProto]
@@ -81,7 +84,7 @@ _FIDELITY_BATCH = 32
 # pass bit-exact; folded Convs stay float). Relus stay exact in all: "absorb" keeps values above
 # 127 x scale that TensorRT clips, and a QAT model learns to rely on that clipping (its smoke-run
 # engine agreed on 95.5 % only; docs/exact-int8.md).
-RewriteMode = tuple[str, str, bool]
+RewriteMode = tuple["ReluMode", "RequantizeMode", bool]
 FAST_REWRITE: RewriteMode = ("exact", "calibrated", True)
 EXACT_REWRITE: RewriteMode = ("exact", "none", True)
 BIT_EXACT_REWRITE: RewriteMode = ("exact", "none", False)
@@ -111,7 +114,7 @@ class OrtBuildOptions:
     optimization_level: ORT level baked into the saved model; ``"extended"`` (default) fuses
         QDQ pairs into integer kernels and stays portable; ``"all"`` adds layout transforms
         that ORT marks as valid only on the machine that built them.
-    int8_rewrite: apply ``qatflow.onnx.ort_int8.rewrite_for_ort_int8`` when available.
+    int8_rewrite: apply ``qatflow.onnx.ort_int8.rewrite_for_ort_int8``.
     """
 
     threads: int | None = None
@@ -151,29 +154,29 @@ def ort_graph_passes(
 ) -> list[tuple[str, GraphPass]]:
     """Ordered ONNX graph passes applied before ORT optimizes and saves the model.
 
-    For a graph with QuantizeLinear nodes: ``rewrite_for_ort_int8`` (when ``int8_rewrite`` is on
-    and ``qatflow.onnx.ort_int8`` is importable, with the ``(relu, requantize, fold_affine)`` of
-    ``rewrite`` and ``calibration``), then the weight ``encoding``
+    For a graph with QuantizeLinear nodes: ``rewrite_for_ort_int8`` (when ``int8_rewrite`` is on,
+    with the ``(relu, requantize, fold_affine)`` of ``rewrite`` and ``calibration``), then the
+    weight ``encoding``
     (:func:`qatflow.onnx.encoding.encode_weights`).
     """
     passes: list[tuple[str, GraphPass]] = []
     if not has_qdq(model):
         return passes
     if int8_rewrite:
-        rewrite_pass = _int8_rewrite_pass()
-        if rewrite_pass is not None:
-            relu, requantize, fold_affine = rewrite
+        from qatflow.onnx.ort_int8 import rewrite_for_ort_int8
 
-            def rewritten(graph: onnx.ModelProto) -> onnx.ModelProto:
-                return rewrite_pass(
-                    graph,
-                    calibration=calibration,
-                    relu=relu,
-                    requantize=requantize,
-                    fold_affine=fold_affine,
-                )
+        relu, requantize, fold_affine = rewrite
 
-            passes.append((f"{_INT8_REWRITE_MODULE}.rewrite_for_ort_int8", rewritten))
+        def rewritten(graph: onnx.ModelProto) -> onnx.ModelProto:
+            return rewrite_for_ort_int8(
+                graph,
+                calibration=calibration,
+                relu=relu,
+                requantize=requantize,
+                fold_affine=fold_affine,
+            )
+
+        passes.append((f"{_INT8_REWRITE_MODULE}.rewrite_for_ort_int8", rewritten))
     if encoding != "u8s8":
 
         def encoded(graph: onnx.ModelProto) -> onnx.ModelProto:
@@ -182,17 +185,6 @@ def ort_graph_passes(
 
         passes.append((f"qatflow.onnx.encoding.encode_weights({encoding})", encoded))
     return passes
-
-
-def _int8_rewrite_pass() -> Callable[..., onnx.ModelProto] | None:
-    try:
-        from qatflow.onnx.ort_int8 import rewrite_for_ort_int8
-    except ModuleNotFoundError as exc:
-        if exc.name != _INT8_REWRITE_MODULE:
-            raise
-        logger.info("%s is not available; QDQ graph left as exported", _INT8_REWRITE_MODULE)
-        return None
-    return rewrite_for_ort_int8
 
 
 def _apply_passes(

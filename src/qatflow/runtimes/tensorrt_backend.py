@@ -56,7 +56,9 @@ from qatflow.runtimes.fidelity import (
     reference_outputs,
 )
 from qatflow.runtimes.tensorrt_fp16 import convert_to_mixed_fp16
+from qatflow.runtimes.tensorrt_inference import TensorRTEngine, deserialize_plan
 from qatflow.runtimes.tensorrt_layers import precision_summary
+from qatflow.runtimes.tensorrt_module import import_tensorrt
 from qatflow.storage import atomic_output
 
 if TYPE_CHECKING:
@@ -154,24 +156,6 @@ def resolve_timing_cache(option: str | os.PathLike[str] | None, output: Path) ->
     return Path(option)
 
 
-def import_tensorrt() -> ModuleType:
-    """The TensorRT Python module, or RuntimeBackendError if only stubs (or nothing) exist."""
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise RuntimeBackendError(
-            "TensorRT is not installed; build and run TensorRT engines on a GPU node with "
-            "pip install 'qatflow[tensorrt]'"
-        ) from exc
-    if not hasattr(trt, "Builder"):
-        # tensorrt-stubs installs a bare 'tensorrt' namespace package that imports fine.
-        raise RuntimeBackendError(
-            "the installed 'tensorrt' package has no TensorRT runtime (type stubs only); "
-            "build and run TensorRT engines on a GPU node with pip install 'qatflow[tensorrt]'"
-        )
-    return trt
-
-
 def format_parser_error(error: Any) -> str:
     """One line per ONNX parser error: node index, name, operator, description, code."""
     name = _call_or(error, "node_name", "")
@@ -251,9 +235,6 @@ def _build(
     options: TensorRTBuildOptions,
     check: FidelityCheck,
 ) -> Path:
-    # Imported here: tensorrt_inference imports this module.
-    from qatflow.runtimes.tensorrt_inference import TensorRTEngine, deserialize_plan
-
     started = time.perf_counter()
     clock = _Stopwatch()
     source_model = onnx.load(source)

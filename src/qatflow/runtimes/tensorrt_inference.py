@@ -31,7 +31,7 @@ import numpy as np
 from qatflow.errors import RuntimeBackendError
 from qatflow.runtimes.base import Engine, EngineMetadata, check_batch, check_same_version
 from qatflow.runtimes.cuda_context import CudaContext, cuda_context
-from qatflow.runtimes.tensorrt_backend import import_tensorrt
+from qatflow.runtimes.tensorrt_module import import_tensorrt
 
 if TYPE_CHECKING:
     import tensorrt as trt_t

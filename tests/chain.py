@@ -1,5 +1,8 @@
 """Test support: a tiny real dataset and the files each pipeline step consumes.
 
+Used by tests/ and the component tests (``components/<step>/tests``); it lives here, out of the
+wheel.
+
 ``build_chain`` runs the real ``qatflow.steps`` on a small ``.npz`` dataset (untrained demo
 model, few latency iterations), so component and publish tests get genuine inputs in seconds.
 """
@@ -15,7 +18,6 @@ from kfp import dsl
 from qatflow import steps
 
 A = TypeVar("A", bound=dsl.Artifact)
-VARIANT_NAMES = ("fp32", "ptq_int8", "qat_int8")
 
 
 def artifact(kind: type[A], path: str | os.PathLike[str], **metadata: Any) -> A:
