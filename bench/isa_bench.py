@@ -439,8 +439,17 @@ def ungated_graph(source: Path, images: np.ndarray, target: Path) -> Path:
     return target
 
 
-def _ungated_row(source: Path, images: np.ndarray, threads: int, work: Path) -> tuple[Any, Any]:
-    row = LatencyRow(UNGATED, note="no engine written (row above): unchecked, plain session")
+NO_ENGINE_NOTE = "no engine written (row above): unchecked, plain session"
+REFUSED_NOTE = (
+    "the fast rewrite the gate refused here (the engine above is the fallback): "
+    "unchecked, plain session"
+)
+
+
+def _ungated_row(
+    source: Path, images: np.ndarray, threads: int, work: Path, note: str = NO_ENGINE_NOTE
+) -> tuple[Any, Any]:
+    row = LatencyRow(UNGATED, note=note)
     try:
         path = ungated_graph(source, images, work / "qatflow_ungated.onnx")
         engine = load_engine(path, threads=threads)
@@ -462,7 +471,9 @@ def time_folder(
     calibration images; ``encoding="auto"``; see :func:`build_with_fallback`); the
     ``quantize_static`` files are loaded as saved (what their user gets) and checked against
     themselves run as float math. When no qatflow engine can be built, the row keeps the
-    error and an extra row times the unchecked graph (:func:`ungated_graph`).
+    error and an extra row times the unchecked graph (:func:`ungated_graph`); so does an
+    engine that is a fallback (its build refused the fast rewrite), so that the kernels' speed
+    is still measured where the gate's verdict on random weights means little.
     """
     info = json.loads((folder / MANIFEST).read_text())
     images = np.load(folder / CALIBRATION_FILE)
@@ -483,6 +494,10 @@ def time_folder(
                 row.encoding = engine_encoding(engine.metadata.build_options)
                 row.fidelity = dict(engine.metadata.fidelity)
                 row.integer_ops = _op_share(built, threads)
+                if variant == QATFLOW and engine.metadata.build_options.get("refused_rewrites"):
+                    rows[UNGATED], ungated = _ungated_row(path, images, threads, work, REFUSED_NOTE)
+                    if ungated is not None:
+                        engines[UNGATED] = ungated
             else:
                 engine = load_engine(path, threads=threads)
                 row.encoding = variant.rsplit(" ", 1)[-1].lower()

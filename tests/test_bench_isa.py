@@ -322,6 +322,38 @@ def test_time_folder_times_the_ungated_graph_when_no_qatflow_engine_builds(
     assert cells[UNGATED][0] != "-" and cells[QATFLOW][-1].startswith("failed: ")
 
 
+def test_time_folder_also_times_the_fast_rewrite_when_the_engine_is_a_fallback(
+    saved, tmp_path, monkeypatch
+):
+    """An engine whose build refused the fast rewrite: its row is what a user gets, and the
+    refused rewrite is timed beside it, labelled unchecked."""
+    real = isa_bench.build_with_fallback
+
+    def as_fallback(source, work, images, threads):
+        built, note = real(source, work, images, threads)
+        if source.name == isa_bench.VARIANT_FILES[QATFLOW]:
+            model = onnx.load(str(built))
+            entry = next(p for p in model.metadata_props if p.key == "qatflow.build_options")
+            refused = [
+                {
+                    "relu": "exact",
+                    "requantize": "calibrated",
+                    "fold_affine": True,
+                    "decided_agreement": 0.5,
+                }
+            ]
+            entry.value = json.dumps({**json.loads(entry.value), "refused_rewrites": refused})
+            onnx.save(model, str(built))
+        return built, note
+
+    monkeypatch.setattr(isa_bench, "build_with_fallback", as_fallback)
+    rows, _ = isa_bench.time_folder(saved / "tiny", threads=1, runs=2, work=tmp_path)
+    assert [row.variant for row in rows] == [FP32, QATFLOW, UNGATED, *VARIANTS[2:]]
+    qatflow, ungated = rows[1], rows[2]
+    assert qatflow.p50_ms is not None and "refused exact/calibrated at 50.0%" in qatflow.encoding
+    assert ungated.p50_ms is not None and ungated.note == isa_bench.REFUSED_NOTE
+
+
 def test_from_mode_runs_without_tensorflow(saved):
     script = (
         "import sys\n"
