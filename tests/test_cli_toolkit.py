@@ -54,7 +54,8 @@ def test_quantize_export_validate(tmp_path, fp32_model, calibration_file, capsys
 
     onnx_path = tmp_path / "q.onnx"
     assert main(["export", str(q), "--output", str(onnx_path)]) == 0
-    assert "OK" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "OK" in out and "ONNX vs Keras: matches" in out and "data: synthetic" in out
     assert json.loads((tmp_path / "q.validation.json").read_text())["ok"] is True
 
     assert main(["validate", str(onnx_path), "--json"]) == 0

@@ -185,7 +185,7 @@ def build_pipeline(
         settings(qat, "QAT fine-tune", cache=True)
 
         def branch(variant: str, keras_model: Any, reference: Any = None) -> tuple[Any, ...]:
-            onnx = export_onnx(model=keras_model)
+            onnx = export_onnx(model=keras_model, dataset=dataset)
             settings(onnx, f"{variant}: export ONNX", cache=True)
             engine = build_engine(
                 onnx_model=onnx.outputs["onnx_model"],

@@ -327,10 +327,20 @@ def quantize(
 
 
 def export(
-    model_path: PathLike, output_path: PathLike, *, opset: int = 17, overwrite: bool = False
+    model_path: PathLike,
+    output_path: PathLike,
+    *,
+    opset: int = 17,
+    dataset_spec: PathLike | None = None,
+    overwrite: bool = False,
 ) -> Location:
-    """Export a ``.keras`` model (FP32 or quantized) to ONNX; the validation report goes beside."""
+    """Export a ``.keras`` model (FP32 or quantized) to ONNX; the validation report goes beside.
+
+    The ONNX is compared with the Keras model on the calibration split of the dataset spec
+    ``dataset_spec`` (synthetic inputs without one) and the verdict is stored in it.
+    """
     require_model(model_path)
+    require_file(dataset_spec, "dataset spec (--dataset)")
     sides = _side_names(output_path, ".validation.json")
     with staged_outputs(
         output_path, inputs=[model_path], overwrite=overwrite, side_names=sides
@@ -338,7 +348,12 @@ def export(
         from qatflow.onnx.export import export_onnx
         from qatflow.onnx.validate import validate_onnx
 
-        export_onnx(load_any_model(model_path), out.main, opset=opset)
+        data = None
+        if dataset_spec is not None:
+            from qatflow.data import load_dataset_from_spec
+
+            data = load_dataset_from_spec(dataset_spec).calibration
+        export_onnx(load_any_model(model_path), out.main, opset=opset, check_data=data)
         report = validate_onnx(out.main)
         report.path = str(out.final)
         write_json(out.side(".validation.json"), report.to_dict())

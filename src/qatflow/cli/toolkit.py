@@ -96,6 +96,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     export.add_argument("model", metavar="MODEL", help=".keras file (or any MODEL as for quantize)")
     export.add_argument("--output", "-o", required=True, help="output .onnx file or s3:// URI")
     export.add_argument("--opset", type=int, default=17, help="ONNX opset, 13+ (default: 17)")
+    export.add_argument(
+        "--dataset",
+        help="dataset spec (.json) written by `qatflow prepare-data`: the ONNX is compared "
+        "with the Keras model on its calibration split (default: synthetic inputs)",
+    )
     add_overwrite(export)
     add_custom_objects(export)
     export.set_defaults(func=run_export)
@@ -143,10 +148,19 @@ def run_quantize(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     """Export to ONNX and print the validation report."""
     from qatflow import steps
+    from qatflow.onnx.parity import export_check_line
     from qatflow.onnx.validate import validate_onnx
 
-    path = steps.export(args.model, args.output, opset=args.opset, overwrite=args.overwrite)
-    print(validate_onnx(steps.local_input(path, "ONNX model")))
+    path = steps.export(
+        args.model,
+        args.output,
+        opset=args.opset,
+        dataset_spec=args.dataset,
+        overwrite=args.overwrite,
+    )
+    local = steps.local_input(path, "ONNX model")
+    print(validate_onnx(local))
+    print(export_check_line(local))
     print(f"wrote {path}")
     return 0
 

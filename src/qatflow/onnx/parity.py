@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -100,3 +101,19 @@ def read_export_check(proto: onnx.ModelProto) -> dict[str, Any] | None:
     """The record :func:`record_export_check` stored in ``proto``, if any."""
     value = next((p.value for p in proto.metadata_props if p.key == EXPORT_CHECK_KEY), None)
     return None if value is None else dict(json.loads(value))
+
+
+def export_check_line(path: str | Path) -> str:
+    """One line on the check stored in the ONNX file at ``path``, for the CLI."""
+    record = read_export_check(onnx.load(str(path), load_external_data=False))
+    if record is None:
+        return "ONNX vs Keras: not recorded"
+    if not record["checked"]:
+        return f"ONNX vs Keras: not checked ({record['reason']})"
+    verdict = "matches" if record["passed"] else "DISAGREES"
+    return (
+        f"ONNX vs Keras: {verdict}: top-1 agreement {record['agreement']:.2%} "
+        f"({record['decided_agreement']:.2%} of {record['decided_samples']} decided), "
+        f"p99 |error| {record['p99_abs_error']:.4g} (tolerance {record['tolerance']:.4g}); "
+        f"data: {record['data']}"
+    )
