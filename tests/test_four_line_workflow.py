@@ -23,14 +23,14 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 def small_cnn() -> keras.Model:
     inputs = keras.Input((28, 28, 1))
-    x = keras.layers.Conv2D(16, 3, padding="same")(inputs)
+    x = keras.layers.Conv2D(16, 3, padding="same", name="conv_a")(inputs)
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.ReLU()(x)
     x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(x)
+    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="conv_b")(x)
     x = keras.layers.MaxPooling2D()(x)
     x = keras.layers.Flatten()(x)
-    return keras.Model(inputs, keras.layers.Dense(10)(x), name="fashion_cnn")
+    return keras.Model(inputs, keras.layers.Dense(10, name="logits")(x), name="fashion_cnn")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_four_lines_train_a_live_qat_model_that_exports(
 
     announced = [r.getMessage() for r in caplog.records if "first training batch" in r.message]
     assert len(announced) == 1, announced
-    assert "3 uncalibrated activation quantizer(s) (conv2d:0, conv2d_1:0, dense:0)" in announced[0]
+    assert "3 uncalibrated activation quantizer(s) (conv_a:0, conv_b:0, logits:0)" in announced[0]
     assert uncalibrated_quantizers(q) == []
     # The model input's range is the first batch's |x| max (frozen afterwards), not +-6.
     input_range = float(wrappers(q)[0].input_amax[0].numpy())
@@ -93,7 +93,7 @@ def test_inference_on_uncalibrated_quantizers_raises_at_the_first_step(
     q = qatflow.quantize_model(pretrained[0])
     q.compile(loss=LOSS, metrics=["accuracy"])
     images = next(iter(fashion.test))[0].numpy()
-    expected = r"model 'fashion_cnn' has 3 uncalibrated activation quantizer\(s\) \(conv2d:0, "
+    expected = r"model 'fashion_cnn' has 3 uncalibrated activation quantizer\(s\) \(conv_a:0, "
     for run in (
         lambda: q.predict(images, verbose=0),
         lambda: q.evaluate(fashion.test, verbose=0),
