@@ -9,6 +9,7 @@ import pytest
 from kfp import dsl, local
 
 from qatflow.errors import PipelineError
+from qatflow.local_docker import images_fingerprint
 from qatflow.local_run import source_fingerprint
 
 
@@ -65,3 +66,11 @@ def test_kfp_local_cache_misses_when_the_code_version_changes(tmp_path: Path) ->
     assert log.read_text().count("ran") == 1  # same code: cache hit
     _pipeline(str(log), "v2")
     assert log.read_text().count("ran") == 2  # new code: the step runs again
+
+
+def test_docker_runs_key_on_the_image_ids() -> None:
+    """``--runner docker`` adds this to the code version: a rebuilt image under the same tag."""
+    ids = {"qatflow-tf:1": "sha256:aa", "qatflow-trt:1": "sha256:bb"}
+    first = images_fingerprint(ids)
+    assert images_fingerprint(dict(reversed(ids.items()))) == first
+    assert images_fingerprint({**ids, "qatflow-tf:1": "sha256:cc"}) != first
