@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import sys
 import threading
@@ -702,10 +703,33 @@ def test_engine_from_another_gpu_and_corrupt_plans(
     install(pycuda=True)
     with pytest.raises(RuntimeBackendError, match=r"built on T4 .* cannot run on Fake GPU"):
         load_engine(path)
-    sidecar.write_text(json.dumps(meta))
-    path.write_bytes(b"\x00garbage")
+    garbage = b"\x00garbage"
+    path.write_bytes(garbage)
+    with pytest.raises(RuntimeBackendError, match=r"was written for another plan than .*e\.plan"):
+        load_engine(path)
+    sidecar.write_text(json.dumps({**meta, "engine_sha256": hashlib.sha256(garbage).hexdigest()}))
     with pytest.raises(RuntimeBackendError, match="could not deserialize"):
         load_engine(path)
+
+
+def test_a_sidecar_beside_another_plan_is_refused(
+    install: Callable[..., FakeTensorRT], qdq_onnx: Path, tmp_path: Path
+) -> None:
+    """A plan copied over an engine keeps the old sidecar: that sidecar must not vouch for it."""
+    install()
+    first = build_engine(qdq_onnx, tmp_path / "a.plan", runtime="tensorrt")
+    second = build_engine(
+        qdq_onnx, tmp_path / "b.plan", runtime="tensorrt", batch_profile=(1, 2, 4)
+    )
+    first.write_bytes(second.read_bytes() + b"\x00")
+    install(pycuda=True)
+    with pytest.raises(RuntimeBackendError, match=r"a\.plan\.json was written for another plan"):
+        load_engine(first)
+    meta = json.loads(sidecar_path(second).read_text())
+    del meta["engine_sha256"]
+    sidecar_path(second).write_text(json.dumps(meta))
+    with pytest.raises(RuntimeBackendError, match="names no engine hash"):
+        load_engine(second)
 
 
 def test_onnx_engine_is_not_taken_for_tensorrt(

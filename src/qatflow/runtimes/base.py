@@ -7,6 +7,7 @@ other way round; ``qatflow.runtimes.dispatch`` picks the backend.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -332,12 +333,31 @@ def is_onnx_model(path: Path) -> bool:
     return bool(model.graph.node)
 
 
-def read_sidecar(sidecar: Path) -> EngineMetadata:
-    """Read and validate a TensorRT engine sidecar."""
+# The sidecar names the plan it describes by hash: a sidecar left beside another file (an older
+# build, a copied plan) must not lend that file its identity.
+ENGINE_HASH_KEY = "engine_sha256"
+
+
+def sidecar_record(metadata: EngineMetadata, plan: bytes) -> dict[str, Any]:
+    """What a TensorRT engine's sidecar holds: ``metadata`` and the plan's SHA-256."""
+    return {**metadata.to_dict(), ENGINE_HASH_KEY: hashlib.sha256(plan).hexdigest()}
+
+
+def read_sidecar(sidecar: Path, engine_path: Path) -> EngineMetadata:
+    """Read and validate the sidecar of the TensorRT engine ``engine_path``."""
     try:
         data = json.loads(sidecar.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RuntimeBackendError(f"{sidecar}: unreadable engine metadata ({exc})") from exc
     if not isinstance(data, dict):
         raise RuntimeBackendError(f"{sidecar}: engine metadata is not a JSON object")
-    return EngineMetadata.from_dict(data, sidecar)
+    metadata = EngineMetadata.from_dict(data, sidecar)
+    recorded = data.get(ENGINE_HASH_KEY)
+    if recorded != file_sha256(engine_path):
+        what = "names no engine hash" if recorded is None else "was written for another plan"
+        raise RuntimeBackendError(
+            f"{sidecar} {what} than {engine_path} (SHA-256 differs); rebuild the engine with "
+            f"`qatflow build-engine {metadata.source_onnx} --runtime tensorrt --output "
+            f"{engine_path}`"
+        )
+    return metadata

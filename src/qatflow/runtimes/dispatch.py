@@ -101,7 +101,7 @@ def load_engine(path: str | os.PathLike[str], *, threads: int | None = None) -> 
         raise RuntimeBackendError(f"threads must be a positive integer, got {threads!r}")
     sidecar = sidecar_path(engine_path)
     if sidecar.is_file() and not is_onnx_model(engine_path):
-        metadata = read_sidecar(sidecar)
+        metadata = read_sidecar(sidecar, engine_path)
         if metadata.runtime != "tensorrt":
             raise RuntimeBackendError(
                 f"{sidecar} says runtime {metadata.runtime!r}; only TensorRT engines have a "

@@ -45,6 +45,7 @@ from qatflow.runtimes.base import (
     onnx_io,
     profile_shapes,
     sidecar_path,
+    sidecar_record,
     version_tuple,
 )
 from qatflow.runtimes.cuda_context import CudaContext, cuda_context
@@ -479,7 +480,10 @@ def _write_outputs(
                 cache_bytes = update.data
                 writers.append((cache_path, lambda tmp: tmp.write_bytes(cache_bytes)))
         writers += [
-            (sidecar_path(output), lambda tmp: _write_json(tmp, metadata.to_dict())),
+            (
+                sidecar_path(output),
+                lambda tmp: _write_json(tmp, sidecar_record(metadata, plan_bytes)),
+            ),
             (build_log_path(output), lambda tmp: _write_json(tmp, log)),
         ]
         for final, write in writers:
