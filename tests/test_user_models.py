@@ -119,10 +119,10 @@ def test_keras2_h5_sequential_goes_through_quantize_export_validate_engine(
 
 def test_own_rescaling_and_normalization_layers_keep_their_statistics(tmp_path: Path) -> None:
     x = images(32, (28, 28, 1)) * 255.0
-    norm = keras.layers.Normalization()
+    norm = keras.layers.Normalization(name="normalization")
     norm.adapt(x / 255.0)
     inputs = keras.Input((28, 28, 1))
-    h = norm(keras.layers.Rescaling(1 / 255.0)(inputs))
+    h = norm(keras.layers.Rescaling(1 / 255.0, name="rescaling")(inputs))
     h = keras.layers.Flatten()(keras.layers.Conv2D(4, 3, activation="relu")(h))
     model = keras.Model(inputs, keras.layers.Dense(10)(h))
     model.save(tmp_path / "fp32.keras")
