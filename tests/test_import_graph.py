@@ -9,6 +9,8 @@ Read statically with ``ast``: every ``import`` and ``from ... import`` anywhere 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,3 +120,45 @@ def test_import_graph_has_no_cycles() -> None:
 )
 def test_find_cycle(graph: dict[str, set[str]], cycle: list[str] | None) -> None:
     assert find_cycle(graph) == cycle
+
+
+# The layers point one way: library core -> steps -> CLI / components -> pipeline. Only the
+# commands that run or compile the pipeline reach up to it, inside the function that needs it.
+PIPELINE_PACKAGES = ("qatflow_pipelines", "qatflow_components")
+PIPELINE_RUNNERS = {
+    "qatflow.local_run",
+    "qatflow.pipeline_compile",
+    "qatflow.cli.pipeline",
+    "qatflow.cli.cluster",
+}
+
+
+def _pipeline_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    def named(node: ast.Import | ast.ImportFrom) -> list[str]:
+        if isinstance(node, ast.Import):
+            return [alias.name for alias in node.names]
+        return [node.module or ""]
+
+    return [
+        node
+        for node in _imports(tree)
+        if any(name.split(".")[0] in PIPELINE_PACKAGES for name in named(node))
+    ]
+
+
+def test_only_the_runners_import_the_pipeline_and_lazily() -> None:
+    for module, path in _modules().items():
+        tree = ast.parse(path.read_text(), str(path))
+        found = _pipeline_imports(tree)
+        assert not found or module in PIPELINE_RUNNERS, f"{module} imports the pipeline"
+        top_level = [node for node in found if node in ast.iter_child_nodes(tree)]
+        assert not top_level, f"{module} imports the pipeline at import time"
+
+
+def test_importing_the_library_loads_no_pipeline() -> None:
+    modules = ["qatflow.steps", "qatflow.cli", *sorted(PIPELINE_RUNNERS)]
+    code = f"import sys; import {', '.join(modules)}; " + (
+        f"print([m for m in sys.modules if m.split('.')[0] in {PIPELINE_PACKAGES}])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -73,7 +73,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str, bucket: 
 def test_comparison_and_report(smoke: Run) -> None:
     rows = json.loads((smoke.out / "comparison.json").read_text())["rows"]
     assert [row["variant"] for row in rows] == VARIANTS
-    assert all(0.0 <= row["top1"] <= 1.0 and row["latency_p50_ms"] > 0 for row in rows)
+    assert all(0.0 <= row["top1"] <= 1.0 and row["latency_ms_p50"] > 0 for row in rows)
     # The smoke profile learns: every variant far above chance (10 % for 10 classes).
     assert all(row["top1"] > SMOKE_MIN_TOP1 for row in rows), rows
     assert (smoke.out / "report.md").is_file() and (smoke.out / "report.html").is_file()

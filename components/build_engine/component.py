@@ -10,14 +10,15 @@ from qatflow.images import TENSORRT_IMAGE
 def build_engine(
     onnx_model: Input[Model],
     engine: Output[Model],
-    runtime: str = "tensorrt",
+    runtime: str,
     batch_min: int = 1,
     batch_opt: int = 8,
     batch_max: int = 64,
     encoding: str = "auto",
     dataset: Input[Dataset] | None = None,
 ) -> None:
-    """Build the engine for ``runtime`` with the batch profile (min, opt, max).
+    """Build the engine for ``runtime`` (the one the pipeline is compiled for) with the batch
+    profile (min, opt, max).
 
     Before it is written, the engine is checked against the ONNX model run as float math on
     the calibration split of ``dataset`` (without one: synthetic inputs, kernels only); a

@@ -26,8 +26,10 @@ def evaluate(
     import os
 
     from qatflow import steps
+    from qatflow.comparison import own_metrics
     from qatflow.evaluation import EvaluationResult
     from qatflow.gate import points
+    from qatflow.tracking import AGREEMENT_METRIC
 
     steps.evaluate(
         os.path.join(engine.path, engine.metadata["file"]),
@@ -38,15 +40,10 @@ def evaluate(
         max_batches=max_batches or None,
     )
     evaluation = EvaluationResult.load(result.path)
-    top5, agreement = evaluation.top5, evaluation.agreement
-    values = {  # the names and units of qatflow.tracking's metrics
-        "accuracy_top1_pct": points(evaluation.top1),
-        "accuracy_top5_pct": None if top5 is None else points(top5),
-        "latency_ms_p50": evaluation.latency.p50_ms,
-        "latency_ms_p99": evaluation.latency.p99_ms,
-        "throughput_ips": evaluation.throughput.images_per_second,
-        "size_mb": evaluation.size_mb,
-        "agreement_vs_fp32_pct": None if agreement is None else points(agreement),
+    agreement = evaluation.agreement
+    values = {
+        **own_metrics(evaluation),
+        AGREEMENT_METRIC: None if agreement is None else points(agreement),
     }
     for name, value in values.items():
         if value is not None:

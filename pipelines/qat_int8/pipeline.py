@@ -36,10 +36,10 @@ from qatflow_components.publish.component import publish
 from qatflow_components.qat_finetune.component import qat_finetune
 from qatflow_components.quantize_calibrate.component import quantize_calibrate
 
-from qatflow import gate
-from qatflow.cluster import GPU_RESOURCE, GPU_TOLERATION, apply_gpu_settings
+from qatflow.cluster import GPU_LIMIT, GPU_RESOURCE, GPU_TOLERATION, apply_gpu_settings
 from qatflow.errors import PipelineError
 from qatflow.images import TENSORFLOW_IMAGE, TENSORRT_IMAGE
+from qatflow.params import CLUSTER_RUNTIME, pipeline_default
 
 PIPELINE_NAME = "qatflow-qat-int8"
 DESCRIPTION = "Keras FP32 vs PTQ INT8 vs QAT INT8: ONNX, engines, comparison, MLflow and S3"
@@ -57,7 +57,7 @@ class GpuOptions:
     """
 
     accelerator_type: str = GPU_RESOURCE
-    accelerator_limit: int = 1
+    accelerator_limit: int = GPU_LIMIT
     toleration: Mapping[str, object] | None = field(default_factory=lambda: dict(GPU_TOLERATION))
     node_selector: Mapping[str, str] = field(default_factory=dict)
 
@@ -72,7 +72,10 @@ class Outputs(NamedTuple):
 
 
 def build_pipeline(
-    *, runtime: str = "tensorrt", gpu: GpuOptions | None = None, code_version: str | None = None
+    *,
+    runtime: str = CLUSTER_RUNTIME,
+    gpu: GpuOptions | None = None,
+    code_version: str | None = None,
 ) -> Any:
     """The pipeline (a KFP ``GraphComponent``) with engine tasks set up for ``runtime``.
 
@@ -103,29 +106,29 @@ def build_pipeline(
 
     @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
     def qat_int8(
-        model_uri: str = "demo",
-        dataset_uri: str = "fashion-mnist",
-        preprocessing: str = "scale01",
-        batch_size: int = 64,
-        limit: int = 0,
-        pretrain_epochs: int = 5,
-        epochs: int = 2,
-        learning_rate: float = 1e-3,
-        qat_steps_per_epoch: int = 0,
-        calibration_method: str = "max",
-        calibration_batches: int = 16,
+        model_uri: str = pipeline_default("model_uri"),
+        dataset_uri: str = pipeline_default("dataset_uri"),
+        preprocessing: str = pipeline_default("preprocessing"),
+        batch_size: int = pipeline_default("batch_size"),
+        limit: int = pipeline_default("limit"),
+        pretrain_epochs: int = pipeline_default("pretrain_epochs"),
+        epochs: int = pipeline_default("epochs"),
+        learning_rate: float = pipeline_default("learning_rate"),
+        qat_steps_per_epoch: int = pipeline_default("qat_steps_per_epoch"),
+        calibration_method: str = pipeline_default("calibration_method"),
+        calibration_batches: int = pipeline_default("calibration_batches"),
         runtime: str = engine_runtime,
-        batch_profile_min: int = 1,
-        batch_profile_opt: int = 8,
-        batch_profile_max: int = 64,
-        int8_encoding: str = "auto",
-        latency_iterations: int = 200,
-        eval_max_batches: int = 0,
-        accuracy_gate: float = gate.DEFAULT_POINTS,
-        tracking_uri: str = "",
-        mlflow_experiment: str = "qatflow",
-        registered_model: str = "qatflow-qat-int8",
-        s3_prefix: str = "",
+        batch_profile_min: int = pipeline_default("batch_profile_min"),
+        batch_profile_opt: int = pipeline_default("batch_profile_opt"),
+        batch_profile_max: int = pipeline_default("batch_profile_max"),
+        int8_encoding: str = pipeline_default("int8_encoding"),
+        latency_iterations: int = pipeline_default("latency_iterations"),
+        eval_max_batches: int = pipeline_default("eval_max_batches"),
+        accuracy_gate: float = pipeline_default("accuracy_gate"),
+        tracking_uri: str = pipeline_default("tracking_uri"),
+        mlflow_experiment: str = pipeline_default("mlflow_experiment"),
+        registered_model: str = pipeline_default("registered_model"),
+        s3_prefix: str = pipeline_default("s3_prefix"),
     ) -> Outputs:
         """QAT INT8 pipeline.
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import yaml
 
 from qatflow.errors import PipelineError
+from qatflow.params import DEFAULT_EXPERIMENT, DEFAULT_JOB_NAME
 
 if TYPE_CHECKING:
     import kfp
@@ -29,8 +30,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-DEFAULT_EXPERIMENT = "qatflow"
 GPU_RESOURCE = "nvidia.com/gpu"
+GPU_LIMIT = 1  # accelerators per GPU task
 GPU_TOLERATION: Mapping[str, object] = MappingProxyType(
     {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 )
@@ -350,7 +351,7 @@ def schedule(
     cron: str,
     arguments: Mapping[str, object],
     experiment: str = DEFAULT_EXPERIMENT,
-    job_name: str = "qatflow-scheduled",
+    job_name: str = DEFAULT_JOB_NAME,
     description: str | None = None,
     max_concurrency: int = 1,
     no_catchup: bool = True,
@@ -400,7 +401,7 @@ def apply_gpu_settings(
     task: PipelineTask,
     *,
     accelerator_type: str = GPU_RESOURCE,
-    accelerator_limit: int = 1,
+    accelerator_limit: int = GPU_LIMIT,
     toleration: Mapping[str, object] | None = GPU_TOLERATION,
     node_selector: Mapping[str, str] | None = None,
 ) -> PipelineTask:

@@ -16,9 +16,10 @@ from qatflow import gate
 from qatflow.errors import DataError, PipelineError
 from qatflow.evaluation import EvaluationResult
 from qatflow.storage import write_json
+from qatflow.tracking import METRIC_KEYS, OWN_METRICS
 
 FORMAT = "qatflow.comparison"
-VERSION = 2
+VERSION = 3  # 3: rows name the latencies latency_ms_p50/p99, like the metrics
 NONE_MARK = "\u2013"  # en dash: no build-time fidelity check, or no kernel record
 FIDELITY_EXPLANATION = "INT8 engine vs the same QDQ model run as float math, checked at build time"
 
@@ -36,8 +37,8 @@ class ComparisonRow:
     top5: float | None
     delta_top1_points: float
     agreement: float
-    latency_p50_ms: float
-    latency_p99_ms: float
+    latency_ms_p50: float
+    latency_ms_p99: float
     speedup: float
     throughput: float
     size_mb: float | None
@@ -53,20 +54,21 @@ class ComparisonRow:
         return bool(self.fidelity["passed"])
 
     def tracking_metrics(self) -> dict[str, float | None]:
-        """This row under ``qatflow.tracking.METRIC_KEYS`` names; ``None`` where n/a.
+        """This row under the ``qatflow.tracking.METRIC_KEYS`` names; ``None`` where n/a.
 
         Accuracies are in percent and the delta in top-1 points, one scale for all three.
         """
-        return {
-            "accuracy_top1_pct": gate.points(self.top1),
-            "accuracy_top5_pct": None if self.top5 is None else gate.points(self.top5),
-            "latency_ms_p50": self.latency_p50_ms,
-            "latency_ms_p99": self.latency_p99_ms,
-            "throughput_ips": self.throughput,
-            "size_mb": self.size_mb,
-            "speedup_vs_fp32": self.speedup,
-            "accuracy_top1_delta_points": self.delta_top1_points,
-        }
+        values = (  # in METRIC_KEYS order
+            gate.points(self.top1),
+            None if self.top5 is None else gate.points(self.top5),
+            self.latency_ms_p50,
+            self.latency_ms_p99,
+            self.throughput,
+            self.size_mb,
+            self.speedup,
+            self.delta_top1_points,
+        )
+        return dict(zip(METRIC_KEYS, values, strict=True))
 
 
 HEADERS = (
@@ -136,8 +138,8 @@ class Comparison:
             "baseline" if is_base else _gate_cell(self.verdict(row.variant)),
             "baseline" if is_base else f"{100 * row.agreement:.2f}",
             fidelity_cell(row.fidelity),
-            f"{row.latency_p50_ms:.3f}",
-            f"{row.latency_p99_ms:.3f}",
+            f"{row.latency_ms_p50:.3f}",
+            f"{row.latency_ms_p99:.3f}",
             "baseline" if is_base else f"{row.speedup:.2f}x",
             f"{row.throughput:.1f}",
             _optional(row.size_mb, lambda v: f"{v:.3f}"),
@@ -249,15 +251,22 @@ def compare(
     )
 
 
+def own_metrics(result: EvaluationResult) -> dict[str, float | None]:
+    """``result``'s own figures under the ``qatflow.tracking.OWN_METRICS`` names (what a task
+    that evaluates one variant logs): its row compared with itself, less the relative ones."""
+    row = _row("", result, result).tracking_metrics()
+    return {key: row[key] for key in OWN_METRICS}
+
+
 def _row(name: str, result: EvaluationResult, base: EvaluationResult) -> ComparisonRow:
     return ComparisonRow(
         variant=name,
         top1=result.top1,
         top5=result.top5,
-        delta_top1_points=100 * (result.top1 - base.top1),
+        delta_top1_points=gate.points(result.top1) - gate.points(base.top1),
         agreement=float(np.mean(result.predictions == base.predictions)),
-        latency_p50_ms=result.latency.p50_ms,
-        latency_p99_ms=result.latency.p99_ms,
+        latency_ms_p50=result.latency.p50_ms,
+        latency_ms_p99=result.latency.p99_ms,
         speedup=base.latency.p50_ms / result.latency.p50_ms,
         throughput=result.throughput.images_per_second,
         size_mb=result.size_mb,

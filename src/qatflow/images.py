@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from qatflow import __version__ as VERSION
 from qatflow.errors import PipelineError
 
 REGISTRY = "ghcr.io/qatflow"
-VERSION = "0.1.0"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 

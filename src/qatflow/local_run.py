@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from qatflow.errors import PipelineError
+from qatflow.params import ENGINE, MODEL
 from qatflow.tracking import DEFAULT_TRACKING_URI, redact_text
 
-LOCAL_RUNTIME = "onnxruntime"
 PROFILES: Mapping[str, Mapping[str, object]] = {
     # The full demo: all of Fashion-MNIST, the demo model pretrained with its full recipe
     # (5 epochs, >= 91 % top-1, cached after the first run) and one epoch of QAT.
-    "default": {"pretrain_epochs": 5, "epochs": 1},
+    "default": {"pretrain_epochs": MODEL.pretrain_epochs, "epochs": 1},
     # A few minutes end to end: small splits, a few QAT steps, and enough pretraining to learn
     # (4 epochs of 2000 images, 63 steps: about 70 % top-1; one epoch stayed near chance).
     "smoke": {
@@ -124,7 +124,7 @@ def run_local(
     if runner not in RUNNERS:
         raise PipelineError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
     given = {name: value for name, value in parameters.items() if value is not None}
-    runtime = str(given.get("runtime", LOCAL_RUNTIME))
+    runtime = str(given.get("runtime", ENGINE.runtime))
     code_version = source_fingerprint()
     pipeline = build_pipeline(runtime=runtime, code_version=code_version)
     known = set(pipeline.component_spec.inputs or {})

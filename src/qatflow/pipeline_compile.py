@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qatflow.params import CLUSTER_RUNTIME
 from qatflow.storage import atomic_output
 
 if TYPE_CHECKING:
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
 def compile_pipeline(
     path: str | os.PathLike[str],
     *,
-    runtime: str = "tensorrt",
+    runtime: str = CLUSTER_RUNTIME,
     gpu: GpuOptions | None = None,
 ) -> Path:
     """Compile the pipeline for ``runtime`` to ``path`` (``.yaml``) and return the path.

@@ -20,10 +20,10 @@ from qatflow import gate, storage
 from qatflow.comparison import Comparison
 from qatflow.errors import DataError, PipelineError
 from qatflow.evaluation import EvaluationResult
-from qatflow.steps import DEMO_MODEL, write_json
+from qatflow.params import DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL, DEMO_MODEL
+from qatflow.steps import write_json
 from qatflow.tracking import (
     AGREEMENT_METRIC,
-    DEFAULT_EXPERIMENT,
     GATE_POINTS_TAG,
     GATE_REASONS_TAG,
     GATE_TAG,
@@ -38,7 +38,6 @@ log = logging.getLogger("qatflow.publish")
 
 PathLike = str | os.PathLike[str]
 SUMMARY_FILE = "publish.json"
-DEFAULT_REGISTERED_MODEL = "qatflow-qat-int8"
 CANDIDATE = "qat_int8"
 COMPARISON_FILE = "comparison.json"
 

@@ -29,9 +29,19 @@ from qatflow.errors import (
     QuantizationError,
     RuntimeBackendError,
 )
-from qatflow.gate import DEFAULT_POINTS as DEFAULT_GATE_POINTS
 from qatflow.outputs import Location, check_output, staged_outputs
 from qatflow.outputs import side_location as side_file
+from qatflow.params import (
+    COMPARE,
+    DATA,
+    DEMO_MODEL,
+    ENGINE,
+    EVALUATE,
+    EXPORT,
+    FINETUNE,
+    MODEL,
+    QUANTIZE,
+)
 from qatflow.storage import atomic_output, write_json
 
 if TYPE_CHECKING:
@@ -40,7 +50,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("qatflow.steps")
 
 PathLike = str | os.PathLike[str]
-DEMO_MODEL = "demo"
 
 
 def write_text(path: PathLike, text: str) -> Path:
@@ -96,14 +105,6 @@ def local_input(path: PathLike, what: str) -> Path:
     return storage.fetch(path, storage.cache_dir("inputs"))
 
 
-def load_any_model(uri: PathLike) -> Any:
-    """Load a model (file, SavedModel, ``s3://``, or application name), quantized ones included."""
-    from qatflow.models import load_model
-
-    require_model(uri)
-    return load_model(str(uri))
-
-
 def save_keras(model: Any, path: PathLike) -> Path:
     """Save a Keras model atomically (the temporary file keeps the ``.keras`` suffix)."""
     with atomic_output(path) as tmp:
@@ -127,13 +128,13 @@ def prepare_data(
     dataset_uri: str,
     output_path: PathLike,
     *,
-    preprocessing: str = "scale01",
-    batch_size: int = 64,
+    preprocessing: str = DATA.preprocessing,
+    batch_size: int = DATA.batch_size,
     image_size: tuple[int, int] | None = None,
     channels: int | None = None,
-    calibration_size: int = 512,
-    limit: int | None = None,
-    seed: int = 0,
+    calibration_size: int = DATA.calibration_size,
+    limit: int | None = DATA.limit,
+    seed: int = DATA.seed,
 ) -> Location:
     """Check that the dataset loads (every image finite, labels in range) and write its spec.
 
@@ -164,7 +165,7 @@ def prepare_model(
     output_path: PathLike,
     *,
     weights: str | None = None,
-    pretrain_epochs: int = 5,
+    pretrain_epochs: int = MODEL.pretrain_epochs,
     overwrite: bool = False,
 ) -> Location:
     """Write the FP32 model as ``.keras``: loaded from ``model_uri``, or the demo model trained.
@@ -207,7 +208,7 @@ def prepare_model(
 # --- quantization and export ---------------------------------------------------------------
 
 
-def calibration_batches(source: PathLike, *, preprocessing: str = "scale01") -> Any:
+def calibration_batches(source: PathLike, *, preprocessing: str = DATA.preprocessing) -> Any:
     """Calibration data from a dataset spec (``.json``), an array file (``.npy``) or a dataset URI.
 
     A dataset spec or URI yields its calibration split (a deterministic subset of train).
@@ -257,13 +258,13 @@ def quantize(
     output_path: PathLike,
     *,
     calibration_data: PathLike | None = None,
-    preprocessing: str = "scale01",
-    mode: str = "full",
+    preprocessing: str = DATA.preprocessing,
+    mode: str = QUANTIZE.mode,
     spec_path: PathLike | None = None,
-    calibration_method: str = "max",
-    calibration_batches_count: int = 16,
-    percentile: float = 99.99,
-    activation_range: str = "frozen",
+    calibration_method: str = QUANTIZE.calibration_method,
+    calibration_batches_count: int = QUANTIZE.calibration_batches,
+    percentile: float = QUANTIZE.percentile,
+    activation_range: str = QUANTIZE.activation_range,
     strict: bool = False,
     weights: str | None = None,
     overwrite: bool = False,
@@ -330,7 +331,7 @@ def export(
     model_path: PathLike,
     output_path: PathLike,
     *,
-    opset: int = 17,
+    opset: int = EXPORT.opset,
     dataset_spec: PathLike | None = None,
     overwrite: bool = False,
 ) -> Location:
@@ -345,6 +346,7 @@ def export(
     with staged_outputs(
         output_path, inputs=[model_path], overwrite=overwrite, side_names=sides
     ) as out:
+        from qatflow.models import load_model
         from qatflow.onnx.export import export_onnx
         from qatflow.onnx.validate import validate_onnx
 
@@ -353,7 +355,8 @@ def export(
             from qatflow.data import load_dataset_from_spec
 
             data = load_dataset_from_spec(dataset_spec).calibration
-        export_onnx(load_any_model(model_path), out.main, opset=opset, check_data=data)
+        model = load_model(str(model_path))
+        export_onnx(model, out.main, opset=opset, check_data=data)
         report = validate_onnx(out.main)
         report.path = str(out.final)
         write_json(out.side(".validation.json"), report.to_dict())
@@ -368,13 +371,13 @@ def finetune(
     dataset_spec: PathLike,
     output_path: PathLike,
     *,
-    epochs: int = 2,
-    learning_rate: float = 1e-3,
-    optimizer: str = "sgd",
+    epochs: int = FINETUNE.epochs,
+    learning_rate: float = FINETUNE.learning_rate,
+    optimizer: str = FINETUNE.optimizer,
     checkpoint_dir: PathLike | None = None,
     resume: bool = True,
     early_stopping_patience: int | None = None,
-    steps_per_epoch: int | None = None,
+    steps_per_epoch: int | None = FINETUNE.steps_per_epoch,
     overwrite: bool = False,
 ) -> Location:
     """QAT fine-tuning of a calibrated quantized model; the history goes beside the output.
@@ -388,12 +391,13 @@ def finetune(
     with staged_outputs(
         output_path, inputs=[model_path], overwrite=overwrite, side_names=sides
     ) as out:
+        from qatflow import training
         from qatflow.data import dataset_digest, load_dataset_from_spec
-        from qatflow.training import finetune as run_finetune
+        from qatflow.models import load_model
 
-        model = load_any_model(model_path)
+        model = load_model(str(model_path))
         bundle = load_dataset_from_spec(dataset_spec, shuffle_train=False)
-        result = run_finetune(
+        result = training.finetune(
             model,
             bundle.train,
             bundle.validation,
@@ -426,10 +430,10 @@ def build_engine(
     onnx_path: PathLike,
     output_path: PathLike,
     *,
-    runtime: str = "onnxruntime",
-    batch_profile: tuple[int, int, int] = (1, 8, 64),
+    runtime: str = ENGINE.runtime,
+    batch_profile: tuple[int, int, int] = ENGINE.batch_profile,
     dataset_spec: PathLike | None = None,
-    encoding: str = "auto",
+    encoding: str = ENGINE.encoding,
     overwrite: bool = False,
 ) -> Location:
     """Build the runtime engine for an ONNX model (ONNX Runtime on CPU or TensorRT on a GPU).
@@ -449,7 +453,7 @@ def build_engine(
     with staged_outputs(
         output_path, inputs=[onnx_path], overwrite=overwrite, side_names=sides
     ) as out:
-        from qatflow.runtimes import build_engine as build
+        from qatflow import runtimes
 
         options: dict[str, Any] = {"encoding": encoding} if runtime == "onnxruntime" else {}
         data = None
@@ -457,7 +461,7 @@ def build_engine(
             from qatflow.data import load_dataset_from_spec
 
             data = load_dataset_from_spec(dataset_spec).calibration
-        build(
+        runtimes.build_engine(
             local_input(onnx_path, "ONNX model"),
             out.main,
             runtime=runtime,  # type: ignore[arg-type]
@@ -474,11 +478,11 @@ def evaluate(
     output_path: PathLike,
     *,
     reference_path: PathLike | None = None,
-    latency_iterations: int = 200,
-    warmup: int = 20,
-    throughput_batch: int = 64,
+    latency_iterations: int = EVALUATE.latency_iterations,
+    warmup: int = EVALUATE.warmup,
+    throughput_batch: int = EVALUATE.throughput_batch,
     threads: int | None = None,
-    max_batches: int | None = None,
+    max_batches: int | None = EVALUATE.max_batches,
 ) -> Location:
     """Evaluate an engine (or a ``.keras``/``.h5`` model) on the dataset's test split and
     write the result JSON.
@@ -490,12 +494,13 @@ def evaluate(
     require_file(reference_path, "reference result (--reference)")
     inputs = [engine_path, dataset_spec, reference_path]
     with staged_outputs(output_path, inputs=inputs) as out:
+        from qatflow import evaluation
         from qatflow.data import load_dataset_from_spec
-        from qatflow.evaluation import EvaluationResult
-        from qatflow.evaluation import evaluate as run_evaluate
 
-        reference = EvaluationResult.load(reference_path).predictions if reference_path else None
-        result = run_evaluate(
+        reference = (
+            evaluation.EvaluationResult.load(reference_path).predictions if reference_path else None
+        )
+        result = evaluation.evaluate(
             str(engine_path),
             load_dataset_from_spec(dataset_spec),
             reference_predictions=reference,
@@ -513,9 +518,9 @@ def compare(
     results: Mapping[str, PathLike],
     output_dir: PathLike,
     *,
-    title: str = "qatflow: FP32 vs PTQ INT8 vs QAT INT8",
+    title: str = COMPARE.title,
     placement_summary: PathLike | None = None,
-    accuracy_gate: float = DEFAULT_GATE_POINTS,
+    accuracy_gate: float = COMPARE.accuracy_gate,
     run_info: RunInfo | None = None,
 ) -> Path:
     """Write ``comparison.json`` and the Markdown/HTML report with plots into ``output_dir``.
@@ -530,14 +535,14 @@ def compare(
     if out.exists() and not out.is_dir():
         raise storage.StorageError(f"report folder {out} is a file: give a folder (--output)")
     check_output(out / "comparison.json")
-    from qatflow.comparison import compare as tabulate
+    from qatflow import comparison
     from qatflow.evaluation import EvaluationResult
     from qatflow.report import write_report
 
     loaded = {variant: EvaluationResult.load(path) for variant, path in results.items()}
-    comparison = tabulate(loaded, accuracy_gate=accuracy_gate)
+    table = comparison.compare(loaded, accuracy_gate=accuracy_gate)
     extra = {}
     if placement_summary is not None:
         extra["Q/DQ placement"] = Path(placement_summary).read_text(encoding="utf-8")
-    write_report(comparison, loaded, out, title=title, run_info=run_info, extra_sections=extra)
-    return comparison.save_json(out / "comparison.json")
+    write_report(table, loaded, out, title=title, run_info=run_info, extra_sections=extra)
+    return table.save_json(out / "comparison.json")

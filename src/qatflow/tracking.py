@@ -26,25 +26,25 @@ from typing import Any
 
 from qatflow import gate
 from qatflow.errors import QatflowError
+from qatflow.params import DEFAULT_EXPERIMENT
 from qatflow.storage import atomic_output
 
 log = logging.getLogger("qatflow.tracking")
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-DEFAULT_EXPERIMENT = "qatflow"
 VARIANTS = ("fp32", "ptq_int8", "qat_int8")
 PRECISION = {"fp32": "fp32", "ptq_int8": "int8", "qat_int8": "int8"}
 # Accuracies and agreements in percent, deltas in top-1 points: one scale in MLflow's charts.
-METRIC_KEYS = (
+# A variant's own figures, then those relative to the FP32 baseline.
+OWN_METRICS = (
     "accuracy_top1_pct",
     "accuracy_top5_pct",
     "latency_ms_p50",
     "latency_ms_p99",
     "throughput_ips",
     "size_mb",
-    "speedup_vs_fp32",
-    "accuracy_top1_delta_points",
 )
+METRIC_KEYS = (*OWN_METRICS, "speedup_vs_fp32", "accuracy_top1_delta_points")
 AGREEMENT_METRIC = "agreement_vs_fp32_pct"
 # The parent run's copy of each variant's headline metrics: "<variant>.<metric>".
 HEADLINE_METRICS = (

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from qatflow import cluster
+from qatflow import cluster, params
 from qatflow.errors import PipelineError
 
 TOKEN_ENV = "QATFLOW_KFP_TOKEN"
@@ -50,7 +50,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help=f"{cluster.CRON_HELP} Quote it: --cron '0 0 2 * * *'.",
     )
     schedule.add_argument(
-        "--job-name", default="qatflow-nightly", help="recurring run name (default: %(default)s)"
+        "--job-name",
+        default=params.DEFAULT_JOB_NAME,
+        help="recurring run name (default: %(default)s)",
     )
     schedule.add_argument("--description", help="recurring run description")
     schedule.add_argument(
@@ -109,7 +111,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--experiment",
-        default=cluster.DEFAULT_EXPERIMENT,
+        default=params.DEFAULT_EXPERIMENT,
         help="KFP experiment, created if missing (default: %(default)s)",
     )
     parser.add_argument(

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from qatflow import gate
+from qatflow.cluster import GPU_LIMIT, GPU_RESOURCE
+from qatflow.params import CLUSTER_RUNTIME, DATA, ENGINE, FINETUNE, MODEL, QUANTIZE, help_of
 
 _RUN_EPILOG = f"""\
 profiles:
@@ -74,32 +76,40 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--model",
         dest="model_uri",
         metavar="URI",
-        help="demo (default), a model file, an s3:// URI or a keras.applications name",
+        help=help_of(MODEL, "model_uri"),
     )
     run.add_argument(
         "--dataset",
         dest="dataset_uri",
         metavar="URI",
-        help="fashion-mnist (default), an IDX/image/TFRecord folder or .npz, local or s3://",
+        help=help_of(DATA, "dataset_uri"),
     )
-    run.add_argument("--preprocessing", help="scale01 (default), tf, caffe, torch or raw")
-    run.add_argument("--batch-size", type=int, help="batch size (default: 64)")
+    run.add_argument("--preprocessing", help=help_of(DATA, "preprocessing"))
+    run.add_argument("--batch-size", type=int, help=f"batch size (default: {DATA.batch_size})")
     run.add_argument("--limit", type=int, help="cap on every split, for quick runs (0 = all)")
     run.add_argument(
         "--pretrain-epochs", type=int, help="demo model pretraining epochs (default profile: 5)"
     )
     run.add_argument("--epochs", type=int, help="QAT fine-tuning epochs (default profile: 1)")
-    run.add_argument("--learning-rate", type=float, help="QAT learning rate (default: 0.001)")
+    run.add_argument(
+        "--learning-rate",
+        type=float,
+        help=f"QAT learning rate (default: {FINETUNE.learning_rate})",
+    )
     run.add_argument(
         "--calibration-method",
         choices=("max", "percentile", "mse"),
-        help="PTQ calibration method (default: max)",
+        help=f"PTQ calibration method (default: {QUANTIZE.calibration_method})",
     )
-    run.add_argument("--calibration-batches", type=int, help="calibration batches (default: 16)")
+    run.add_argument(
+        "--calibration-batches",
+        type=int,
+        help=f"calibration batches (default: {QUANTIZE.calibration_batches})",
+    )
     run.add_argument(
         "--runtime",
         choices=("onnxruntime", "tensorrt"),
-        default="onnxruntime",
+        default=ENGINE.runtime,
         help="engine runtime; tensorrt needs TensorRT and a GPU here (default: %(default)s)",
     )
     run.add_argument(
@@ -154,7 +164,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     compile_.add_argument(
         "--runtime",
         choices=("tensorrt", "onnxruntime"),
-        default="tensorrt",
+        default=CLUSTER_RUNTIME,
         help="engine runtime; onnxruntime runs the engine tasks on CPU without GPU requests "
         "(default: %(default)s)",
     )
@@ -174,13 +184,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     compile_.add_argument(
         "--accelerator-type",
-        default="nvidia.com/gpu",
+        default=GPU_RESOURCE,
         help="accelerator resource of the GPU tasks (default: %(default)s)",
     )
     compile_.add_argument(
         "--accelerator-limit",
         type=int,
-        default=1,
+        default=GPU_LIMIT,
         help="accelerators per GPU task (default: %(default)s)",
     )
     compile_.set_defaults(func=compile_package)

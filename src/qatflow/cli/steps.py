@@ -9,6 +9,7 @@ import argparse
 import re
 
 from qatflow.cli.options import add_custom_objects
+from qatflow.params import COMPARE, DATA, ENGINE, EVALUATE, FINETUNE, MODEL, help_of, help_text
 from qatflow.runtimes.cpu_int8 import ENCODING_CHOICES
 
 _FLOW = """\
@@ -54,18 +55,14 @@ def _register_data(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
         "load a dataset once, check it (every image of every split finite, labels in range) "
         "and write its spec",
     )
-    data.add_argument(
-        "dataset",
-        metavar="DATASET",
-        help="fashion-mnist, an IDX/image/TFRecord folder or .npz; local or s3://",
-    )
+    data.add_argument("dataset", metavar="DATASET", help=help_text(DATA, "dataset_uri"))
     data.add_argument("--output", "-o", required=True, help=_OUTPUT_HELP.format("spec (.json)"))
     data.add_argument(
-        "--preprocessing",
-        default="scale01",
-        help="scale01, tf, caffe, torch or raw (default: %(default)s)",
+        "--preprocessing", default=DATA.preprocessing, help=help_of(DATA, "preprocessing")
     )
-    data.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+    data.add_argument(
+        "--batch-size", type=int, default=DATA.batch_size, help=help_of(DATA, "batch_size")
+    )
     data.add_argument(
         "--image-size", type=int, nargs=2, metavar=("H", "W"), help="resize images to H x W"
     )
@@ -73,11 +70,11 @@ def _register_data(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     data.add_argument(
         "--calibration-size",
         type=int,
-        default=512,
-        help="training images set aside for calibration (default: %(default)s)",
+        default=DATA.calibration_size,
+        help=help_of(DATA, "calibration_size"),
     )
-    data.add_argument("--limit", type=int, help="cap on every split, for quick runs")
-    data.add_argument("--seed", type=int, default=0, help="split/shuffle seed (default: 0)")
+    data.add_argument("--limit", type=int, default=DATA.limit, help=help_of(DATA, "limit"))
+    data.add_argument("--seed", type=int, default=DATA.seed, help=help_of(DATA, "seed"))
     data.set_defaults(func=run_prepare_data)
 
     model = _parser(
@@ -85,16 +82,15 @@ def _register_data(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
         "prepare-model",
         "write the FP32 model as .keras: loaded, or the demo model trained (cached)",
     )
-    model.add_argument(
-        "model",
-        metavar="MODEL",
-        help="demo, a .keras/.h5/SavedModel path or s3:// URI, or a keras.applications name",
-    )
+    model.add_argument("model", metavar="MODEL", help=help_text(MODEL, "model_uri"))
     model.add_argument("--dataset", required=True, help=_DATASET_HELP)
     model.add_argument("--output", "-o", required=True, help=_OUTPUT_HELP.format(".keras file"))
     model.add_argument("--weights", help="weights file for a keras.applications name")
     model.add_argument(
-        "--pretrain-epochs", type=int, default=5, help="demo model only (default: %(default)s)"
+        "--pretrain-epochs",
+        type=int,
+        default=MODEL.pretrain_epochs,
+        help=help_of(MODEL, "pretrain_epochs"),
     )
     add_overwrite(model)
     add_custom_objects(model)
@@ -110,15 +106,20 @@ def _register_training(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     finetune.add_argument("model", metavar="MODEL", help="quantized, calibrated .keras file")
     finetune.add_argument("--dataset", required=True, help=_DATASET_HELP)
     finetune.add_argument("--output", "-o", required=True, help=_OUTPUT_HELP.format(".keras file"))
-    finetune.add_argument("--epochs", type=int, default=2, help="(default: %(default)s)")
     finetune.add_argument(
-        "--learning-rate", type=float, default=1e-3, help="peak learning rate (default: 0.001)"
+        "--epochs", type=int, default=FINETUNE.epochs, help=help_of(FINETUNE, "epochs")
+    )
+    finetune.add_argument(
+        "--learning-rate",
+        type=float,
+        default=FINETUNE.learning_rate,
+        help=help_of(FINETUNE, "learning_rate"),
     )
     finetune.add_argument(
         "--optimizer",
         choices=("sgd", "adam"),
-        default="sgd",
-        help="SGD with momentum or Adam (default: %(default)s)",
+        default=FINETUNE.optimizer,
+        help=help_of(FINETUNE, "optimizer"),
     )
     finetune.add_argument(
         "--checkpoint-dir",
@@ -136,7 +137,12 @@ def _register_training(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         type=int,
         help="stop after this many epochs without a better validation accuracy",
     )
-    finetune.add_argument("--steps-per-epoch", type=int, help="cap on steps per epoch")
+    finetune.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=FINETUNE.steps_per_epoch,
+        help=help_of(FINETUNE, "steps_per_epoch"),
+    )
     add_overwrite(finetune)
     add_custom_objects(finetune)
     finetune.set_defaults(func=run_finetune)
@@ -153,16 +159,16 @@ def _register_engines(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     engine.add_argument(
         "--runtime",
         choices=("onnxruntime", "tensorrt"),
-        default="onnxruntime",
-        help="(default: %(default)s; tensorrt needs TensorRT and a GPU)",
+        default=ENGINE.runtime,
+        help=help_of(ENGINE, "runtime"),
     )
     engine.add_argument(
         "--batch-profile",
         type=int,
         nargs=3,
         metavar=("MIN", "OPT", "MAX"),
-        default=(1, 8, 64),
-        help="batch sizes the engine accepts and is tuned for (default: 1 8 64)",
+        default=ENGINE.batch_profile,
+        help=help_of(ENGINE, "batch_profile"),
     )
     engine.add_argument(
         "--dataset",
@@ -172,7 +178,7 @@ def _register_engines(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     engine.add_argument(
         "--encoding",
         choices=ENCODING_CHOICES,
-        default="auto",
+        default=ENGINE.encoding,
         help="ONNX Runtime integer weight encoding: auto picks u8s8 where this CPU's kernels "
         "compute it exactly (VNNI/AMX), else u8u8 (default: %(default)s)",
     )
@@ -190,15 +196,14 @@ def _register_engines(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         "--output", "-o", required=True, help=_OUTPUT_HELP.format("result (.json)")
     )
     evaluate.add_argument("--reference", help="the FP32 result (.json), for top-1 agreement")
-    evaluate.add_argument(
-        "--latency-iterations", type=int, default=200, help="timed batch-1 runs (default: 200)"
-    )
-    evaluate.add_argument("--warmup", type=int, default=20, help="untimed runs first (default: 20)")
-    evaluate.add_argument(
-        "--throughput-batch", type=int, default=64, help="batch for throughput (default: 64)"
-    )
+    for name in ("latency_iterations", "warmup", "throughput_batch", "max_batches"):
+        evaluate.add_argument(
+            "--" + name.replace("_", "-"),
+            type=int,
+            default=getattr(EVALUATE, name),
+            help=help_of(EVALUATE, name),
+        )
     evaluate.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
-    evaluate.add_argument("--max-batches", type=int, help="test batches to use (default: all)")
     evaluate.set_defaults(func=run_evaluate)
 
     compare = _parser(
@@ -214,7 +219,7 @@ def _register_engines(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         help="one per variant; the baseline must be named fp32",
     )
     compare.add_argument("--output", "-o", required=True, help="report folder")
-    compare.add_argument("--title", default="qatflow: FP32 vs PTQ INT8 vs QAT INT8")
+    compare.add_argument("--title", default=COMPARE.title, help=help_of(COMPARE, "title"))
     compare.add_argument("--placement", help="placement summary (.md) to add to the report")
     compare.set_defaults(func=run_compare)
 

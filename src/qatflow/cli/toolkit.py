@@ -7,6 +7,7 @@ import sys
 
 from qatflow.cli.options import add_custom_objects
 from qatflow.cli.steps import add_overwrite
+from qatflow.params import DATA, EXPORT, QUANTIZE, help_of
 
 _QUANTIZE_EPILOG = """\
 MODEL is a .keras/.h5 file, a SavedModel folder, an s3:// URI, or a keras.applications name
@@ -45,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     quantize.add_argument(
         "--mode",
         choices=("full", "partial"),
-        default="full",
+        default=QUANTIZE.mode,
         help="full: defaults + architecture cases + spec; partial: only what the spec names "
         "(default: %(default)s)",
     )
@@ -53,29 +54,32 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     quantize.add_argument("--calibration-data", help="calibration data (see below)")
     quantize.add_argument(
         "--preprocessing",
-        default="scale01",
+        default=DATA.preprocessing,
         help="preprocessing for a dataset URI: scale01, tf, caffe, torch, raw "
         "(default: %(default)s)",
     )
     quantize.add_argument(
         "--calibration-method",
         choices=("max", "percentile", "mse"),
-        default="max",
+        default=QUANTIZE.calibration_method,
         help="how activation ranges are chosen from the data (default: %(default)s)",
     )
     quantize.add_argument(
         "--calibration-batches",
         type=int,
-        default=16,
-        help="batches to calibrate on, >= 1 (default: 16)",
+        default=QUANTIZE.calibration_batches,
+        help="batches to calibrate on, >= 1 (default: %(default)s)",
     )
     quantize.add_argument(
-        "--percentile", type=float, default=99.99, help="for --calibration-method percentile"
+        "--percentile",
+        type=float,
+        default=QUANTIZE.percentile,
+        help=help_of(QUANTIZE, "percentile"),
     )
     quantize.add_argument(
         "--activation-range",
         choices=("frozen", "ema"),
-        default="frozen",
+        default=QUANTIZE.activation_range,
         help="how activation ranges evolve in later QAT: keep the calibrated ones (frozen) or "
         "follow a moving average (default: %(default)s)",
     )
@@ -95,7 +99,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     export.add_argument("model", metavar="MODEL", help=".keras file (or any MODEL as for quantize)")
     export.add_argument("--output", "-o", required=True, help="output .onnx file or s3:// URI")
-    export.add_argument("--opset", type=int, default=17, help="ONNX opset, 13+ (default: 17)")
+    export.add_argument("--opset", type=int, default=EXPORT.opset, help=help_of(EXPORT, "opset"))
     export.add_argument(
         "--dataset",
         help="dataset spec (.json) written by `qatflow prepare-data`: the ONNX is compared "

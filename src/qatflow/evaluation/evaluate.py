@@ -17,6 +17,7 @@ from qatflow.evaluation.latency import check_counts, measure_latency, measure_th
 from qatflow.evaluation.metrics import TOP_K, ClassificationMetrics, agreement, top_k_indices
 from qatflow.evaluation.predictors import Predictor, Shape, make_predictor
 from qatflow.evaluation.result import EvaluationResult, frozen_array
+from qatflow.params import EVALUATE
 from qatflow.progress import progress
 
 log = logging.getLogger("qatflow.evaluation")
@@ -28,9 +29,9 @@ def evaluate(
     *,
     class_names: Sequence[str] | None = None,
     reference_predictions: Sequence[int] | np.ndarray | None = None,
-    latency_iterations: int = 200,
-    warmup: int = 20,
-    throughput_batch: int = 64,
+    latency_iterations: int = EVALUATE.latency_iterations,
+    warmup: int = EVALUATE.warmup,
+    throughput_batch: int = EVALUATE.throughput_batch,
     throughput_iterations: int | None = None,
     threads: int | None = None,
     max_batches: int | None = None,

@@ -36,9 +36,9 @@ def accuracy_vs_latency_figure(comparison: Comparison) -> Figure:
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
     for index, row in enumerate(comparison.rows):
-        tail = max(row.latency_p99_ms - row.latency_p50_ms, 0.0)
+        tail = max(row.latency_ms_p99 - row.latency_ms_p50, 0.0)
         ax.errorbar(
-            row.latency_p50_ms,
+            row.latency_ms_p50,
             100 * row.top1,
             xerr=[[0.0], [tail]],
             fmt="o",
@@ -49,7 +49,7 @@ def accuracy_vs_latency_figure(comparison: Comparison) -> Figure:
         )
         ax.annotate(
             row.variant,
-            (row.latency_p50_ms, 100 * row.top1),
+            (row.latency_ms_p50, 100 * row.top1),
             textcoords="offset points",
             # Alternate above and below so variants with equal accuracy stay readable.
             xytext=(8, 8 if index % 2 == 0 else -14),
@@ -70,8 +70,8 @@ def accuracy_vs_latency_figure(comparison: Comparison) -> Figure:
         alpha=0.12,
         label=f"accuracy gate: within {comparison.gate_points:g} {gate.UNIT}",
     )
-    latencies = [row.latency_p99_ms for row in comparison.rows]
-    latencies += [row.latency_p50_ms for row in comparison.rows]
+    latencies = [row.latency_ms_p99 for row in comparison.rows]
+    latencies += [row.latency_ms_p50 for row in comparison.rows]
     if max(latencies) / max(min(latencies), 1e-9) > _LOG_SPREAD:
         ax.set_xscale("log")
     ax.margins(x=0.25, y=0.3)

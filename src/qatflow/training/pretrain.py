@@ -20,6 +20,7 @@ from qatflow import storage
 from qatflow.data import DatasetBundle
 from qatflow.data.fingerprint import describe
 from qatflow.errors import DataError
+from qatflow.params import MODEL
 from qatflow.storage import atomic_output, file_sha256, write_json
 from qatflow.training.config import OptimizerName
 from qatflow.training.demo_model import DEFAULT_WIDTHS, DEMO_MODEL_VERSION, build_demo_model
@@ -35,7 +36,7 @@ DataArg = DatasetBundle | tuple[tf.data.Dataset, tf.data.Dataset, tf.data.Datase
 class Recipe:
     """The pretraining hyperparameters (measured on Fashion-MNIST: see docs/training.md)."""
 
-    epochs: int = 5
+    epochs: int = MODEL.pretrain_epochs
     batch_size: int = 128
     optimizer: OptimizerName = "sgd"
     learning_rate: float = 0.1
