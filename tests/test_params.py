@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
 import inspect
@@ -210,6 +211,7 @@ def test_help_shows_the_default() -> None:
 
 
 def test_every_command_help_renders() -> None:
-    subparsers = build_parser()._subparsers._group_actions[0]
-    for name, parser in subparsers.choices.items():
+    actions = build_parser()._actions
+    (commands,) = [a for a in actions if isinstance(a, argparse._SubParsersAction)]
+    for name, parser in commands.choices.items():
         assert parser.format_help(), name

@@ -27,8 +27,8 @@ from qatflow.training.checkpoint import (
 )
 from qatflow.training.config import FinetuneConfig, OptimizerName, TrainingError, model_digest
 from qatflow.training.datasets import EpochBatches, inspect
-from qatflow.training.schedules import ScheduleKind
 from qatflow.training.loop import StepSums, default_strategy, make_steps, replicate
+from qatflow.training.schedules import ScheduleKind
 
 log = logging.getLogger("qatflow.training")
 
