@@ -23,20 +23,17 @@ def quantize_calibrate(
     """
     import os
     import shutil
-    import tempfile
 
     from qatflow import steps
 
     os.makedirs(quantized.path, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = shutil.copyfile(dataset.path, os.path.join(tmp, "dataset.json"))  # by suffix
-        outputs = steps.quantize(
-            os.path.join(model.path, model.metadata["file"]),
-            os.path.join(quantized.path, "model.keras"),
-            calibration_data=spec,
-            calibration_method=calibration_method,
-            calibration_batches_count=calibration_batches,
-        )
+    outputs = steps.quantize(
+        os.path.join(model.path, model.metadata["file"]),
+        os.path.join(quantized.path, "model.keras"),
+        dataset_spec=dataset.path,
+        calibration_method=calibration_method,
+        calibration_batches_count=calibration_batches,
+    )
     shutil.copyfile(outputs.placement_markdown, placement.path)
     quantized.framework = "keras"
     quantized.metadata.update(

@@ -258,6 +258,7 @@ def quantize(
     output_path: PathLike,
     *,
     calibration_data: PathLike | None = None,
+    dataset_spec: PathLike | None = None,
     preprocessing: str = DATA.preprocessing,
     mode: str = QUANTIZE.mode,
     spec_path: PathLike | None = None,
@@ -271,7 +272,9 @@ def quantize(
 ) -> QuantizeOutputs:
     """Quantize a model with TensorRT-style Q/DQ, calibrate it (PTQ) and save it as ``.keras``.
 
-    Without ``calibration_data`` the ranges stay unset: export refuses such a model until
+    ``dataset_spec`` (a spec written by :func:`prepare_data`, whatever its file name) gives the
+    calibration split instead of ``calibration_data``.
+    Without either the ranges stay unset: export refuses such a model until
     ``qatflow.calibrate`` has run. The calibration images must fit the model's input, checked
     before any work. ``weights`` is a weights file for a ``keras.applications`` name. The
     placement summary is written beside the model.
@@ -279,6 +282,9 @@ def quantize(
     require_model(model_path)
     require_file(weights, "weights file (--weights)")
     require_file(spec_path, "placement spec (--spec)")
+    require_file(dataset_spec, "dataset spec")
+    if calibration_data is not None and dataset_spec is not None:
+        raise QuantizationError("give calibration data or a dataset spec, not both")
     if calibration_data is not None and str(calibration_data).endswith((".json", ".npy")):
         require_file(calibration_data, "calibration data (--calibration-data)")
     _positive_int(
@@ -287,7 +293,7 @@ def quantize(
         QuantizationError,
     )
     sides = _side_names(output_path, *QUANTIZE_SIDE_FILES)
-    inputs = [model_path, weights, spec_path, calibration_data]
+    inputs = [model_path, weights, spec_path, calibration_data, dataset_spec]
     with staged_outputs(output_path, inputs=inputs, overwrite=overwrite, side_names=sides) as out:
         import qatflow.quantization as q
         from qatflow.data import check_input_shape
@@ -295,7 +301,12 @@ def quantize(
 
         model = load_model(str(model_path), weights=weights)
         data = None
-        if calibration_data is not None:
+        if dataset_spec is not None:
+            from qatflow.data import load_dataset_from_spec
+
+            data = load_dataset_from_spec(dataset_spec).calibration
+            check_input_shape(model, image_shape(data), f"dataset spec {dataset_spec}")
+        elif calibration_data is not None:
             data = calibration_batches(calibration_data, preprocessing=preprocessing)
             check_input_shape(model, image_shape(data), f"calibration data {calibration_data}")
         spec = q.QuantizationSpec.from_yaml(spec_path) if spec_path else None
