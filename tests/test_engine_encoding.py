@@ -96,6 +96,15 @@ def test_loading_where_the_encoding_saturates_is_refused(
     assert f"qatflow build-engine {source.resolve()} --output {engine}" in message
 
 
+def negate_conv_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A graph pass that negates every int8 convolution weight: a stand-in for a wrong kernel."""
+    for init in model.graph.initializer:
+        value = onnx.numpy_helper.to_array(init)
+        if value.dtype == np.int8 and value.ndim == 4:
+            init.CopyFrom(onnx.numpy_helper.from_array(-value, init.name))
+    return model
+
+
 def test_a_failing_engine_is_rebuilt_then_refused_and_nothing_is_written(
     source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -103,16 +112,9 @@ def test_a_failing_engine_is_rebuilt_then_refused_and_nothing_is_written(
     attempts: list[str] = []
     real_passes = onnxruntime_backend.ort_graph_passes
 
-    def negate(model: onnx.ModelProto) -> onnx.ModelProto:
-        for init in model.graph.initializer:
-            value = onnx.numpy_helper.to_array(init)
-            if value.dtype == np.int8 and value.ndim == 4:
-                init.CopyFrom(onnx.numpy_helper.from_array(-value, init.name))
-        return model
-
     def passes(model: onnx.ModelProto, **options: object) -> list[object]:
         attempts.append("/".join(map(str, options["rewrite"])))  # type: ignore[call-overload]
-        return [*real_passes(model, **options), ("negate", negate)]  # type: ignore[arg-type]
+        return [*real_passes(model, **options), ("negate", negate_conv_weights)]
 
     monkeypatch.setattr(onnxruntime_backend, "ort_graph_passes", passes)
     out = tmp_path / "out" / "e.onnx"
@@ -129,16 +131,12 @@ def test_a_fallback_engine_records_the_rewrites_it_refused(
     its metadata says which faster rewrites were refused, and how far they agreed."""
     real_passes = onnxruntime_backend.ort_graph_passes
 
-    def negate(model: onnx.ModelProto) -> onnx.ModelProto:
-        for init in model.graph.initializer:
-            value = onnx.numpy_helper.to_array(init)
-            if value.dtype == np.int8 and value.ndim == 4:
-                init.CopyFrom(onnx.numpy_helper.from_array(-value, init.name))
-        return model
-
     def passes(model: onnx.ModelProto, **options: object) -> list[object]:
         fold = options["rewrite"][2]  # type: ignore[index]
-        return [*real_passes(model, **options), *([("negate", negate)] if fold else [])]  # type: ignore[arg-type]
+        return [
+            *real_passes(model, **options),
+            *([("negate", negate_conv_weights)] if fold else []),
+        ]
 
     monkeypatch.setattr(onnxruntime_backend, "ort_graph_passes", passes)
     engine = load_engine(build_engine(source, tmp_path / "e.onnx", fidelity_data=near_binary(64)))
