@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
@@ -105,6 +106,14 @@ def attribute(node: onnx.NodeProto, name: str, default: int | None = None) -> in
         if attr.name == name:
             return int(onnx.helper.get_attribute_value(attr))
     return default
+
+
+def set_metadata_json(model: onnx.ModelProto, key: str, value: object) -> None:
+    """Store ``value`` as JSON under ``key`` in ``model.metadata_props``, replacing any entry."""
+    kept = [p for p in model.metadata_props if p.key != key]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=key, value=json.dumps(value, sort_keys=True))
 
 
 def drop_unused_initializers(graph: onnx.GraphProto) -> None:

@@ -26,7 +26,6 @@ See docs/ort-int8.md for the measured speed and accuracy of each option.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -43,6 +42,7 @@ from qatflow.onnx.graph import (
     apply_layout,
     drop_unused_initializers,
     quantize_constant,
+    set_metadata_json,
     topological_sort,
 )
 from qatflow.onnx.reference import session as reference_session
@@ -926,10 +926,7 @@ def rewrite_for_ort_int8(
             passes[stage](rw)
     drop_unused_initializers(rw.graph)
     summary = {**rw.stats, "requantized": rw.requantized, "relu": relu, "requantize": requantize}
-    kept = [p for p in out.metadata_props if p.key != METADATA_KEY]
-    del out.metadata_props[:]
-    out.metadata_props.extend(kept)
-    out.metadata_props.add(key=METADATA_KEY, value=json.dumps(summary, sort_keys=True))
+    set_metadata_json(out, METADATA_KEY, summary)
     onnx.checker.check_model(out)
     logger.info("ORT int8 rewrite: %s", summary)
     return out

@@ -20,6 +20,7 @@ import keras
 import numpy as np
 import onnx
 
+from qatflow.onnx.graph import set_metadata_json
 from qatflow.onnx.reference import run_reference
 from qatflow.runtimes.fidelity import FidelityData, compare_outputs, fidelity_batches
 
@@ -90,10 +91,7 @@ def record_export_check(
             record["tolerance"],
             record["data"],
         )
-    kept = [p for p in proto.metadata_props if p.key != EXPORT_CHECK_KEY]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(kept)
-    proto.metadata_props.add(key=EXPORT_CHECK_KEY, value=json.dumps(record, sort_keys=True))
+    set_metadata_json(proto, EXPORT_CHECK_KEY, record)
     return record
 
 
