@@ -22,7 +22,12 @@ import onnx
 
 from qatflow.onnx.graph import set_metadata_json
 from qatflow.onnx.reference import run_reference
-from qatflow.runtimes.fidelity import FidelityData, compare_outputs, fidelity_batches
+from qatflow.runtimes.fidelity import (
+    FidelityData,
+    compare_outputs,
+    fidelity_batches,
+    model_input,
+)
 
 log = logging.getLogger("qatflow.export")
 
@@ -51,8 +56,7 @@ def check_export(
         return {"checked": False, "reason": f"{len(model.inputs)} inputs; one is checked"}
     batches, label = fidelity_batches(proto, data, max_samples=samples)
     inputs = np.concatenate(batches)
-    initializers = {init.name for init in proto.graph.initializer}
-    name = next(i.name for i in proto.graph.input if i.name not in initializers)
+    name = model_input(proto).name
     expected = _outputs(model.predict(inputs, batch_size=32, verbose=0))
     got = run_reference(proto, {name: inputs})
     reports = [

@@ -171,7 +171,7 @@ def fidelity_batches(
     """
     if data is None:
         low, high = input_range(model)
-        graph_input = _graph_input(model)
+        graph_input = model_input(model)
         dims = [d.dim_value or None for d in graph_input.type.tensor_type.shape.dim]
         synthetic = synthetic_batches(dims, low, high, samples=min(max_samples, 64))
         return synthetic, f"synthetic: uniform and two-level inputs in [{low:.4g}, {high:.4g}]"
@@ -209,7 +209,8 @@ class FidelityCheck:
             raise RuntimeBackendError(f"{source}: fidelity data: {exc}") from exc
 
 
-def _graph_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+def model_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    """The graph input that is not an initializer (the model's data input)."""
     initializers = {init.name for init in model.graph.initializer}
     return next(i for i in model.graph.input if i.name not in initializers)
 
@@ -219,7 +220,7 @@ def input_range(model: onnx.ModelProto) -> tuple[float, float]:
     from qatflow.onnx.graph import GraphIndex
 
     index = GraphIndex(model.graph)
-    name = _graph_input(model).name
+    name = model_input(model).name
     for node in index.consumers.get(name, []):
         if node.op_type != "QuantizeLinear":
             continue
