@@ -12,7 +12,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export CUDA_VISIBLE_DEVICES ?=
 
 .PHONY: setup test test-all lint run run-docker bench mlflow-ui compile clean data \
-	images images-tf images-tf-gpu images-trt base-image
+	images images-tf images-trt base-image
 
 setup: $(STAMP) data $(QEMU)
 
@@ -71,13 +71,10 @@ export DOCKER
 BASE_IMAGE ?= qatflow-base:bookworm
 TF_VARIANT ?= pypi
 BUILD_IMAGE = $(BIN)/python scripts/build-image
-images: images-tf images-tf-gpu images-trt
+images: images-tf images-trt
 
 images-tf: setup $(if $(filter pypi,$(TF_VARIANT)),$(if $(filter qatflow-base:%,$(BASE_IMAGE)),base-image))
 	$(BUILD_IMAGE) tensorflow VARIANT=$(TF_VARIANT) DEBIAN_BASE=$(BASE_IMAGE)
-
-images-tf-gpu: setup
-	$(BUILD_IMAGE) tensorflow-gpu
 
 images-trt: setup
 	$(BUILD_IMAGE) tensorrt

@@ -68,7 +68,7 @@ def build_chain(root: Path, *, num_classes: int = 10) -> Chain:
         root / "dataset.json",
         batch_size=16,
         calibration_size=32,
-    )
+    ).spec
     fp32 = root / "fp32"
     steps.save_keras(build_demo_model((16, 16, 1), num_classes), fp32 / "model.keras")
     quantized = root / "quantized"
@@ -97,7 +97,7 @@ def build_chain(root: Path, *, num_classes: int = 10) -> Chain:
             reference_path=results.get("fp32"),
             latency_iterations=5,
             warmup=1,
-        )
+        ).result
     report = root / "report"
     steps.compare(results, report, placement_summary=quantized / "model.placement.md")
     return Chain(root, spec, fp32, quantized, onnx, engines, results, report)

@@ -90,7 +90,7 @@ def build_world(root: Path) -> World:
     """Write the data, FP32 and PTQ models, ONNX, engine and an evaluation result."""
     npz = write_npz(root / "data.npz")
     spec = Path(
-        steps.prepare_data(str(npz), root / "data.json", batch_size=16, calibration_size=32)
+        steps.prepare_data(str(npz), root / "data.json", batch_size=16, calibration_size=32).spec
     )
     fp32 = root / "fp32.keras"
     keras.utils.set_random_seed(0)
@@ -100,8 +100,10 @@ def build_world(root: Path) -> World:
             fp32, root / "ptq.keras", calibration_data=spec, calibration_batches_count=2
         ).model
     )
-    onnx_path = Path(steps.export(ptq, root / "ptq.onnx"))
-    engine = Path(steps.build_engine(onnx_path, root / "ptq.engine.onnx", batch_profile=(1, 4, 16)))
+    onnx_path = Path(steps.export(ptq, root / "ptq.onnx").onnx)
+    engine = Path(
+        steps.build_engine(onnx_path, root / "ptq.engine.onnx", batch_profile=(1, 4, 16)).engine
+    )
     result = Path(
         steps.evaluate(
             engine,
@@ -111,7 +113,7 @@ def build_world(root: Path) -> World:
             warmup=1,
             throughput_batch=4,
             max_batches=1,
-        )
+        ).result
     )
     return World(root, npz, spec, fp32, ptq, onnx_path, engine, result)
 

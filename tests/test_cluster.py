@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 from kfp import compiler, dsl
+from qatflow_pipelines.cli.cluster import register
 from tests.kfp_api_standin import KfpApiStandIn
 
 from qatflow import cluster
-from qatflow.cli.cluster import register
 from qatflow.cluster import (
     apply_gpu_settings,
     check_arguments,
@@ -253,7 +253,7 @@ def test_malformed_host_is_refused_before_connecting(
     with pytest.raises(PipelineError, match=re.escape(problem)):
         schedule(host, package, cron="@daily", arguments={"text": "a"})
     # The CLI checks it before compiling the pipeline.
-    monkeypatch.setitem(sys.modules, "qatflow.pipeline_compile", types.ModuleType("unused"))
+    monkeypatch.setitem(sys.modules, "qatflow_pipelines.runner.compile", types.ModuleType("unused"))
     args = _parser().parse_args(["submit", "--host", host, "--param", "text=x"])
     with pytest.raises(PipelineError, match=re.escape(problem)):
         args.func(args)
@@ -377,11 +377,11 @@ def test_cli_compiles_the_qatflow_pipeline_by_default(
         compiler.Compiler().compile(tiny_pipeline, str(path))
         compiled.append(path)
 
-    # The real qatflow.pipeline_compile is provided by the pipeline package; any compiler with
-    # the same signature shows that the CLI compiles to a temp file and cleans it up.
-    module = types.ModuleType("qatflow.pipeline_compile")
+    # Any compiler with the signature of qatflow_pipelines.runner.compile's shows that the CLI
+    # compiles to a temp file and cleans it up.
+    module = types.ModuleType("qatflow_pipelines.runner.compile")
     module.compile_pipeline = compile_pipeline  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "qatflow.pipeline_compile", module)
+    monkeypatch.setitem(sys.modules, "qatflow_pipelines.runner.compile", module)
     args = _parser().parse_args(["submit", "--host", kfp_api.url, "--param", "text=x"])
     assert args.func(args) == 0
     assert len(kfp_api.bodies("POST", "/runs")) == 1

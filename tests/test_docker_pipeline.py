@@ -21,11 +21,13 @@ from typing import Any
 
 import pytest
 from mlflow import MlflowClient
+from qatflow_pipelines.runner.local_docker import RUN_LABEL
+from qatflow_pipelines.runner.local_run import run_local
 
 from qatflow.errors import PipelineError
-from qatflow.images import CONTEXT_LABEL, IMAGES, REPO_ROOT, TENSORFLOW_IMAGE, context_hash
-from qatflow.local_docker import RUN_LABEL
-from qatflow.local_run import run_local
+from qatflow.images import CONTEXT_LABEL, IMAGES, TENSORFLOW_IMAGE, context_hash
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # The first test's set-up may build the image (about 5 minutes) and run the pipeline.
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(2400)]
@@ -77,7 +79,7 @@ def image(client: Any) -> str:
         return None, None
 
     old_id, old_hash = built()
-    if old_hash != context_hash("tensorflow"):
+    if old_hash != context_hash("tensorflow", REPO_ROOT):
         subprocess.run(
             ["make", IMAGES["tensorflow"].make_target],
             cwd=REPO_ROOT,

@@ -7,6 +7,10 @@
 - ``make <target>`` lines name a target of the Makefile.
 - Python blocks compile; every ``qatflow`` name they import exists, and every call of an
   imported function or class binds to its signature (so a renamed keyword fails here).
+- The README's local examples run: the step-by-step flow (prepare-data ... compare), the
+  toolkit lines (quantize, export, validate) and the Python API block, on a tiny ``.npz``
+  instead of Fashion-MNIST (only dataset names and the reader's own model file are
+  substituted); every command exits 0 and writes what its ``--output`` names (~1 min).
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qatflow_pipelines.cli.pipeline import _RUN_PARAMETERS
 from qatflow_pipelines.qat_int8.parameters import check_arguments
 
 from qatflow.cli import build_parser
-from qatflow.cli.pipeline import _RUN_PARAMETERS
 from qatflow.cluster import normalize_host
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,3 +164,114 @@ def _bind(target: Any, call: ast.Call, where: str) -> None:
         signature.bind(*args, **kwargs)
     except TypeError as err:
         pytest.fail(f"{where}: {getattr(target, '__qualname__', target)}{signature}: {err}")
+
+
+# --- the README's local examples, executed on smoke data ------------------------------------
+
+README = ROOT / "README.md"
+# The only things a run changes in what the README shows: the dataset (a tiny .npz instead
+# of Fashion-MNIST) and the model file the toolkit lines assume the reader has.
+SMOKE_DATA = "smoke.npz"
+SUBSTITUTE = {"fashion-mnist": SMOKE_DATA, "model.keras": "user-model.keras"}
+
+
+def _readme_block(first_command: str) -> list[list[str]]:
+    """The argv of every ``qatflow`` line of the README's block that contains
+    ``qatflow <first_command>``, in order."""
+    for _, code in _blocks():
+        lines = [shlex.split(line, comments=True) for line in code.splitlines()]
+        commands = [words[1:] for words in lines if words[:1] == ["qatflow"]]
+        if any(argv[:1] == [first_command] for argv in commands):
+            return commands
+    raise AssertionError(f"README.md has no block with `qatflow {first_command}`")
+
+
+def _outputs(argv: list[str]) -> list[Path]:
+    """What a command line says it writes: its ``--output``/``-o``, and a report's files."""
+    for flag in ("--output", "-o"):
+        if flag in argv:
+            out = Path(argv[argv.index(flag) + 1])
+            if argv[0] == "compare":
+                return [out / name for name in ("comparison.json", "report.md", "report.html")]
+            return [out]
+    return []
+
+
+@pytest.fixture
+def smoke_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pretrain_cache: Path) -> Path:
+    """A working directory with the smoke data and a small user model, as the README's
+    relative paths assume; an empty pretraining cache, so `prepare-model demo` really trains."""
+    from tests.chain import write_npz
+    from tests.model_zoo import small_cnn
+
+    write_npz(tmp_path / SMOKE_DATA)
+    small_cnn(input_shape=(16, 16, 1)).save(tmp_path / SUBSTITUTE["model.keras"])
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _run_readme_lines(commands: list[list[str]], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run each command line in-process; every one must exit 0 and write its outputs.
+    Returns what they printed."""
+    from qatflow.cli import main
+
+    printed = []
+    for argv in commands:
+        argv = [SUBSTITUTE.get(word, word) for word in argv]
+        code = main(argv)
+        captured = capsys.readouterr()
+        printed.append(captured.out)
+        assert code == 0, f"`qatflow {shlex.join(argv)}` exited {code}: {captured.err[-2000:]}"
+        for path in _outputs(argv):
+            assert path.exists(), f"`qatflow {shlex.join(argv)}` did not write {path}"
+    return "".join(printed)
+
+
+def test_readme_step_by_step_flow_runs(smoke_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    commands = _readme_block("prepare-data")
+    assert [argv[0] for argv in commands][:4] == [
+        "prepare-data",
+        "prepare-model",
+        "quantize",
+        "finetune",
+    ]
+    assert commands[-1][0] == "compare"
+    _run_readme_lines(commands, capsys)
+    from qatflow.comparison import Comparison
+
+    report = smoke_dir / "report"
+    assert Comparison.load_json(report / "comparison.json").variants == [
+        "fp32",
+        "ptq_int8",
+        "qat_int8",
+    ]
+    assert list((report / "plots").glob("*.png"))
+    assert "## Q/DQ placement" in (report / "report.md").read_text()
+
+
+def test_readme_toolkit_lines_run(smoke_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # run/compile/submit/schedule take minutes or a cluster: their lines are parsed above.
+    commands = [argv for argv in _readme_block("validate") if argv[0] not in _PIPELINE_COMMANDS]
+    assert [argv[0] for argv in commands] == ["quantize", "export", "validate"]
+    assert "q.onnx: OK" in _run_readme_lines(commands, capsys)
+
+
+_PIPELINE_COMMANDS = ("run", "compile", "submit", "schedule")
+
+
+def test_readme_python_api_example_runs(
+    smoke_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+    from tests.model_zoo import small_cnn
+
+    (code,) = [code for _, code in _blocks("python") if "qatflow.quantize_model(" in code]
+    namespace = {
+        "model": small_cnn(input_shape=(16, 16, 1)),
+        "calibration_batches": np.random.default_rng(0).random((64, 16, 16, 1), "float32"),
+    }
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert Path("model_int8.onnx").is_file()
+    out = capsys.readouterr().out
+    assert "stem_conv" in out  # the placement summary
+    assert "model_int8.onnx: OK" in out  # TensorRT's import rules hold

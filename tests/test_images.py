@@ -10,21 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from qatflow import images
 from qatflow.errors import PipelineError
 from qatflow.images import (
     IMAGES,
     PIP_CA_SECRET,
-    REPO_ROOT,
     TENSORFLOW_IMAGE,
     TENSORRT_IMAGE,
     build_command,
+    checkout_root,
     context_hash,
     copied_paths,
-    dockerfile_for,
     image_name,
 )
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGES_DIR = REPO_ROOT / "images"
 DOCKERFILES = sorted(IMAGES_DIR.glob("*.Dockerfile"))
 # Inline `# hadolint ignore=` pragmas we accept, with the reason:
@@ -84,7 +83,7 @@ def test_every_image_has_its_dockerfile_and_build_args() -> None:
         assert dockerfile.is_file(), f"{name}: {spec.dockerfile} is missing"
         declared = set(re.findall(r"^ARG\s+(\w+)", dockerfile.read_text(), re.MULTILINE))
         assert set(spec.build_args) <= declared, f"{name}: build args not declared as ARG"
-        assert dockerfile_for(spec.reference) == dockerfile
+        assert REPO_ROOT / IMAGES[image_name(spec.reference)].dockerfile == dockerfile
     used = {REPO_ROOT / spec.dockerfile for spec in IMAGES.values()}
     assert set(DOCKERFILES) == used, "a Dockerfile in images/ is not referenced by qatflow.images"
 
@@ -114,10 +113,10 @@ def test_env_var_overrides_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     assert spec.reference == TENSORRT_IMAGE == spec.default
     monkeypatch.setenv("QATFLOW_TRT_IMAGE", "registry.local/qatflow-trt:dev")
     assert spec.reference == "registry.local/qatflow-trt:dev"
-    assert dockerfile_for("registry.local/qatflow-trt:dev").name == "tensorrt.Dockerfile"
     assert image_name("registry.local/qatflow-trt:dev") == "tensorrt"
+    assert IMAGES["tensorrt"].dockerfile == "images/tensorrt.Dockerfile"
     with pytest.raises(PipelineError, match=r"python:3\.11"):
-        dockerfile_for("python:3.11")
+        image_name("python:3.11")
 
 
 def test_module_constants_follow_env_at_import() -> None:
@@ -138,7 +137,9 @@ def test_pip_ca_is_a_secret_never_a_build_arg() -> None:
     runs = re.findall(r"^RUN (?:[^\n]*\\\n)*?[^\n]*pip install[^\n]*", tensorflow, re.MULTILINE)
     mount = f"--mount=type=secret,id={PIP_CA_SECRET},target=/etc/ssl/certs/ca-certificates.crt"
     assert len(runs) == 3 and all(mount in run for run in runs)
-    command = build_command("tensorflow", "docker", pip_ca="ca.pem", build_args={"VARIANT": "pypi"})
+    command = build_command(
+        "tensorflow", "docker", root=REPO_ROOT, pip_ca="ca.pem", build_args={"VARIANT": "pypi"}
+    )
     assert command[:2] == ["docker", "build"] and command[-1] == str(REPO_ROOT)
     assert (
         command[command.index("--secret") + 1]
@@ -147,8 +148,8 @@ def test_pip_ca_is_a_secret_never_a_build_arg() -> None:
     build_args = [command[i + 1] for i, word in enumerate(command) if word == "--build-arg"]
     assert build_args == ["VARIANT=pypi"]  # over the image's own VARIANT=cpu
     assert command[command.index("-t") + 1] == TENSORFLOW_IMAGE
-    assert f"org.qatflow.context-hash={context_hash('tensorflow')}" in command
-    assert "--secret" not in build_command("tensorflow", "docker")
+    assert f"org.qatflow.context-hash={context_hash('tensorflow', REPO_ROOT)}" in command
+    assert "--secret" not in build_command("tensorflow", "docker", root=REPO_ROOT)
 
 
 def test_dependencies_are_installed_before_the_code_is_copied() -> None:
@@ -166,9 +167,7 @@ def test_dependencies_are_installed_before_the_code_is_copied() -> None:
     assert "pip install --no-deps ." in text[text.index("COPY src/ src/") :]
 
 
-def test_context_hash_follows_the_copied_files(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_context_hash_follows_the_copied_files(tmp_path: Path) -> None:
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "tensorflow.Dockerfile").write_text(
         "FROM base\nCOPY pyproject.toml ./\nCOPY --chown=1 src/ src/\nCOPY --from=x /a /b\n"
@@ -178,15 +177,31 @@ def test_context_hash_follows_the_copied_files(
     (tmp_path / "src" / "pkg").mkdir(parents=True)
     (tmp_path / "src" / "pkg" / "mod.py").write_text("A = 1\n")
     (tmp_path / "notes.txt").write_text("not copied\n")
-    monkeypatch.setattr(images, "REPO_ROOT", tmp_path)
     assert copied_paths(tmp_path / "images" / "tensorflow.Dockerfile") == ["pyproject.toml", "src/"]
-    first = context_hash("tensorflow")
+    first = context_hash("tensorflow", tmp_path)
     (tmp_path / "notes.txt").write_text("changed, still not copied\n")
     (tmp_path / "src" / "pkg" / "__pycache__").mkdir()
     (tmp_path / "src" / "pkg" / "__pycache__" / "mod.pyc").write_bytes(b"ignored")
-    assert context_hash("tensorflow") == first
+    assert context_hash("tensorflow", tmp_path) == first
     (tmp_path / "src" / "pkg" / "mod.py").write_text("A = 2\n")
-    assert context_hash("tensorflow") != first
+    assert context_hash("tensorflow", tmp_path) != first
+
+
+def test_the_checkout_is_found_only_in_a_checkout(tmp_path: Path) -> None:
+    assert checkout_root() == REPO_ROOT  # qatflow is installed editable from this checkout
+    # Installed from a wheel: no Dockerfiles around, hence no checkout to build from.
+    site = tmp_path / "lib" / "python3.11" / "site-packages"
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(REPO_ROOT / "src" / "qatflow", site / "qatflow", ignore=ignore)
+    code = "from qatflow import images; print(images.__file__, images.checkout_root())"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PYTHONPATH": str(site), "PATH": ""},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.split() == [str(site / "qatflow" / "images.py"), "None"]
 
 
 def test_every_image_has_a_make_target() -> None:

@@ -4,6 +4,9 @@ Read statically with ``ast``: every ``import`` and ``from ... import`` anywhere 
 (inside functions too) is an edge to the qatflow module it names; imports under
 ``if TYPE_CHECKING:`` are for type checkers only and are not counted. A package's
 ``__init__`` is a module like any other; importing a submodule is no edge to its package.
+
+And no module of src/qatflow imports the packages above it (``qatflow_pipelines``,
+``qatflow_components``) in any way: the pipeline's commands reach the CLI through entry points.
 """
 
 from __future__ import annotations
@@ -122,41 +125,66 @@ def test_find_cycle(graph: dict[str, set[str]], cycle: list[str] | None) -> None
     assert find_cycle(graph) == cycle
 
 
-# The layers point one way: library core -> steps -> CLI / components -> pipeline. Only the
-# commands that run or compile the pipeline reach up to it, inside the function that needs it.
+# The layers point one way: library core -> steps -> CLI / components -> pipeline. The
+# pipeline package (with the runner and the commands that run it) and the components sit above
+# src/qatflow: no module there imports them, not inside a function, not for type checkers.
 PIPELINE_PACKAGES = ("qatflow_pipelines", "qatflow_components")
-PIPELINE_RUNNERS = {
-    "qatflow.local_run",
-    "qatflow.pipeline_compile",
-    "qatflow.cli.pipeline",
-    "qatflow.cli.cluster",
-}
 
 
-def _pipeline_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
-    def named(node: ast.Import | ast.ImportFrom) -> list[str]:
+def upward_imports(tree: ast.AST) -> list[str]:
+    """The names of ``PIPELINE_PACKAGES`` modules that ``tree`` imports, anywhere in it
+    (``import_module("...")`` and ``__import__("...")`` of a literal name included)."""
+    names = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            return [alias.name for alias in node.names]
-        return [node.module or ""]
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.append(node.module or "")
+        elif isinstance(node, ast.Call) and node.args and _is_import_call(node.func):
+            first = node.args[0]
+            if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                names.append(first.value)
+    return sorted({name for name in names if name.split(".")[0] in PIPELINE_PACKAGES})
 
-    return [
-        node
-        for node in _imports(tree)
-        if any(name.split(".")[0] in PIPELINE_PACKAGES for name in named(node))
-    ]
+
+def _is_import_call(func: ast.expr) -> bool:
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+    return name in ("import_module", "__import__")
 
 
-def test_only_the_runners_import_the_pipeline_and_lazily() -> None:
-    for module, path in _modules().items():
-        tree = ast.parse(path.read_text(), str(path))
-        found = _pipeline_imports(tree)
-        assert not found or module in PIPELINE_RUNNERS, f"{module} imports the pipeline"
-        top_level = [node for node in found if node in ast.iter_child_nodes(tree)]
-        assert not top_level, f"{module} imports the pipeline at import time"
+def test_the_library_never_imports_the_pipeline_or_the_components() -> None:
+    offenders = {
+        module: found
+        for module, path in sorted(_modules().items())
+        if (found := upward_imports(ast.parse(path.read_text(), str(path))))
+    }
+    assert not offenders, "src/qatflow imports the layers above it: " + "; ".join(
+        f"{module} imports {', '.join(found)}" for module, found in offenders.items()
+    )
+
+
+@pytest.mark.parametrize(
+    "code, found",
+    [
+        ("import qatflow.steps\nfrom qatflow import cli", []),
+        (
+            "def f():\n    from qatflow_pipelines.qat_int8 import pipeline",
+            ["qatflow_pipelines.qat_int8"],
+        ),
+        (
+            "if TYPE_CHECKING:\n    import qatflow_components.evaluate",
+            ["qatflow_components.evaluate"],
+        ),
+        ("import importlib\nimportlib.import_module('qatflow')", []),
+        ("importlib.import_module('qatflow_pipelines.cli')", ["qatflow_pipelines.cli"]),
+    ],
+)
+def test_upward_imports(code: str, found: list[str]) -> None:
+    assert upward_imports(ast.parse(code)) == found
 
 
 def test_importing_the_library_loads_no_pipeline() -> None:
-    modules = ["qatflow.steps", "qatflow.cli", *sorted(PIPELINE_RUNNERS)]
+    modules = ["qatflow.steps", "qatflow.cli", "qatflow.cluster", "qatflow.images"]
     code = f"import sys; import {', '.join(modules)}; " + (
         f"print([m for m in sys.modules if m.split('.')[0] in {PIPELINE_PACKAGES}])"
     )

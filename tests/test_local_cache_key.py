@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 from kfp import dsl, local
+from qatflow_pipelines.runner.local_docker import images_fingerprint
+from qatflow_pipelines.runner.local_run import source_fingerprint
 
 from qatflow.errors import PipelineError
-from qatflow.local_docker import images_fingerprint
-from qatflow.local_run import source_fingerprint
 
 
 def test_fingerprint_follows_the_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -28,6 +28,21 @@ def test_fingerprint_follows_the_source(tmp_path: Path, monkeypatch: pytest.Monk
     assert changed != first
     (package / "sub" / "other.py").write_text("")
     assert source_fingerprint(("fingerprinted_pkg",)) != changed
+
+
+def test_fingerprint_leaves_test_folders_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = tmp_path / "tested_pkg"
+    (package / "step" / "tests").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    test_module = package / "step" / "tests" / "test_step.py"
+    test_module.write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    first = source_fingerprint(("tested_pkg",))
+    test_module.write_text("VALUE = 2\n")
+    assert source_fingerprint(("tested_pkg",)) == first
 
 
 def test_fingerprint_of_a_missing_package() -> None:

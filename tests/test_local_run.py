@@ -20,13 +20,13 @@ from typing import Any
 import boto3
 import pytest
 from mlflow import MlflowClient
+from qatflow_pipelines.runner.local_docker import docker_runner, local_inputs, mlflow_store_dir
+from qatflow_pipelines.runner.local_run import run_local
 from tests.s3_server import make_bucket, s3_endpoint
 
 from qatflow.cli import main
 from qatflow.data.sources.fashion_mnist import SYSTEM_DIR as FASHION_MNIST_DIR
 from qatflow.errors import PipelineError
-from qatflow.local_docker import docker_runner, local_inputs, mlflow_store_dir
-from qatflow.local_run import run_local
 from qatflow.tracking import AGREEMENT_METRIC, FIDELITY_METRICS, METRIC_KEYS, PARENT_TAG
 
 __all__ = ["s3_endpoint"]
@@ -117,6 +117,23 @@ def test_mlflow_parent_and_variant_runs(smoke: Run, mlflow_server: str) -> None:
     assert logged.source_run_id == qat_run.info.run_id
 
 
+def test_the_report_names_the_mlflow_runs(smoke: Run, mlflow_server: str, tmp_path: Path) -> None:
+    """The report in the output folder is publish's, with the run IDs; MLflow logged the same."""
+    mlflow = smoke.summary["mlflow"]
+    ids = [mlflow["parent_run_id"], *mlflow["child_run_ids"].values()]
+    link = f"{mlflow_server}/#/experiments/{mlflow['experiment_id']}/runs/{mlflow['parent_run_id']}"
+    for name in ("report.md", "report.html"):
+        text = (smoke.out / name).read_text(encoding="utf-8")
+        assert all(run_id in text for run_id in ids), name
+        assert link in text, name
+    logged = MlflowClient(mlflow_server).download_artifacts(
+        mlflow["parent_run_id"], "report/report.html", str(tmp_path)
+    )
+    assert Path(logged).read_text(encoding="utf-8") == (smoke.out / "report.html").read_text(
+        encoding="utf-8"
+    )
+
+
 def test_s3_export(smoke: Run, s3_endpoint: str, bucket: str) -> None:
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     prefix = f"runs/{smoke.summary['run_name']}/"
@@ -198,6 +215,22 @@ def test_invalid_run_parameters_fail_before_any_task(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # no output folder, no kfp root, no task ran
     with pytest.raises(PipelineError, match=r"batch_profile_min/opt/max=\[8, 4, 64\]"):
         run_local(tmp_path, batch_profile_min=8, batch_profile_opt=4, batch_profile_max=64)
+
+
+def test_run_param_values_are_typed_and_checked_before_any_task(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``qatflow run --param`` reaches every pipeline parameter, typed as the pipeline says."""
+    out = tmp_path / "out"
+    for param, message in [
+        ("percentile=lots", "pipeline parameter percentile='lots': expected NUMBER_DOUBLE"),
+        ("percentile=200", "percentile=200.0: must be in (0, 100]"),
+        ("no_such_parameter=1", "no_such_parameter"),
+        ("batch_size=8", "--param batch_size: `qatflow run` has a flag for it"),
+    ]:
+        assert main(["run", "--output", str(out), "--param", param]) == 2, param
+        assert message in capsys.readouterr().err, param
+    assert not out.exists()  # nothing ran
 
 
 def test_bad_model_uri_fails_in_the_first_task(tmp_path: Path) -> None:

@@ -12,19 +12,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qatflow_pipelines.runner.compile import compile_pipeline
 
 from qatflow import cluster, params, publish, steps, tracking
 from qatflow.cli import build_parser
 from qatflow.evaluation import evaluate
 from qatflow.params import DATA, ENGINE, EVALUATE, EXPORT, FINETUNE, MODEL, PUBLISH, QUANTIZE, Ref
-from qatflow.pipeline_compile import compile_pipeline
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "pipeline.md"
 # Library functions and the schema whose fields set their keyword arguments (step name first).
 FUNCTIONS: list[tuple[Callable[..., Any], object, dict[str, str]]] = [
     (steps.prepare_data, params.DATA, {}),
     (steps.prepare_model, params.MODEL, {}),
-    (steps.quantize, params.QUANTIZE, {"calibration_batches": "calibration_batches_count"}),
+    (
+        steps.quantize,
+        params.QUANTIZE,
+        {"calibration_batches": "calibration_batches_count", "spec": "spec_path"},
+    ),
     (steps.calibration_batches, params.DATA, {}),
     (steps.export, params.EXPORT, {}),
     (steps.finetune, params.FINETUNE, {}),
@@ -32,6 +36,8 @@ FUNCTIONS: list[tuple[Callable[..., Any], object, dict[str, str]]] = [
     (steps.evaluate, params.EVALUATE, {}),
     (evaluate, params.EVALUATE, {}),
     (steps.compare, params.COMPARE, {}),
+    (steps.check_inputs, params.PUBLISH, {}),
+    (steps.publish, params.PUBLISH, {}),
     (publish.publish, params.PUBLISH, {"registered_model": "register_name"}),
     (tracking.Tracker.__init__, params.PUBLISH, {}),
 ]
@@ -41,6 +47,7 @@ COMPONENTS: dict[str, dict[str, Ref]] = {
         "preprocessing": Ref(DATA, "preprocessing"),
         "batch_size": Ref(DATA, "batch_size"),
         "limit": Ref(DATA, "limit"),
+        "image_size": Ref(DATA, "image_size"),
     },
     "prepare_model": {
         "model_uri": Ref(MODEL, "model_uri"),
@@ -49,6 +56,9 @@ COMPONENTS: dict[str, dict[str, Ref]] = {
     "quantize_calibrate": {
         "calibration_method": Ref(QUANTIZE, "calibration_method"),
         "calibration_batches": Ref(QUANTIZE, "calibration_batches"),
+        "percentile": Ref(QUANTIZE, "percentile"),
+        "activation_range": Ref(QUANTIZE, "activation_range"),
+        "spec": Ref(QUANTIZE, "spec"),
     },
     "qat_finetune": {
         "epochs": Ref(FINETUNE, "epochs"),
@@ -71,7 +81,12 @@ COMPONENTS: dict[str, dict[str, Ref]] = {
         "experiment": Ref(PUBLISH, "experiment"),
         "registered_model": Ref(PUBLISH, "registered_model"),
         "s3_prefix": Ref(PUBLISH, "s3_prefix"),
+        "image_size": Ref(DATA, "image_size"),
+        "percentile": Ref(QUANTIZE, "percentile"),
+        "activation_range": Ref(QUANTIZE, "activation_range"),
+        "spec": Ref(QUANTIZE, "spec"),
     },
+    "check_inputs": {"s3_prefix": Ref(PUBLISH, "s3_prefix"), "spec": Ref(QUANTIZE, "spec")},
 }
 # A command line per command, and the schema its options' defaults come from.
 COMMANDS: list[tuple[list[str], object]] = [

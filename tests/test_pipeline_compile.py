@@ -8,13 +8,14 @@ from typing import Any
 import pytest
 import yaml
 from qatflow_pipelines.qat_int8.pipeline import GpuOptions
+from qatflow_pipelines.runner.compile import compile_pipeline
 
 from qatflow import cluster
 from qatflow.cli import main
 from qatflow.errors import PipelineError
-from qatflow.images import IMAGES, TENSORFLOW_IMAGE, TENSORRT_IMAGE, dockerfile_for
-from qatflow.pipeline_compile import compile_pipeline
+from qatflow.images import IMAGES, TENSORFLOW_IMAGE, TENSORRT_IMAGE, image_name
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 ENGINE_COMPONENTS = ("build-engine", "evaluate")
 CACHED = {
     "prepare-data",
@@ -103,7 +104,7 @@ def test_images_come_from_the_images_folder(
     known = {spec.reference for spec in IMAGES.values()}
     for name, container in _executors(compiled[0]).items():
         assert container["image"] in known, name
-        assert dockerfile_for(container["image"]).is_file()
+        assert (REPO_ROOT / IMAGES[image_name(container["image"])].dockerfile).is_file()
         command = " ".join(container["command"])
         assert "pip install" not in command, f"{name} installs packages at run time"
 
@@ -128,6 +129,7 @@ def test_parameters_and_defaults(compiled: tuple[dict[str, Any], dict[str, Any]]
         "dataset_uri": "fashion-mnist",
         "preprocessing": "scale01",
         "batch_size": 64,
+        "image_size": "",
         "limit": 0,
         "pretrain_epochs": 5,
         "epochs": 2,
@@ -135,6 +137,9 @@ def test_parameters_and_defaults(compiled: tuple[dict[str, Any], dict[str, Any]]
         "qat_steps_per_epoch": 0,
         "calibration_method": "max",
         "calibration_batches": 16,
+        "percentile": 99.99,
+        "quantization_spec": "",
+        "activation_range": "frozen",
         "runtime": "tensorrt",
         "batch_profile_min": 1,
         "batch_profile_opt": 8,

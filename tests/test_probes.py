@@ -527,7 +527,7 @@ def test_finetune_refuses_another_models_checkpoint(world: World, here: Path) ->
 
 def test_finetune_refuses_a_checkpoint_of_other_data(world: World, here: Path) -> None:
     checkpoints, output = here / "ckpt", here / "b.keras"
-    other = steps.prepare_data(str(world.npz), here / "other.json", batch_size=16, seed=1)
+    other = steps.prepare_data(str(world.npz), here / "other.json", batch_size=16, seed=1).spec
     finetune_into(world, world.spec, checkpoints, here / "a.keras")
     probe(
         world,
@@ -591,7 +591,7 @@ def test_sigint_during_export(world: World, here: Path) -> None:
 
 def test_pretrain_cache_follows_the_data_and_discards_bad_entries(world: World, here: Path) -> None:
     data = write_npz(here / "pre.npz", seed=1, train=48, test=16)
-    spec = steps.prepare_data(str(data), here / "pre.json", batch_size=16, calibration_size=16)
+    spec = steps.prepare_data(str(data), here / "pre.json", batch_size=16, calibration_size=16).spec
     env = {"QATFLOW_CACHE_DIR": str(here / "cache")}
     command = f"prepare-model demo --dataset {spec} --pretrain-epochs 1 -o"
     probe(world, f"{command} {here / 'a.keras'}", env=env, code=0)

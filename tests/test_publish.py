@@ -21,6 +21,7 @@ from qatflow.comparison import Comparison
 from qatflow.errors import DataError, PipelineError, StorageError
 from qatflow.evaluation import EvaluationResult
 from qatflow.publish import publish, verdict
+from qatflow.report.provenance import NOT_PUBLISHED
 from qatflow.tracking import (
     AGREEMENT_METRIC,
     CHAMPION_ALIAS,
@@ -90,9 +91,10 @@ def test_publish_to_server_and_s3(
     name = f"publish-{uuid.uuid4().hex[:8]}"
     # Untrained models: a 100-point gate lets the first version become champion.
     report = _report_with(chain, tmp_path / "report", gate_points=100.0)
+    record = tmp_path / "record"
     summary = _publish(
         chain,
-        tmp_path,
+        record,
         report,
         tracking_uri=mlflow_server,
         experiment=name,
@@ -170,6 +172,24 @@ def test_publish_to_server_and_s3(
     assert summary["s3"]["uris"]["onnx"]["qat_int8"] == f"s3://{bucket}/{base}/onnx/qat_int8.onnx"
     exported = json.loads(s3.get_object(Bucket=bucket, Key=f"{base}/publish.json")["Body"].read())
     assert exported == summary
+    # The report a user reads names the MLflow runs, linked to the server's UI: in the
+    # record folder, as the parent run's artifact and on S3. The compare step's copy is kept.
+    run_ids = [parent_id, *summary["mlflow"]["child_run_ids"].values()]
+    link = f"{mlflow_server}/#/experiments/{parent.info.experiment_id}/runs/{parent_id}"
+    assert summary["report"]["dir"] == "report"
+    assert summary["mlflow"]["experiment_id"] == parent.info.experiment_id
+    for file in summary["report"]["files"]:
+        assert (record / file).exists(), file
+    for file in ("report.md", "report.html"):
+        text = (record / "report" / file).read_text()
+        assert all(run_id in text for run_id in run_ids) and link in text, file
+        assert f"{name} v1: promoted to champion" in text
+    logged = client.download_artifacts(parent_id, "report/report.html", str(tmp_path / "dl"))
+    assert Path(logged).read_text() == (record / "report" / "report.html").read_text()
+    on_s3 = s3.get_object(Bucket=bucket, Key=f"{base}/report/report.md")["Body"].read()
+    assert on_s3.decode() == (record / "report" / "report.md").read_text()
+    assert NOT_PUBLISHED in (report / "report.md").read_text()
+    assert parent_id not in (report / "report.html").read_text()
     # The fake credentials the S3 fixture exported appear in no MLflow param or tag.
     for run in [parent, *children.values()]:
         assert "testing" not in {*run.data.params.values(), *run.data.tags.values()}
@@ -239,6 +259,14 @@ def test_unreachable_mlflow_keeps_everything_offline(chain: Chain, tmp_path: Pat
         assert {a["artifact_path"] for a in child["artifacts"]} == {"onnx", "engine", "evaluation"}
         names = {a["artifact_path"]: a["file_name"] for a in child["artifacts"]}
         assert (names["onnx"], names["evaluation"]) == (f"{variant}.onnx", "result.json")
+    # The report names the offline records, and the parent's offline record lists it.
+    text = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "MLflow was unreachable when publishing" in text
+    assert all(run_id in text for run_id in [parent["run_id"], *mlflow["child_run_ids"].values()])
+    assert {
+        "path": str((tmp_path / "out" / "report").resolve()),
+        "artifact_path": "report",
+    }.items() <= next(a for a in parent["artifacts"] if a["artifact_path"] == "report").items()
 
 
 def test_bad_inputs_fail_before_anything_is_logged(

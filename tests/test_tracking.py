@@ -32,6 +32,8 @@ from qatflow.tracking import (
     EXPERIMENT_KIND_TAG,
     FIDELITY_METRICS,
     FIDELITY_TAG,
+    LEGACY_ACCURACY_METRIC,
+    LEGACY_ACCURACY_TAG,
     METRIC_KEYS,
     OFFLINE_PREFIX,
     PARENT_TAG,
@@ -513,3 +515,66 @@ def test_tracking_uri_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_tracking_uri() == "http://from-env:5000"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert resolve_tracking_uri() == DEFAULT_TRACKING_URI
+
+
+def test_a_champion_with_a_legacy_fraction_is_compared_in_percent(
+    tmp_path: Path, onnx_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Versions registered before accuracies were in percent carry a fraction tag
+    (``qatflow.accuracy_top1`` = 0.9), or only their run's ``accuracy_top1`` metric."""
+    monkeypatch.chdir(tmp_path)  # the sqlite store puts artifacts under ./mlruns
+    uri = f"sqlite:///{tmp_path / 'registry.db'}"
+    tracker = Tracker(tmp_path / "out", tracking_uri=uri)
+    client = MlflowClient(uri)
+    name = "qatflow-legacy"
+    parent = tracker.start_pipeline_run()
+
+    def register(accuracy_pct: float) -> tuple[str, str]:
+        run = tracker.start_variant_run(parent, "qat_int8")
+        version = tracker.register_onnx_model(run, onnx_file, name, accuracy_top1_pct=accuracy_pct)
+        assert version is not None
+        return run, version
+
+    def make_old_champion(version: str, *, tag: str | None) -> None:
+        """Rewrite ``version`` as an older qatflow left it: the fraction tag, or no tag."""
+        client.delete_model_version_tag(name, version, ACCURACY_TAG)
+        if tag is not None:
+            client.set_model_version_tag(name, version, LEGACY_ACCURACY_TAG, tag)
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+
+    _, old = register(90.0)
+    make_old_champion(old, tag="0.9")
+    assert tracker.champion(name) == (old, pytest.approx(90.0))
+
+    # 5 points below the champion's 90 % (not 89 points above 0.9): refused...
+    _, far = register(85.0)
+    decision = tracker.promote_if_better(name, far, 85.0, 85.5, gate_points=1.0)
+    assert not decision.promoted and decision.champion_accuracy_pct == pytest.approx(90.0)
+    assert (
+        f"legacy tag {LEGACY_ACCURACY_TAG} 0.9 (a fraction), read as 90.00%"
+        in (decision.reasons[1])
+    )
+    assert f"-5.00 top-1 points vs champion v{old}" in decision.reasons[2]
+    assert str(client.get_model_version_by_alias(name, CHAMPION_ALIAS).version) == old
+    # ...and a candidate within the gate replaces it automatically.
+    _, close = register(89.5)
+    decision = tracker.promote_if_better(name, close, 89.5, 90.0, gate_points=1.0)
+    assert decision.promoted, decision.reasons
+    assert str(client.get_model_version_by_alias(name, CHAMPION_ALIAS).version) == close
+
+    # A version with no tag at all: its run's legacy accuracy_top1 metric, a fraction too.
+    run, untagged = register(80.0)
+    tracker.log_metrics(run, {LEGACY_ACCURACY_METRIC: 0.8})
+    make_old_champion(untagged, tag=None)
+    assert tracker.champion(name) == (untagged, pytest.approx(80.0))
+    # Not a number, or not a fraction: skipped, then nothing is left to compare against.
+    run, garbage = register(70.0)
+    make_old_champion(garbage, tag="n/a")
+    assert tracker.champion(name) == (garbage, None)
+    client.set_model_version_tag(name, garbage, LEGACY_ACCURACY_TAG, "70")
+    assert tracker.champion(name) == (garbage, None)
+    _, candidate = register(99.0)
+    decision = tracker.promote_if_better(name, candidate, 99.0, 99.0, gate_points=1.0)
+    assert not decision.promoted
+    assert f"champion v{garbage} has no recorded accuracy" in decision.reasons[1]
+    tracker.end_run(parent)

@@ -34,7 +34,7 @@ def build_engine(
 
     name = "engine.plan" if runtime == "tensorrt" else "engine.onnx"
     os.makedirs(engine.path, exist_ok=True)
-    steps.build_engine(
+    built = steps.build_engine(
         os.path.join(onnx_model.path, onnx_model.metadata["file"]),
         os.path.join(engine.path, name),
         runtime=runtime,
@@ -42,12 +42,12 @@ def build_engine(
         dataset_spec=dataset.path if dataset is not None else None,
         encoding=encoding,
     )
-    engine.framework = runtime
+    engine.framework = built.runtime
     engine.metadata.update(
         {
             "file": name,
-            "runtime": runtime,
-            "batch_profile": [batch_min, batch_opt, batch_max],
+            "runtime": built.runtime,
+            "batch_profile": list(built.batch_profile),
             "precision": onnx_model.metadata.get("precision", "fp32"),
         }
     )

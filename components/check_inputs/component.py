@@ -6,11 +6,12 @@ from qatflow.images import TENSORFLOW_IMAGE
 
 
 @dsl.component(base_image=TENSORFLOW_IMAGE, install_kfp_package=False)
-def check_inputs(model_uri: str, dataset_uri: str, s3_prefix: str = "") -> None:
-    """Check that ``model_uri`` and ``dataset_uri`` resolve and ``s3_prefix`` is writable.
+def check_inputs(model_uri: str, dataset_uri: str, s3_prefix: str = "", spec: str = "") -> None:
+    """Check that ``model_uri``, ``dataset_uri`` and the placement ``spec`` (``""``: none)
+    resolve and that ``s3_prefix`` is writable.
 
     Runs first and is never cached: credentials and buckets can change between runs.
     """
-    from qatflow.publish import preflight
+    from qatflow import steps
 
-    preflight(model_uri, dataset_uri, s3_prefix=s3_prefix or None)
+    steps.check_inputs(model_uri, dataset_uri, s3_prefix=s3_prefix or None, spec_path=spec or None)

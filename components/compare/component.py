@@ -30,32 +30,26 @@ def compare(
     verdict (1 passed, 0 refused; its file: the comparison JSON). ``dataset`` (the spec),
     ``model_uri``, ``run_name`` and ``run_id`` fill the report's provenance header.
     """
-    import json
     import shutil
-    from pathlib import Path
 
     from qatflow import steps
-    from qatflow.comparison import Comparison
     from qatflow.report.provenance import RunInfo
     from qatflow.tracking import HEADLINE_METRICS
 
-    spec = json.loads(Path(dataset.path).read_text(encoding="utf-8"))
-    path = steps.compare(
+    compared = steps.compare(
         {"fp32": fp32_result.path, "ptq_int8": ptq_result.path, "qat_int8": qat_result.path},
         report.path,
         placement_summary=placement.path,
         accuracy_gate=accuracy_gate,
+        dataset_spec=dataset.path,
         run_info=RunInfo(
-            dataset_uri=spec.get("uri"),
-            dataset_kind=spec.get("kind"),
-            model_uri=model_uri or None,
-            run_name=run_name or None,
-            run_id=run_id or None,
+            model_uri=model_uri or None, run_name=run_name or None, run_id=run_id or None
         ),
     )
-    shutil.copyfile(f"{report.path}/report.html", report_html.path)
-    shutil.copyfile(path, summary.path)  # a file behind the metrics, as kfp.local's cache wants
-    comparison = Comparison.load_json(path)
+    shutil.copyfile(compared.report.html, report_html.path)
+    # A file behind the metrics, as kfp.local's cache wants.
+    shutil.copyfile(compared.comparison_json, summary.path)
+    comparison = compared.comparison
     for row in comparison.rows:
         metrics = row.tracking_metrics()
         for key in HEADLINE_METRICS:

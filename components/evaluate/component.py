@@ -27,19 +27,17 @@ def evaluate(
 
     from qatflow import steps
     from qatflow.comparison import own_metrics
-    from qatflow.evaluation import EvaluationResult
     from qatflow.gate import points
     from qatflow.tracking import AGREEMENT_METRIC
 
-    steps.evaluate(
+    evaluation = steps.evaluate(
         os.path.join(engine.path, engine.metadata["file"]),
         dataset.path,
         result.path,
         reference_path=reference.path if reference is not None else None,
         latency_iterations=latency_iterations,
         max_batches=max_batches or None,
-    )
-    evaluation = EvaluationResult.load(result.path)
+    ).evaluation
     agreement = evaluation.agreement
     values = {
         **own_metrics(evaluation),

@@ -18,27 +18,24 @@ def export_onnx(
 
     ``onnx_model`` is a folder: ``model.onnx`` and ``model.validation.json`` (the rule check).
     """
-    import json
     import os
 
     from qatflow import steps
 
     os.makedirs(onnx_model.path, exist_ok=True)
-    path = steps.export(
+    report = steps.export(
         os.path.join(model.path, model.metadata["file"]),
         os.path.join(onnx_model.path, "model.onnx"),
         opset=opset,
         dataset_spec=dataset.path if dataset is not None else None,
-    )
-    with open(steps.side_file(path, ".validation.json"), encoding="utf-8") as file:
-        report = json.load(file)
+    ).report
     onnx_model.framework = "onnx"
     onnx_model.metadata.update(
         {
             "file": "model.onnx",
             "opset": opset,
             "precision": model.metadata.get("precision", "fp32"),
-            "qdq_nodes": report["qdq_nodes"],
-            "tensorrt_rules_ok": report["ok"],
+            "qdq_nodes": report.qdq_nodes,
+            "tensorrt_rules_ok": report.ok,
         }
     )

@@ -13,31 +13,31 @@ def prepare_data(
     preprocessing: str = "scale01",
     batch_size: int = 64,
     limit: int = 0,
+    image_size: str = "",
 ) -> None:
     """Load ``dataset_uri``, check its first batches and write the dataset spec (JSON).
 
-    ``limit`` caps every split (0 = no cap). Later steps rebuild identical splits from the spec.
+    ``limit`` caps every split (0 = no cap). ``image_size`` ``"H,W"`` resizes the images
+    (``""``: as stored). Later steps rebuild identical splits from the spec.
     """
-    import json
-
     from qatflow import steps
+    from qatflow.params import parse_image_size
 
-    steps.prepare_data(
+    info = steps.prepare_data(
         dataset_uri,
         dataset.path,
         preprocessing=preprocessing,
         batch_size=batch_size,
+        image_size=parse_image_size(image_size),
         limit=limit or None,
-    )
-    with open(dataset.path, encoding="utf-8") as spec:
-        info = json.load(spec)
+    ).info
     dataset.metadata.update(
         {
-            "uri": info["uri"],
-            "kind": info["kind"],
-            "input_shape": info["input_shape"],
-            "num_classes": info["num_classes"],
-            "sizes": info["sizes"],
-            "preprocessing": info["preprocessing"],
+            "uri": info.uri,
+            "kind": info.kind,
+            "input_shape": list(info.input_shape),
+            "num_classes": info.num_classes,
+            "sizes": dict(info.sizes),
+            "preprocessing": info.preprocessing,
         }
     )

@@ -41,6 +41,10 @@ def publish(
     s3_prefix: str = "",
     run_name: str = "",
     run_id: str = "",
+    image_size: str = "",
+    percentile: float = 99.99,
+    activation_range: str = "frozen",
+    spec: str = "",
 ) -> str:
     """Publish the run: S3 export (if ``s3_prefix``), then the MLflow parent run with the
     report, one child run per variant, the QAT INT8 ONNX registered as ``registered_model``,
@@ -55,8 +59,7 @@ def publish(
     """
     import os
 
-    from qatflow.publish import publish as run_publish
-    from qatflow.publish import verdict
+    from qatflow import steps
 
     params = {
         "model": {"uri": model_uri, "pretrain_epochs": pretrain_epochs},
@@ -65,18 +68,24 @@ def publish(
             "preprocessing": preprocessing,
             "batch_size": batch_size,
             "limit": limit or "all",
+            "image_size": image_size or "as stored",
         },
         "qat": {
             "epochs": epochs,
             "learning_rate": learning_rate,
             "steps_per_epoch": qat_steps_per_epoch or "epoch",
         },
-        "calibration": {"method": calibration_method, "batches": calibration_batches},
+        "calibration": {
+            "method": calibration_method,
+            "batches": calibration_batches,
+            "percentile": percentile,
+        },
+        "quantization": {"spec": spec or "none", "activation_range": activation_range},
         "engine": {"runtime": runtime, "batch_profile": f"{batch_min},{batch_opt},{batch_max}"},
     }
     onnx = {"fp32": fp32_onnx, "ptq_int8": ptq_onnx, "qat_int8": qat_onnx}
     os.makedirs(record.path, exist_ok=True)
-    path = run_publish(
+    published = steps.publish(
         report.path,
         {"fp32": fp32_result.path, "ptq_int8": ptq_result.path, "qat_int8": qat_result.path},
         {name: os.path.join(art.path, art.metadata["file"]) for name, art in onnx.items()},
@@ -86,10 +95,10 @@ def publish(
         placement_summary=placement.path,
         tracking_uri=tracking_uri or None,
         experiment=experiment,
-        register_name=registered_model,
+        registered_model=registered_model,
         s3_prefix=s3_prefix or None,
         run_name=run_name or None,
         tags={"kfp.run_name": run_name, "kfp.run_id": run_id},
     )
     record.metadata["file"] = "publish.json"
-    return verdict(path)
+    return published.outcome

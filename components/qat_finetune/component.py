@@ -22,7 +22,6 @@ def qat_finetune(
     0 means whole epochs. ``training`` gets the best validation accuracy and epoch as metrics
     and the per-epoch history as its file.
     """
-    import json
     import os
     import shutil
 
@@ -30,7 +29,7 @@ def qat_finetune(
 
     os.makedirs(finetuned.path, exist_ok=True)
     output = os.path.join(finetuned.path, "model.keras")
-    steps.finetune(
+    tuned = steps.finetune(
         os.path.join(model.path, model.metadata["file"]),
         dataset.path,
         output,
@@ -38,12 +37,9 @@ def qat_finetune(
         learning_rate=learning_rate,
         steps_per_epoch=steps_per_epoch or None,
     )
-    history_file = steps.side_file(output, ".history.json")
-    with open(history_file, encoding="utf-8") as file:
-        history = json.load(file)
-    training.log_metric("best_val_accuracy", history["best_val_accuracy"])
-    training.log_metric("best_epoch", history["best_epoch"])
+    training.log_metric("best_val_accuracy", tuned.best_val_accuracy)
+    training.log_metric("best_epoch", tuned.best_epoch)
     # The per-epoch history as the artifact's file: kfp.local's cache needs the file to exist.
-    shutil.copyfile(history_file, training.path)
+    shutil.copyfile(tuned.history_file, training.path)
     finetuned.framework = "keras"
     finetuned.metadata.update({"file": "model.keras", "precision": "int8", "epochs": epochs})

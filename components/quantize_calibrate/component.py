@@ -14,8 +14,15 @@ def quantize_calibrate(
     placement: Output[Markdown],
     calibration_method: str = "max",
     calibration_batches: int = 16,
+    percentile: float = 99.99,
+    activation_range: str = "frozen",
+    spec: str = "",
 ) -> None:
     """Quantize the FP32 model and calibrate it on the dataset's calibration split.
+
+    ``percentile`` applies to ``calibration_method`` ``percentile``; ``activation_range`` is
+    how ranges evolve in QAT (``frozen`` or ``ema``); ``spec`` is a YAML file of placement
+    overrides, local or ``s3://`` (``""``: none).
 
     ``quantized`` is a folder: ``model.keras`` and its side files (``model.placement.md``,
     ``model.placement.json``, ``model.calibration.json``). ``placement`` is the Q/DQ placement
@@ -33,6 +40,9 @@ def quantize_calibrate(
         dataset_spec=dataset.path,
         calibration_method=calibration_method,
         calibration_batches_count=calibration_batches,
+        percentile=percentile,
+        activation_range=activation_range,
+        spec_path=spec or None,
     )
     shutil.copyfile(outputs.placement_markdown, placement.path)
     quantized.framework = "keras"

@@ -9,7 +9,8 @@ import textwrap
 from collections.abc import Callable, Mapping
 
 from qatflow import gate
-from qatflow.errors import PipelineError
+from qatflow.errors import DataError, PipelineError
+from qatflow.params import parse_image_size
 
 _COUNTS_FROM_1 = (
     "batch_size",
@@ -46,6 +47,7 @@ def _rules() -> dict[str, Callable[[object], str | None]]:
     from qatflow.data.preprocessing import PREPROCESSING
     from qatflow.onnx.encoding import ENCODINGS
     from qatflow.quantization.calibration import METHODS
+    from qatflow.quantization.wrapper import ACTIVATION_RANGE_MODES
     from qatflow.runtimes.base import RUNTIMES
 
     rules: dict[str, Callable[[object], str | None]] = {
@@ -53,6 +55,10 @@ def _rules() -> dict[str, Callable[[object], str | None]]:
         "learning_rate": _positive_number,
         "preprocessing": _one_of(tuple(PREPROCESSING)),
         "calibration_method": _one_of(METHODS),
+        "percentile": _percentile,
+        "activation_range": _one_of(ACTIVATION_RANGE_MODES),
+        "quantization_spec": _string,
+        "image_size": _image_size,
         "runtime": _one_of(RUNTIMES),
         "int8_encoding": _one_of(("auto", *ENCODINGS)),
         "s3_prefix": _s3_prefix,
@@ -86,6 +92,26 @@ def _positive_number(value: object) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return "must be a finite number"
     return None if value > 0 else "must be > 0"
+
+
+def _percentile(value: object) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return "must be a finite number"
+    return None if 0 < value <= 100 else "must be in (0, 100]"
+
+
+def _string(value: object) -> str | None:
+    return None if isinstance(value, str) else "must be a string (empty: not set)"
+
+
+def _image_size(value: object) -> str | None:
+    if not isinstance(value, str):
+        return "must be H,W (e.g. 224,224) or empty"
+    try:
+        parse_image_size(value)
+    except DataError:
+        return "must be H,W with two integers >= 1 (e.g. 224,224) or empty"
+    return None
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[object], str | None]:

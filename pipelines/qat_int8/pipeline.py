@@ -110,6 +110,7 @@ def build_pipeline(
         dataset_uri: str = pipeline_default("dataset_uri"),
         preprocessing: str = pipeline_default("preprocessing"),
         batch_size: int = pipeline_default("batch_size"),
+        image_size: str = pipeline_default("image_size"),
         limit: int = pipeline_default("limit"),
         pretrain_epochs: int = pipeline_default("pretrain_epochs"),
         epochs: int = pipeline_default("epochs"),
@@ -117,6 +118,9 @@ def build_pipeline(
         qat_steps_per_epoch: int = pipeline_default("qat_steps_per_epoch"),
         calibration_method: str = pipeline_default("calibration_method"),
         calibration_batches: int = pipeline_default("calibration_batches"),
+        percentile: float = pipeline_default("percentile"),
+        quantization_spec: str = pipeline_default("quantization_spec"),
+        activation_range: str = pipeline_default("activation_range"),
         runtime: str = engine_runtime,
         batch_profile_min: int = pipeline_default("batch_profile_min"),
         batch_profile_opt: int = pipeline_default("batch_profile_opt"),
@@ -139,6 +143,7 @@ def build_pipeline(
                 s3://).
             preprocessing: scale01, tf, caffe, torch or raw.
             batch_size: batch size of every split.
+            image_size: resize the images to H,W, e.g. 224,224 (empty = as stored).
             limit: cap on every split for smoke runs (0 = all).
             pretrain_epochs: epochs of demo-model pretraining (demo only; cached).
             epochs: QAT fine-tuning epochs.
@@ -146,6 +151,11 @@ def build_pipeline(
             qat_steps_per_epoch: QAT steps per epoch (0 = whole epochs).
             calibration_method: max, percentile or mse.
             calibration_batches: batches of calibration data.
+            percentile: the percentile of calibration method percentile.
+            quantization_spec: YAML placement overrides (docs/quantization.md), a local path
+                or s3:// URI (empty = none).
+            activation_range: activation ranges during QAT: frozen (the calibrated ones) or
+                ema (a moving average).
             runtime: engine runtime (tensorrt on the cluster, onnxruntime locally).
             batch_profile_min: smallest batch the engine accepts.
             batch_profile_opt: batch the engine is tuned for.
@@ -162,10 +172,19 @@ def build_pipeline(
             registered_model: MLflow registered model for the QAT INT8 ONNX.
             s3_prefix: s3:// prefix for the final artifacts (empty = no export).
         """
-        checked = check_inputs(model_uri=model_uri, dataset_uri=dataset_uri, s3_prefix=s3_prefix)
+        checked = check_inputs(
+            model_uri=model_uri,
+            dataset_uri=dataset_uri,
+            s3_prefix=s3_prefix,
+            spec=quantization_spec,
+        )
         settings(checked, "check inputs", cache=False)
         data = prepare_data(
-            dataset_uri=dataset_uri, preprocessing=preprocessing, batch_size=batch_size, limit=limit
+            dataset_uri=dataset_uri,
+            preprocessing=preprocessing,
+            batch_size=batch_size,
+            limit=limit,
+            image_size=image_size,
         ).after(checked)
         settings(data, "prepare data", cache=True, retry=True)
         dataset = data.outputs["dataset"]
@@ -176,6 +195,9 @@ def build_pipeline(
             dataset=dataset,
             calibration_method=calibration_method,
             calibration_batches=calibration_batches,
+            percentile=percentile,
+            activation_range=activation_range,
+            spec=quantization_spec,
         )
         settings(quantized, "quantize + calibrate (PTQ)", cache=True)
         qat = qat_finetune(
@@ -248,12 +270,16 @@ def build_pipeline(
             preprocessing=preprocessing,
             batch_size=batch_size,
             limit=limit,
+            image_size=image_size,
             pretrain_epochs=pretrain_epochs,
             epochs=epochs,
             learning_rate=learning_rate,
             qat_steps_per_epoch=qat_steps_per_epoch,
             calibration_method=calibration_method,
             calibration_batches=calibration_batches,
+            percentile=percentile,
+            activation_range=activation_range,
+            spec=quantization_spec,
             runtime=runtime,
             batch_min=batch_profile_min,
             batch_opt=batch_profile_opt,

@@ -2,6 +2,8 @@
 
 Each image comes from a Dockerfile in ``images/``. Override a reference at compile time with its
 environment variable, e.g. ``QATFLOW_TF_IMAGE=registry.local/qatflow-tf:dev qatflow compile``.
+Building an image needs a qatflow source checkout (``root``: the Dockerfiles and the files they
+copy are not in the wheel); ``checkout_root()`` is the one qatflow runs from, if any.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from qatflow import __version__ as VERSION
 from qatflow.errors import PipelineError
 
 REGISTRY = "ghcr.io/qatflow"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -47,13 +48,6 @@ IMAGES: Mapping[str, ImageSpec] = MappingProxyType(
             make_target="images-tf",
             build_args={"VARIANT": "cpu"},
         ),
-        "tensorflow-gpu": ImageSpec(
-            default=f"{REGISTRY}/qatflow-tf:{VERSION}-gpu",
-            env_var="QATFLOW_TF_GPU_IMAGE",
-            dockerfile="images/tensorflow.Dockerfile",
-            make_target="images-tf-gpu",
-            build_args={"VARIANT": "gpu"},
-        ),
         "tensorrt": ImageSpec(
             default=f"{REGISTRY}/qatflow-trt:{VERSION}",
             env_var="QATFLOW_TRT_IMAGE",
@@ -65,17 +59,7 @@ IMAGES: Mapping[str, ImageSpec] = MappingProxyType(
 
 # Resolved when the module is imported, i.e. when components are defined and compiled.
 TENSORFLOW_IMAGE = IMAGES["tensorflow"].reference
-TENSORFLOW_GPU_IMAGE = IMAGES["tensorflow-gpu"].reference
 TENSORRT_IMAGE = IMAGES["tensorrt"].reference
-
-
-def dockerfile_for(image: str) -> Path:
-    """The Dockerfile that builds ``image`` (a reference as resolved now).
-
-    Raises:
-        PipelineError: if ``image`` is not one of the images defined in ``images/``.
-    """
-    return REPO_ROOT / IMAGES[image_name(image)].dockerfile
 
 
 def image_name(image: str) -> str:
@@ -91,6 +75,15 @@ def image_name(image: str) -> str:
     raise PipelineError(f"image {image!r} is not built from images/; known images: {known}")
 
 
+def checkout_root() -> Path | None:
+    """The source checkout qatflow runs from (an editable install, or ``src`` on the path).
+
+    None when qatflow is installed from a wheel, which holds no Dockerfiles.
+    """
+    root = Path(__file__).resolve().parents[2]  # <root>/src/qatflow/images.py
+    return root if (root / "pyproject.toml").is_file() and (root / "images").is_dir() else None
+
+
 CONTEXT_LABEL = "org.qatflow.context-hash"
 PIP_CA_SECRET = "pip-ca"  # the BuildKit secret id the Dockerfiles mount for pip's CA bundle
 _COPY = re.compile(r"^COPY\s+(?!--from)(?:--\S+\s+)*(.+?)\s+\S+\s*$", re.MULTILINE)
@@ -101,20 +94,21 @@ def copied_paths(dockerfile: Path) -> list[str]:
     return [path for sources in _COPY.findall(dockerfile.read_text()) for path in sources.split()]
 
 
-def context_hash(name: str) -> str:
-    """A short hash of image ``name``'s Dockerfile and of every file it copies (paths, contents).
+def context_hash(name: str, root: Path) -> str:
+    """A short hash of image ``name``'s Dockerfile and of every file it copies (paths, contents),
+    in the checkout ``root``.
 
     Files that ``.dockerignore`` excludes anywhere in the tree (its ``**/NAME`` patterns) are
     skipped, as the build skips them. Builds label the image with the hash (``CONTEXT_LABEL``),
     so an image built from other sources under the same tag can be told apart.
     """
-    dockerfile = REPO_ROOT / IMAGES[name].dockerfile
-    ignored = _ignored_everywhere()
+    dockerfile = root / IMAGES[name].dockerfile
+    ignored = _ignored_everywhere(root)
     digest = hashlib.sha256(dockerfile.read_bytes())
     for source in copied_paths(dockerfile):
-        root = REPO_ROOT / source
-        for path in sorted(root.rglob("*")) if root.is_dir() else [root]:
-            parts = path.relative_to(REPO_ROOT).parts
+        copied = root / source
+        for path in sorted(copied.rglob("*")) if copied.is_dir() else [copied]:
+            parts = path.relative_to(root).parts
             if path.is_dir() or any(fnmatch.fnmatch(p, g) for p in parts for g in ignored):
                 continue
             digest.update(f"\0{'/'.join(parts)}\0".encode())
@@ -122,15 +116,20 @@ def context_hash(name: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _ignored_everywhere() -> list[str]:
-    lines = (REPO_ROOT / ".dockerignore").read_text().splitlines()
+def _ignored_everywhere(root: Path) -> list[str]:
+    lines = (root / ".dockerignore").read_text().splitlines()
     return [line.removeprefix("**/") for line in lines if line.startswith("**/")]
 
 
 def build_command(
-    name: str, docker: str, *, pip_ca: str | None = None, build_args: Mapping[str, str] = {}
+    name: str,
+    docker: str,
+    *,
+    root: Path,
+    pip_ca: str | None = None,
+    build_args: Mapping[str, str] = {},
 ) -> list[str]:
-    """The ``docker build`` command line for image ``name``, from the repository root.
+    """The ``docker build`` command line for image ``name``, from the checkout ``root``.
 
     Tags the image with its reference and labels it with ``context_hash``. ``build_args`` go
     over the image's own. ``pip_ca`` (a CA bundle file for pip) is passed as the BuildKit secret
@@ -138,9 +137,9 @@ def build_command(
     its history.
     """
     spec = IMAGES[name]
-    command = [docker, "build", "-f", str(REPO_ROOT / spec.dockerfile), "-t", spec.reference]
+    command = [docker, "build", "-f", str(root / spec.dockerfile), "-t", spec.reference]
     for key, value in {**spec.build_args, **build_args}.items():
         command += ["--build-arg", f"{key}={value}"]
     if pip_ca:
         command += ["--secret", f"id={PIP_CA_SECRET},src={Path(pip_ca).resolve()}"]
-    return [*command, "--label", f"{CONTEXT_LABEL}={context_hash(name)}", str(REPO_ROOT)]
+    return [*command, "--label", f"{CONTEXT_LABEL}={context_hash(name, root)}", str(root)]

@@ -3,8 +3,9 @@
 One frozen dataclass per step. ``qatflow.steps``, the CLI options and the pipeline's
 parameters take their defaults (and the CLI its help) from here. KFP component signatures
 need literal defaults, so tests/test_params.py fails when a component's, the pipeline's, the
-CLI's or docs/pipeline.md's default differs from these. ``None`` means "not set"; the
-components and the pipeline spell it 0 or ``""``.
+CLI's or docs/pipeline.md's default differs from these. ``None`` means "not set" (the
+library default); the components and the pipeline spell it 0 (numbers) or ``""`` (anything
+else), and an image size as ``"H,W"`` (``parse_image_size``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from qatflow import gate
+from qatflow.errors import DataError
 
 DEMO_MODEL = "demo"
 DEFAULT_EXPERIMENT = "qatflow"  # the MLflow and the KFP experiment
@@ -37,6 +39,9 @@ class DataParams:
     )
     preprocessing: str = param("scale01", "scale01, tf, caffe, torch or raw")
     batch_size: int = param(64, "batch size of every split", "images")
+    image_size: tuple[int, int] | None = param(
+        None, "resize images to H x W (not set: as stored)", "pixels"
+    )
     calibration_size: int = param(512, "training images set aside for calibration", "images")
     limit: int | None = param(None, "cap on every split, for quick runs", "images")
     seed: int = param(0, "split/shuffle seed")
@@ -58,6 +63,9 @@ class QuantizeParams:
     """``steps.quantize``."""
 
     mode: str = param("full", "full (every supported layer) or partial")
+    spec: str | None = param(
+        None, "YAML placement overrides (docs/quantization.md), local or s3:// (not set: none)"
+    )
     calibration_method: str = param("max", "PTQ calibration method: max, percentile or mse")
     calibration_batches: int = param(16, "batches of calibration data", "batches")
     percentile: float = param(99.99, "for calibration method percentile", "%")
@@ -114,7 +122,7 @@ class CompareParams:
 
 @dataclass(frozen=True)
 class PublishParams:
-    """``qatflow.publish.publish``."""
+    """``steps.publish`` (``qatflow.publish.publish``) and ``steps.check_inputs``."""
 
     tracking_uri: str | None = param(None, "MLflow tracking URI (not set: $MLFLOW_TRACKING_URI)")
     experiment: str = param(DEFAULT_EXPERIMENT, "MLflow experiment name")
@@ -151,7 +159,8 @@ class Ref(NamedTuple):
         """The default as a KFP signature spells it: "not set" is ``""`` or 0."""
         if self.default is not None:
             return self.default
-        return "" if str(_field(self.params, self.field).type).startswith("str") else 0
+        number = str(_field(self.params, self.field).type).startswith(("int", "float"))
+        return 0 if number else ""
 
 
 def _field(params: object, name: str) -> dataclasses.Field[Any]:
@@ -180,6 +189,7 @@ PIPELINE_PARAMETERS: Mapping[str, Ref] = {
     "dataset_uri": Ref(DATA, "dataset_uri"),
     "preprocessing": Ref(DATA, "preprocessing"),
     "batch_size": Ref(DATA, "batch_size"),
+    "image_size": Ref(DATA, "image_size"),
     "limit": Ref(DATA, "limit"),
     "pretrain_epochs": Ref(MODEL, "pretrain_epochs"),
     "epochs": Ref(FINETUNE, "epochs"),
@@ -187,6 +197,9 @@ PIPELINE_PARAMETERS: Mapping[str, Ref] = {
     "qat_steps_per_epoch": Ref(FINETUNE, "steps_per_epoch"),
     "calibration_method": Ref(QUANTIZE, "calibration_method"),
     "calibration_batches": Ref(QUANTIZE, "calibration_batches"),
+    "percentile": Ref(QUANTIZE, "percentile"),
+    "quantization_spec": Ref(QUANTIZE, "spec"),
+    "activation_range": Ref(QUANTIZE, "activation_range"),
     "batch_profile_min": Ref(ENGINE, "batch_profile", 0),
     "batch_profile_opt": Ref(ENGINE, "batch_profile", 1),
     "batch_profile_max": Ref(ENGINE, "batch_profile", 2),
@@ -204,3 +217,17 @@ PIPELINE_PARAMETERS: Mapping[str, Ref] = {
 def pipeline_default(name: str) -> Any:
     """The default of the pipeline parameter ``name``, as KFP spells it."""
     return PIPELINE_PARAMETERS[name].kfp_default
+
+
+def parse_image_size(text: str) -> tuple[int, int] | None:
+    """``DATA.image_size`` as the pipeline and the components spell it: ``"H,W"`` (e.g.
+    ``"224,224"``), or ``""`` for not set (the images' own size)."""
+    if not text.strip():
+        return None
+    try:
+        height, width = (int(part) for part in text.split(","))
+    except ValueError:
+        raise DataError(f"image_size {text!r} must be H,W (two integers, e.g. 224,224)") from None
+    if height < 1 or width < 1:
+        raise DataError(f"image_size {text!r}: height and width must be >= 1")
+    return height, width

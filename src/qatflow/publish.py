@@ -1,14 +1,12 @@
 """Publish a pipeline run: MLflow parent and variant runs, the registry gate, the S3 export.
 
-``preflight`` runs as the pipeline's first task and fails fast, before any heavy work, on the
-inputs a run would otherwise trip over late: a model or dataset URI that does not resolve, or an
-S3 prefix that cannot be written (no credentials, no bucket). ``publish`` runs last.
+``publish`` runs last (through ``qatflow.steps.publish``); the pipeline's first task, the input
+checks, is ``qatflow.steps.check_inputs``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import glob
 import json
 import logging
 import os
@@ -20,8 +18,10 @@ from qatflow import gate, storage
 from qatflow.comparison import Comparison
 from qatflow.errors import DataError, PipelineError
 from qatflow.evaluation import EvaluationResult
-from qatflow.params import DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL, DEMO_MODEL
-from qatflow.steps import write_json
+from qatflow.params import DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL
+from qatflow.report import rewrite_report
+from qatflow.report.provenance import MlflowInfo
+from qatflow.storage import write_json
 from qatflow.tracking import (
     AGREEMENT_METRIC,
     GATE_POINTS_TAG,
@@ -40,66 +40,9 @@ PathLike = str | os.PathLike[str]
 SUMMARY_FILE = "publish.json"
 CANDIDATE = "qat_int8"
 COMPARISON_FILE = "comparison.json"
-
-
-# --- preflight -----------------------------------------------------------------------------
-
-
-def preflight(model_uri: str, dataset_uri: str, *, s3_prefix: str | None = None) -> None:
-    """Check that the model and dataset URIs resolve and that ``s3_prefix`` is writable.
-
-    Cheap checks only: S3 objects are listed, not downloaded; a local path (or glob) must
-    exist; a ``keras.applications`` name is built untrained (seconds). Raises a
-    ``QatflowError`` naming the parameter or bucket at fault.
-    """
-    _check_dataset_uri(dataset_uri)
-    _check_model_uri(model_uri)
-    if s3_prefix:
-        _list_s3(s3_prefix)  # credentials, endpoint, bucket and access, before any work
-
-
-def _check_dataset_uri(uri: str) -> None:
-    from qatflow.data.sources import is_builtin
-
-    if not uri:
-        raise DataError("dataset_uri is empty: pass fashion-mnist, a path or an s3:// URI")
-    if is_builtin(uri):
-        return
-    if storage.is_s3_uri(uri):
-        _check_s3_object(uri, "dataset_uri")
-        return
-    path = os.path.expanduser(uri)
-    if not (os.path.exists(path) or glob.glob(path)):
-        raise DataError(
-            f"dataset_uri {uri} not found: not a built-in dataset name (fashion-mnist), and no "
-            "file, folder or TFRecord glob matches it"
-        )
-
-
-def _check_model_uri(uri: str) -> None:
-    if not uri:
-        raise PipelineError("model_uri is empty: pass demo, a model file, an s3:// URI or a name")
-    if uri == DEMO_MODEL or Path(uri).expanduser().exists():
-        return
-    if storage.is_s3_uri(uri):
-        _check_s3_object(uri, "model_uri")
-        return
-    from qatflow.models import load_model
-
-    load_model(uri)  # a keras.applications name is built untrained; anything else raises
-
-
-def _list_s3(uri: str) -> int:
-    """How many objects (0 or 1) start with the key of ``uri``; S3 errors name the bucket."""
-    bucket, key = storage.parse_s3_uri(uri)
-    with storage._s3_errors(bucket, key):
-        page = storage.s3_client().list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
-    return int(page.get("KeyCount", 0))
-
-
-def _check_s3_object(uri: str, parameter: str) -> None:
-    if not _list_s3(uri):
-        raise DataError(f"{parameter} {uri} not found: no object under that key")
+# The final report, with the MLflow run IDs, inside the publish record folder.
+REPORT_DIR = "report"
+REPORT_FILES = ("report.html", "report.md", COMPARISON_FILE, "plots")
 
 
 # --- publish -------------------------------------------------------------------------------
@@ -144,22 +87,28 @@ def publish(
     ``engines`` map each variant (fp32, ptq_int8, qat_int8) to its evaluation JSON, ONNX file
     and engine (file or folder). The comparison's accuracy gate (top-1 points, ``qatflow.gate``,
     set by ``steps.compare``) bounds the QAT model's drop against FP32 and against the current
-    champion, so the report, the registry and this record give one verdict. The S3 upload goes first
-    (it overwrites the same keys when retried), then MLflow: one parent run with ``params``,
-    the report, each variant's headline metrics and the gate verdict as tags; one child run
-    per variant, spanning its evaluation, with the same metric keys, its ONNX and engine. When
-    MLflow is unreachable everything is kept in ``<output_dir>/mlflow-offline``. Returns the
-    path of ``<output_dir>/publish.json``: run ids, registered version, the gate's verdict
-    (``gate.outcome``, see ``verdict``), S3 URIs.
+    champion, so the report, the registry and this record give one verdict. The ONNX files
+    and engines go to S3 first (the same keys are overwritten when retried), then MLflow: one
+    parent run with ``params``, each variant's headline metrics and the gate verdict as tags;
+    one child run per variant, spanning its evaluation, with the same metric keys, its ONNX
+    and engine. The report is then written again into ``<output_dir>/report/`` with the
+    MLflow experiment, the parent and child run IDs and the registry's decision
+    (``qatflow.report.rewrite_report``): that version is the parent run's ``report``
+    artifact and the one exported to S3; ``comparison_dir`` is left as it is. When MLflow is
+    unreachable everything is kept in ``<output_dir>/mlflow-offline``. Returns the path of
+    ``<output_dir>/publish.json``: run ids, registered version, the gate's verdict
+    (``gate.outcome``, see ``verdict``), the report folder, S3 URIs.
     """
     report_dir = Path(comparison_dir)
     comparison = Comparison.load_json(report_dir / COMPARISON_FILE)
     _check_variant_files(results=results, onnx=onnx, engines=engines)
     for variant in VARIANTS:
         comparison.row(variant)  # every variant must be in the table
-    spans = {variant: _span(EvaluationResult.load(results[variant])) for variant in VARIANTS}
+    loaded = {variant: EvaluationResult.load(results[variant]) for variant in VARIANTS}
+    spans = {variant: _span(result) for variant, result in loaded.items()}
     name = run_name or dt.datetime.now(dt.UTC).strftime("qatflow-%Y%m%d-%H%M%S")
-    uploaded = _export_s3(s3_prefix, name, report_dir, onnx, engines) if s3_prefix else {}
+    uploaded = _export_s3(s3_prefix, name, onnx, engines) if s3_prefix else {}
+    final_report = Path(output_dir) / REPORT_DIR
 
     metrics, omitted = variant_metrics(comparison)
     tracker = Tracker(output_dir, tracking_uri=tracking_uri, experiment=experiment)
@@ -172,7 +121,6 @@ def publish(
     children: dict[str, str] = {}
     version: str | None = None
     with tracker.ending(parent):
-        tracker.log_artifact(parent, report_dir, "report")
         if placement_summary is not None:
             tracker.log_artifact(parent, placement_summary, "placement", file_name="placement.md")
         tracker.log_metrics(parent, _headline(metrics))
@@ -200,12 +148,36 @@ def publish(
         decision = _champion_gate(tracker, comparison, register_name, version)
         verdict = _verdict(comparison, decision)
         tracker.set_tags(parent, _gate_tags(verdict))
+        mlflow_info = MlflowInfo(
+            tracking_uri=redact_text(tracker.tracking_uri),
+            experiment=experiment,
+            parent_run_id=parent,
+            child_run_ids=dict(children),
+            experiment_id=tracker.experiment_id or None,
+            offline=tracker.offline,
+            registered_model=register_name,
+            version=version,
+            promoted=decision.promoted if decision else None,
+            registry_reasons=decision.reasons if decision else (),
+        )
+        # The report a user reads names the runs it was logged as: rendered again, with them.
+        rewrite_report(report_dir, loaded, final_report, mlflow=mlflow_info)
+        tracker.log_artifact(parent, final_report, "report")
+    if s3_prefix:
+        base = _run_prefix(s3_prefix, name)
+        uploaded["report"] = storage.upload(final_report, f"{base}/report")
+        uploaded["comparison"] = f"{base}/report/{COMPARISON_FILE}"
     summary = {
         "run_name": name,
         "gate": verdict,
+        "report": {
+            "dir": REPORT_DIR,
+            "files": [f"{REPORT_DIR}/{file}" for file in REPORT_FILES],
+        },
         "mlflow": {
             "tracking_uri": redact_text(tracker.tracking_uri),
             "experiment": experiment,
+            "experiment_id": tracker.experiment_id or None,
             "offline": tracker.offline,
             "offline_reason": tracker.offline_reason,
             "offline_dir": str(tracker.offline_dir) if tracker.offline else None,
@@ -321,18 +293,13 @@ def _run_prefix(s3_prefix: str, run_name: str) -> str:
 def _export_s3(
     s3_prefix: str,
     run_name: str,
-    report_dir: Path,
     onnx: Mapping[str, PathLike],
     engines: Mapping[str, PathLike],
 ) -> dict[str, Any]:
-    """Upload the report (with comparison.json), ONNX files and engines under the run's prefix."""
+    """Upload the ONNX files and engines under the run's prefix (the report comes later,
+    once it names the MLflow runs)."""
     base = _run_prefix(s3_prefix, run_name)
-    uris: dict[str, Any] = {
-        "report": storage.upload(report_dir, f"{base}/report"),
-        "comparison": f"{base}/report/{COMPARISON_FILE}",
-        "onnx": {},
-        "engines": {},
-    }
+    uris: dict[str, Any] = {"onnx": {}, "engines": {}}
     for variant in VARIANTS:
         uris["onnx"][variant] = storage.upload(onnx[variant], f"{base}/onnx/{variant}.onnx")
         engine = Path(engines[variant])

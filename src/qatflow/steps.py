@@ -1,18 +1,24 @@
-"""One function per pipeline step: files in, files out.
+"""One function per pipeline step: files in, files out, and a typed record of what came out.
 
 The CLI commands and the KFP components call these and nothing else, so a step behaves the
-same from Python, the terminal, a pipeline run or a test. Each step first checks its inputs
-exist and its output can be written (``qatflow.outputs.check_output``), before TensorFlow is
-even imported; it then writes its output and side files into a staging folder, and they are
-moved into place (or uploaded, for an ``s3://`` output) together only when the step succeeds:
-a failed step leaves nothing a later step could pick up. Side files sit next to the main output
-and share its stem, e.g. ``q.keras`` gets ``q.placement.md``, ``q.placement.json`` and
-``q.calibration.json``. An output that is also the step's input is refused unless
-``overwrite``.
+same from Python, the terminal, a pipeline run or a test. Each step returns a small frozen
+dataclass (``PrepareDataOutputs``, ``QuantizeOutputs``, ...): where its files went plus the
+metadata its callers use (the dataset info, the validation report, the training history, the
+evaluation, the comparison, the gate's verdict), so no caller reads a side file back.
+
+Each step first checks its inputs exist and its output can be written
+(``qatflow.outputs.check_output``), before TensorFlow is even imported; it then writes its
+output and side files into a staging folder, and they are moved into place (or uploaded, for
+an ``s3://`` output) together only when the step succeeds: a failed step leaves nothing a later
+step could pick up. Side files sit next to the main output and share its stem, e.g. ``q.keras``
+gets ``q.placement.md``, ``q.placement.json`` and ``q.calibration.json``. An output that is
+also the step's input is refused unless ``overwrite``.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import logging
 import os
 import zipfile
@@ -25,6 +31,7 @@ from qatflow import storage
 from qatflow.errors import (
     DataError,
     ModelError,
+    PipelineError,
     QatflowError,
     QuantizationError,
     RuntimeBackendError,
@@ -40,11 +47,18 @@ from qatflow.params import (
     EXPORT,
     FINETUNE,
     MODEL,
+    PUBLISH,
     QUANTIZE,
 )
 from qatflow.storage import atomic_output, write_json
 
 if TYPE_CHECKING:
+    from qatflow.comparison import Comparison
+    from qatflow.data import DatasetInfo
+    from qatflow.evaluation import EvaluationResult
+    from qatflow.onnx.validate import ValidationReport
+    from qatflow.quantization import PlacementSummary
+    from qatflow.report import ReportFiles
     from qatflow.report.provenance import RunInfo
 
 log = logging.getLogger("qatflow.steps")
@@ -121,7 +135,115 @@ def _positive_int(value: object, flag: str, error: type[QatflowError]) -> None:
         raise error(f"{flag} must be an integer >= 1, got {value!r}")
 
 
+# --- input checks --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckedInputs:
+    """What :func:`check_inputs` found: each input and where it resolved.
+
+    ``model_source``: ``demo``, ``local``, ``s3`` or ``keras.applications``;
+    ``dataset_source``: ``builtin``, ``local`` or ``s3``.
+    """
+
+    model_uri: str
+    model_source: str
+    dataset_uri: str
+    dataset_source: str
+    s3_prefix: str | None
+    spec: str | None
+
+
+def check_inputs(
+    model_uri: str,
+    dataset_uri: str,
+    *,
+    s3_prefix: str | None = PUBLISH.s3_prefix,
+    spec_path: str | None = None,
+) -> CheckedInputs:
+    """Check that the model, dataset and placement spec resolve and ``s3_prefix`` is writable.
+
+    The pipeline's first task: it fails in seconds on what a run would otherwise trip over
+    late. Cheap checks only: S3 objects are listed, not downloaded; a local path (or glob) must
+    exist; a ``keras.applications`` name is built untrained (seconds). Raises a
+    ``QatflowError`` naming the parameter or bucket at fault.
+    """
+    dataset_source = _check_dataset_uri(dataset_uri)
+    model_source = _check_model_uri(model_uri)
+    if spec_path:
+        if storage.is_s3_uri(spec_path):
+            _check_s3_object(spec_path, "placement spec")
+        else:
+            require_file(spec_path, "placement spec")
+    if s3_prefix:
+        _list_s3(s3_prefix)  # credentials, endpoint, bucket and access, before any work
+    return CheckedInputs(
+        model_uri=model_uri,
+        model_source=model_source,
+        dataset_uri=dataset_uri,
+        dataset_source=dataset_source,
+        s3_prefix=s3_prefix or None,
+        spec=spec_path or None,
+    )
+
+
+def _check_dataset_uri(uri: str) -> str:
+    from qatflow.data.sources import is_builtin
+
+    if not uri:
+        raise DataError("dataset_uri is empty: pass fashion-mnist, a path or an s3:// URI")
+    if is_builtin(uri):
+        return "builtin"
+    if storage.is_s3_uri(uri):
+        _check_s3_object(uri, "dataset_uri")
+        return "s3"
+    path = os.path.expanduser(uri)
+    if not (os.path.exists(path) or glob.glob(path)):
+        raise DataError(
+            f"dataset_uri {uri} not found: not a built-in dataset name (fashion-mnist), and no "
+            "file, folder or TFRecord glob matches it"
+        )
+    return "local"
+
+
+def _check_model_uri(uri: str) -> str:
+    if not uri:
+        raise PipelineError("model_uri is empty: pass demo, a model file, an s3:// URI or a name")
+    if uri == DEMO_MODEL:
+        return "demo"
+    if Path(uri).expanduser().exists():
+        return "local"
+    if storage.is_s3_uri(uri):
+        _check_s3_object(uri, "model_uri")
+        return "s3"
+    from qatflow.models import load_model
+
+    load_model(uri)  # a keras.applications name is built untrained; anything else raises
+    return "keras.applications"
+
+
+def _list_s3(uri: str) -> int:
+    """How many objects (0 or 1) start with the key of ``uri``; S3 errors name the bucket."""
+    bucket, key = storage.parse_s3_uri(uri)
+    with storage._s3_errors(bucket, key):
+        page = storage.s3_client().list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
+    return int(page.get("KeyCount", 0))
+
+
+def _check_s3_object(uri: str, parameter: str) -> None:
+    if not _list_s3(uri):
+        raise DataError(f"{parameter} {uri} not found: no object under that key")
+
+
 # --- data and model ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrepareDataOutputs:
+    """The dataset spec :func:`prepare_data` wrote, and what it holds."""
+
+    spec: Location
+    info: DatasetInfo
 
 
 def prepare_data(
@@ -130,12 +252,12 @@ def prepare_data(
     *,
     preprocessing: str = DATA.preprocessing,
     batch_size: int = DATA.batch_size,
-    image_size: tuple[int, int] | None = None,
+    image_size: tuple[int, int] | None = DATA.image_size,
     channels: int | None = None,
     calibration_size: int = DATA.calibration_size,
     limit: int | None = DATA.limit,
     seed: int = DATA.seed,
-) -> Location:
+) -> PrepareDataOutputs:
     """Check that the dataset loads (every image finite, labels in range) and write its spec.
 
     The spec (JSON) is what later steps pass to ``load_dataset_from_spec`` to rebuild exactly
@@ -156,7 +278,15 @@ def prepare_data(
         )
         check_all_finite(bundle)
         write_dataset_spec(bundle, out.main)
-    return out.final
+    return PrepareDataOutputs(spec=out.final, info=bundle.info)
+
+
+@dataclass(frozen=True)
+class PrepareModelOutputs:
+    """The FP32 ``.keras`` model :func:`prepare_model` wrote; ``demo``: the demo model trained."""
+
+    model: Location
+    demo: bool
 
 
 def prepare_model(
@@ -167,7 +297,7 @@ def prepare_model(
     weights: str | None = None,
     pretrain_epochs: int = MODEL.pretrain_epochs,
     overwrite: bool = False,
-) -> Location:
+) -> PrepareModelOutputs:
     """Write the FP32 model as ``.keras``: loaded from ``model_uri``, or the demo model trained.
 
     ``model_uri`` is ``"demo"`` (train the demo ResNet-style model on the dataset, cached), a
@@ -202,7 +332,7 @@ def prepare_model(
             )
             check_model_compatible(bundle.info, model)
             save_keras(model, out.main)
-    return out.final
+    return PrepareModelOutputs(model=out.final, demo=demo)
 
 
 # --- quantization and export ---------------------------------------------------------------
@@ -241,9 +371,12 @@ def image_shape(data: Any) -> tuple[int | None, ...]:
 
 @dataclass(frozen=True)
 class QuantizeOutputs:
-    """Files written by :func:`quantize`, and the placement summary they hold."""
+    """Files written by :func:`quantize`, and the placement summary they hold.
 
-    summary: Any  # PlacementSummary
+    ``calibration`` (the ranges' JSON) is None when no calibration data was given.
+    """
+
+    summary: PlacementSummary
     model: Location
     placement_markdown: Location
     placement_json: Location
@@ -261,7 +394,7 @@ def quantize(
     dataset_spec: PathLike | None = None,
     preprocessing: str = DATA.preprocessing,
     mode: str = QUANTIZE.mode,
-    spec_path: PathLike | None = None,
+    spec_path: PathLike | None = QUANTIZE.spec,
     calibration_method: str = QUANTIZE.calibration_method,
     calibration_batches_count: int = QUANTIZE.calibration_batches,
     percentile: float = QUANTIZE.percentile,
@@ -309,7 +442,11 @@ def quantize(
         elif calibration_data is not None:
             data = calibration_batches(calibration_data, preprocessing=preprocessing)
             check_input_shape(model, image_shape(data), f"calibration data {calibration_data}")
-        spec = q.QuantizationSpec.from_yaml(spec_path) if spec_path else None
+        spec = (
+            q.QuantizationSpec.from_yaml(local_input(spec_path, "placement spec (--spec)"))
+            if spec_path
+            else None
+        )
         qmodel = q.quantize_model(
             model, mode=mode, spec=spec, strict=strict, activation_range=activation_range
         )
@@ -338,6 +475,20 @@ def quantize(
     )
 
 
+@dataclass(frozen=True)
+class ExportOutputs:
+    """The ONNX file :func:`export` wrote, its validation and its ONNX-vs-Keras check.
+
+    ``report`` is what ``validation`` holds (TensorRT's rules: ``ok``, ``qdq_nodes``, ...);
+    ``check`` is the record stored in the ONNX file (``qatflow.onnx.parity``), None if absent.
+    """
+
+    onnx: Location
+    validation: Location
+    report: ValidationReport
+    check: dict[str, Any] | None
+
+
 def export(
     model_path: PathLike,
     output_path: PathLike,
@@ -345,7 +496,7 @@ def export(
     opset: int = EXPORT.opset,
     dataset_spec: PathLike | None = None,
     overwrite: bool = False,
-) -> Location:
+) -> ExportOutputs:
     """Export a ``.keras`` model (FP32 or quantized) to ONNX; the validation report goes beside.
 
     The ONNX is compared with the Keras model on the calibration split of the dataset spec
@@ -357,8 +508,11 @@ def export(
     with staged_outputs(
         output_path, inputs=[model_path], overwrite=overwrite, side_names=sides
     ) as out:
+        import onnx
+
         from qatflow.models import load_model
         from qatflow.onnx.export import export_onnx
+        from qatflow.onnx.parity import read_export_check
         from qatflow.onnx.validate import validate_onnx
 
         data = None
@@ -371,10 +525,32 @@ def export(
         report = validate_onnx(out.main)
         report.path = str(out.final)
         write_json(out.side(".validation.json"), report.to_dict())
-    return out.final
+        check = read_export_check(onnx.load(str(out.main), load_external_data=False))
+    return ExportOutputs(
+        onnx=out.final,
+        validation=side_file(out.final, ".validation.json"),
+        report=report,
+        check=check,
+    )
 
 
 # --- training ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FinetuneOutputs:
+    """The model :func:`finetune` wrote and how training went (what ``history_file`` holds).
+
+    ``history`` maps ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy`` and
+    ``learning_rate`` to one value per epoch; ``best_epoch`` is 1-based (0 if none ran).
+    """
+
+    model: Location
+    history_file: Location
+    history: dict[str, list[float]]
+    best_epoch: int
+    best_val_accuracy: float
+    stopped_early: bool
 
 
 def finetune(
@@ -390,7 +566,7 @@ def finetune(
     early_stopping_patience: int | None = None,
     steps_per_epoch: int | None = FINETUNE.steps_per_epoch,
     overwrite: bool = False,
-) -> Location:
+) -> FinetuneOutputs:
     """QAT fine-tuning of a calibrated quantized model; the history goes beside the output.
 
     With ``checkpoint_dir`` a run resumes the checkpoint there only if it was written for the
@@ -431,10 +607,26 @@ def finetune(
             },
         )
         save_keras(result.model, out.main)
-    return out.final
+    return FinetuneOutputs(
+        model=out.final,
+        history_file=side_file(out.final, ".history.json"),
+        history=result.history,
+        best_epoch=result.best_epoch,
+        best_val_accuracy=result.best_val_accuracy,
+        stopped_early=result.stopped_early,
+    )
 
 
 # --- engines and evaluation ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineOutputs:
+    """The engine :func:`build_engine` wrote (checked against its ONNX), for ``runtime``."""
+
+    engine: Location
+    runtime: str
+    batch_profile: tuple[int, int, int]
 
 
 def build_engine(
@@ -446,7 +638,7 @@ def build_engine(
     dataset_spec: PathLike | None = None,
     encoding: str = ENGINE.encoding,
     overwrite: bool = False,
-) -> Location:
+) -> EngineOutputs:
     """Build the runtime engine for an ONNX model (ONNX Runtime on CPU or TensorRT on a GPU).
 
     The engine is checked against the ONNX run as float math before it is written: on the
@@ -480,7 +672,16 @@ def build_engine(
             fidelity_data=data,
             **options,
         )
-    return out.final
+    low, opt, high = batch_profile
+    return EngineOutputs(engine=out.final, runtime=runtime, batch_profile=(low, opt, high))
+
+
+@dataclass(frozen=True)
+class EvaluateOutputs:
+    """The result JSON :func:`evaluate` wrote, and the evaluation it holds."""
+
+    result: Location
+    evaluation: EvaluationResult
 
 
 def evaluate(
@@ -494,7 +695,7 @@ def evaluate(
     throughput_batch: int = EVALUATE.throughput_batch,
     threads: int | None = None,
     max_batches: int | None = EVALUATE.max_batches,
-) -> Location:
+) -> EvaluateOutputs:
     """Evaluate an engine (or a ``.keras``/``.h5`` model) on the dataset's test split and
     write the result JSON.
 
@@ -522,7 +723,16 @@ def evaluate(
             max_batches=max_batches,
         )
         result.save(out.main)
-    return out.final
+    return EvaluateOutputs(result=out.final, evaluation=result)
+
+
+@dataclass(frozen=True)
+class CompareOutputs:
+    """What :func:`compare` wrote: ``comparison.json`` (``comparison``) and the report."""
+
+    comparison_json: Path
+    comparison: Comparison
+    report: ReportFiles
 
 
 def compare(
@@ -533,15 +743,18 @@ def compare(
     placement_summary: PathLike | None = None,
     accuracy_gate: float = COMPARE.accuracy_gate,
     run_info: RunInfo | None = None,
-) -> Path:
+    dataset_spec: PathLike | None = None,
+) -> CompareOutputs:
     """Write ``comparison.json`` and the Markdown/HTML report with plots into ``output_dir``.
 
     ``accuracy_gate`` (top-1 points, ``qatflow.gate``) judges each variant against FP32;
-    ``run_info`` (dataset, model, run) fills the report's provenance header.
+    ``run_info`` (dataset, model, run) fills the report's provenance header, its dataset URI
+    and kind taken from the dataset spec ``dataset_spec`` when one is given.
     """
     for variant, path in results.items():
         require_file(path, f"result of variant {variant!r}")
     require_file(placement_summary, "placement summary (--placement)")
+    require_file(dataset_spec, "dataset spec (--dataset)")
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise storage.StorageError(f"report folder {out} is a file: give a folder (--output)")
@@ -550,10 +763,111 @@ def compare(
     from qatflow.evaluation import EvaluationResult
     from qatflow.report import write_report
 
+    if dataset_spec is not None:
+        run_info = _with_dataset(run_info, local_input(dataset_spec, "dataset spec (--dataset)"))
     loaded = {variant: EvaluationResult.load(path) for variant, path in results.items()}
     table = comparison.compare(loaded, accuracy_gate=accuracy_gate)
     extra = {}
     if placement_summary is not None:
         extra["Q/DQ placement"] = Path(placement_summary).read_text(encoding="utf-8")
-    write_report(table, loaded, out, title=title, run_info=run_info, extra_sections=extra)
-    return table.save_json(out / "comparison.json")
+    files = write_report(table, loaded, out, title=title, run_info=run_info, extra_sections=extra)
+    written = table.save_json(out / "comparison.json")
+    return CompareOutputs(comparison_json=written, comparison=table, report=files)
+
+
+def _with_dataset(run_info: RunInfo | None, dataset_spec: Path) -> RunInfo:
+    """``run_info`` with the dataset URI and kind of the dataset spec at ``dataset_spec``."""
+    import dataclasses
+
+    from qatflow.report.provenance import RunInfo
+
+    try:
+        spec = json.loads(dataset_spec.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"dataset spec {dataset_spec} is not valid JSON: {err}") from None
+    if not isinstance(spec, dict):
+        raise DataError(f"dataset spec {dataset_spec} must hold a JSON object")
+    return dataclasses.replace(
+        run_info or RunInfo(), dataset_uri=spec.get("uri"), dataset_kind=spec.get("kind")
+    )
+
+
+# --- publish -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PublishOutputs:
+    """The record :func:`publish` wrote (``publish.json``) and its headline facts.
+
+    ``outcome`` is the accuracy gate's verdict on the QAT INT8 candidate, ``passed`` or
+    ``refused``. ``offline``: MLflow was unreachable, the run ids are those of the offline
+    records and nothing was registered (``registered_version`` None). ``s3_uris``: None
+    without an S3 export.
+    """
+
+    record: Path
+    outcome: str
+    run_name: str
+    parent_run_id: str | None
+    child_run_ids: dict[str, str]
+    registered_version: str | None
+    offline: bool
+    s3_uris: dict[str, Any] | None
+
+
+def publish(
+    comparison_dir: PathLike,
+    results: Mapping[str, PathLike],
+    onnx: Mapping[str, PathLike],
+    engines: Mapping[str, PathLike],
+    *,
+    params: Mapping[str, object],
+    output_dir: PathLike,
+    placement_summary: PathLike | None = None,
+    tracking_uri: str | None = PUBLISH.tracking_uri,
+    experiment: str = PUBLISH.experiment,
+    registered_model: str = PUBLISH.registered_model,
+    s3_prefix: str | None = PUBLISH.s3_prefix,
+    run_name: str | None = None,
+    tags: Mapping[str, object] | None = None,
+) -> PublishOutputs:
+    """Publish a run with ``qatflow.publish.publish``: MLflow runs, the registry and champion
+    gate, the S3 export; ``publish.json`` goes into ``output_dir``.
+
+    ``comparison_dir`` is :func:`compare`'s folder; ``results``, ``onnx`` and ``engines`` map
+    each variant (fp32, ptq_int8, qat_int8) to its evaluation JSON, ONNX file and engine.
+    """
+    require_file(placement_summary, "placement summary (--placement)")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise storage.StorageError(f"record folder {out} is a file: give a folder")
+    from qatflow import publish as publishing
+
+    path = publishing.publish(
+        comparison_dir,
+        results,
+        onnx,
+        engines,
+        params=params,
+        output_dir=out,
+        placement_summary=placement_summary,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        register_name=registered_model,
+        s3_prefix=s3_prefix,
+        run_name=run_name,
+        tags=tags,
+    )
+    outcome = publishing.verdict(path)
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    mlflow, registry = summary.get("mlflow") or {}, summary.get("registry") or {}
+    return PublishOutputs(
+        record=path,
+        outcome=outcome,
+        run_name=str(summary["run_name"]),
+        parent_run_id=mlflow.get("parent_run_id"),
+        child_run_ids=dict(mlflow.get("child_run_ids") or {}),
+        registered_version=registry.get("version"),
+        offline=bool(mlflow.get("offline")),
+        s3_uris=(summary.get("s3") or {}).get("uris"),
+    )

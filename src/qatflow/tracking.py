@@ -65,6 +65,9 @@ ENGINE_PARAMS = {"engine_encoding": "encoding", "engine_isa": "isa"}
 FIDELITY_TAG = "qatflow.fidelity"
 CHAMPION_ALIAS = "champion"
 ACCURACY_TAG = "qatflow.accuracy_top1_pct"
+# Before accuracies were in percent, versions were tagged (and runs logged) with fractions.
+LEGACY_ACCURACY_TAG = "qatflow.accuracy_top1"
+LEGACY_ACCURACY_METRIC = "accuracy_top1"
 GATE_TAG = "qatflow.gate"  # passed/refused on the parent run, promoted/refused on a version
 GATE_POINTS_TAG = "qatflow.gate_points"
 GATE_REASONS_TAG = "qatflow.gate_reasons"
@@ -109,6 +112,41 @@ class GateDecision:
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form of the decision."""
         return {**asdict(self), "reasons": list(self.reasons)}
+
+
+@dataclass(frozen=True)
+class ChampionRecord:
+    """The registry's current champion: version, top-1 in percent (None when not recorded),
+    and where the accuracy was read (``tag <key>`` or ``run metric <key>``) and its raw value."""
+
+    version: str
+    accuracy_pct: float | None
+    source: str | None
+    raw: str | None = None
+    legacy: bool = False
+
+
+def _recorded_pct(sources: Sequence[tuple[str, object]]) -> tuple[float, str, str, bool] | None:
+    """The first readable accuracy of ``sources`` in percent, its source, raw value and whether
+    it was a legacy fraction; None when none is readable."""
+    for source, value in sources:
+        if value is None:
+            continue
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            log.warning("champion accuracy %s=%r is not a number: skipped", source, value)
+            continue
+        if not math.isfinite(number):
+            continue
+        legacy = source.endswith((LEGACY_ACCURACY_TAG, LEGACY_ACCURACY_METRIC))
+        if legacy:
+            if not 0.0 <= number <= 1.0:
+                log.warning("legacy %s=%r is not a fraction in [0, 1]: skipped", source, value)
+                continue
+            return gate.points(number), source, str(value), True
+        return number, source, str(value), False
+    return None
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
@@ -227,6 +265,11 @@ class Tracker:
                 self._experiment_id = self._ensure_experiment()
         except Exception as err:
             self._go_offline(f"cannot reach MLflow: {err}")
+
+    @property
+    def experiment_id(self) -> str:
+        """The experiment's id in MLflow (``""`` when MLflow was unreachable from the start)."""
+        return self._experiment_id
 
     @property
     def offline(self) -> bool:
@@ -512,7 +555,20 @@ class Tracker:
 
     def champion(self, model_name: str) -> tuple[str, float | None] | None:
         """The current champion's version and recorded top-1 accuracy in percent, or None if
-        there is no champion."""
+        there is no champion (see ``champion_record``)."""
+        record = self.champion_record(model_name)
+        return None if record is None else (record.version, record.accuracy_pct)
+
+    def champion_record(self, model_name: str) -> ChampionRecord | None:
+        """The current champion: its version, top-1 accuracy in percent and where that came
+        from, or None if there is no champion.
+
+        The accuracy is read, in this order, from the version's ``qatflow.accuracy_top1_pct``
+        tag, the legacy ``qatflow.accuracy_top1`` tag (a fraction, as qatflow recorded it
+        before accuracies were in percent: converted), and its run's ``accuracy_top1_pct``
+        metric, then legacy ``accuracy_top1`` fraction. A value that is not a number, or a
+        fraction outside [0, 1], is skipped.
+        """
         from mlflow.exceptions import MlflowException
 
         try:
@@ -521,10 +577,21 @@ class Tracker:
             if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 return None
             raise
-        recorded: str | float | None = current.tags.get(ACCURACY_TAG)
-        if recorded is None and current.run_id:
-            recorded = self._client.get_run(current.run_id).data.metrics.get("accuracy_top1_pct")
-        return str(current.version), None if recorded is None else float(recorded)
+        version = str(current.version)
+        sources: list[tuple[str, object]] = [
+            (f"tag {key}", current.tags.get(key)) for key in (ACCURACY_TAG, LEGACY_ACCURACY_TAG)
+        ]
+        accuracy = _recorded_pct(sources)
+        if accuracy is None and current.run_id:
+            metrics = self._client.get_run(current.run_id).data.metrics
+            sources = [
+                (f"run metric {key}", metrics.get(key))
+                for key in ("accuracy_top1_pct", LEGACY_ACCURACY_METRIC)
+            ]
+            accuracy = _recorded_pct(sources)
+        if accuracy is None:
+            return ChampionRecord(version, None, None)
+        return ChampionRecord(version, *accuracy)
 
     def promote_if_better(
         self,
@@ -594,19 +661,29 @@ class Tracker:
         label = f"{model_name} v{version}"
         vs_fp32 = gate.judge(label, candidate, "fp32", fp32, gate_points)
         reasons = [vs_fp32.reason]
-        current = self.champion(model_name)
-        champion_version, champion_accuracy = current if current else (None, None)
+        current = self.champion_record(model_name)
+        champion_version = current.version if current else None
+        champion_accuracy = current.accuracy_pct if current else None
         if current is None:
             champion_ok = True
             reasons.append("no current champion")
         elif champion_accuracy is None:
             champion_ok = False
-            reasons.append(f"champion v{champion_version} has no recorded accuracy to compare")
+            reasons.append(
+                f"champion v{champion_version} has no recorded accuracy to compare (no "
+                f"{ACCURACY_TAG} or legacy {LEGACY_ACCURACY_TAG} tag, no accuracy_top1_pct or "
+                f"{LEGACY_ACCURACY_METRIC} metric on its run): move the alias by hand"
+            )
         else:
             vs_champion = gate.judge(
                 label, candidate, f"champion v{champion_version}", champion_accuracy, gate_points
             )
             champion_ok = vs_champion.passed
+            if current.legacy:
+                reasons.append(
+                    f"champion v{champion_version}'s accuracy is its legacy {current.source} "
+                    f"{current.raw} (a fraction), read as {champion_accuracy:.2f}%"
+                )
             reasons.append(vs_champion.reason)
         return GateDecision(
             promoted=vs_fp32.passed and champion_ok,

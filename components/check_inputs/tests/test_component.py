@@ -56,3 +56,18 @@ def test_missing_s3_credentials_fail_first(tmp_path: Path, monkeypatch: pytest.M
         check_inputs.python_func(
             model_uri="demo", dataset_uri="fashion-mnist", s3_prefix="s3://bucket-x/runs"
         )
+
+
+def test_placement_spec_must_exist(tmp_path: Path, s3_endpoint: str) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("layers: []\n")
+    check_inputs.python_func(model_uri="demo", dataset_uri="fashion-mnist", spec=str(spec))
+    with pytest.raises(StorageError, match="placement spec not found: .*nope.yaml"):
+        check_inputs.python_func(
+            model_uri="demo", dataset_uri="fashion-mnist", spec=str(tmp_path / "nope.yaml")
+        )
+    bucket = make_bucket(s3_endpoint)
+    with pytest.raises(DataError, match=f"placement spec s3://{bucket}/spec.yaml not found"):
+        check_inputs.python_func(
+            model_uri="demo", dataset_uri="fashion-mnist", spec=f"s3://{bucket}/spec.yaml"
+        )

@@ -40,3 +40,23 @@ def test_bad_uri_leaves_nothing(tmp_path: Path) -> None:
         prepare_data.python_func(dataset_uri=str(tmp_path / "nothing-here"), dataset=dataset)
     assert not Path(dataset.path).exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_image_size_resizes(tmp_path: Path) -> None:
+    dataset = artifact(dsl.Dataset, tmp_path / "dataset")
+    prepare_data.python_func(
+        dataset_uri=str(write_npz(tmp_path / "d.npz", num_classes=3)),
+        dataset=dataset,
+        image_size="8,12",
+    )
+    assert json.loads(Path(dataset.path).read_text())["image_size"] == [8, 12]
+    assert dataset.metadata["input_shape"] == [8, 12, 1]
+
+
+def test_bad_image_size_leaves_nothing(tmp_path: Path) -> None:
+    dataset = artifact(dsl.Dataset, tmp_path / "dataset")
+    with pytest.raises(DataError, match="image_size '8x8' must be H,W"):
+        prepare_data.python_func(
+            dataset_uri=str(write_npz(tmp_path / "d.npz")), dataset=dataset, image_size="8x8"
+        )
+    assert not Path(dataset.path).exists()

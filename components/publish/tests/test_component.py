@@ -67,6 +67,10 @@ def test_publish_to_sqlite(chain: Chain, tmp_path: Path, monkeypatch: pytest.Mon
     assert parent.data.params["qat.steps_per_epoch"] == "3"
     assert parent.data.params["dataset.limit"] == "all"
     assert parent.data.params["engine.batch_profile"] == "1,8,64"
+    assert parent.data.params["dataset.image_size"] == "as stored"  # the options' defaults
+    assert parent.data.params["calibration.percentile"] == "99.99"
+    assert parent.data.params["quantization.spec"] == "none"
+    assert parent.data.params["quantization.activation_range"] == "frozen"
     assert parent.data.tags["kfp.run_id"] == "kfp-run-id"
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'"

@@ -50,3 +50,41 @@ def test_unknown_method_leaves_no_model(chain: Chain, tmp_path: Path) -> None:
         _run(chain, tmp_path, "median")
     assert not (tmp_path / "quantized" / "model.keras").exists()
     assert not (tmp_path / "placement").exists()
+
+
+def test_spec_percentile_and_activation_range(chain: Chain, tmp_path: Path) -> None:
+    from qatflow.models import load_model
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("layers:\n  - name: stem_conv\n    quantize_input: false\n")
+    quantized = artifact(dsl.Model, tmp_path / "quantized")
+    quantize_calibrate.python_func(
+        model=artifact(dsl.Model, chain.fp32, file="model.keras"),
+        dataset=artifact(dsl.Dataset, chain.dataset),
+        quantized=quantized,
+        placement=artifact(dsl.Markdown, tmp_path / "placement"),
+        calibration_method="percentile",
+        calibration_batches=1,
+        percentile=99.0,
+        activation_range="ema",
+        spec=str(spec),
+    )
+    folder = Path(quantized.path)
+    rows = {row["layer"]: row for row in json.loads((folder / "model.placement.json").read_text())}
+    assert rows["stem_conv"]["input_quantized"] == "no"  # the spec's override
+    model = load_model(str(folder / "model.keras"))
+    ranges = {getattr(layer, "activation_range", None) for layer in model.layers} - {None}
+    assert ranges == {"ema"}
+
+
+def test_percentile_out_of_range_leaves_no_model(chain: Chain, tmp_path: Path) -> None:
+    with pytest.raises(QuantizationError, match=r"percentile must be in \(0, 100\]"):
+        quantize_calibrate.python_func(
+            model=artifact(dsl.Model, chain.fp32, file="model.keras"),
+            dataset=artifact(dsl.Dataset, chain.dataset),
+            quantized=artifact(dsl.Model, tmp_path / "quantized"),
+            placement=artifact(dsl.Markdown, tmp_path / "placement"),
+            calibration_method="percentile",
+            percentile=0.0,
+        )
+    assert not (tmp_path / "quantized" / "model.keras").exists()

@@ -3,25 +3,27 @@
 Commands are thin: they parse arguments, call one function of ``qatflow.steps`` (or the
 cluster helpers), and print where the results went. Errors that qatflow raises on purpose
 (``QatflowError``) print as one line without a traceback and exit with status 2.
+
+The library's own groups are ``COMMAND_MODULES``. Packages above the library add theirs as
+entry points of the group ``COMMAND_GROUP``, each a ``register(subparsers)`` function: the
+pipeline package (``qatflow_pipelines.cli``) adds run, compile, submit and schedule that way,
+so the library never imports it. An entry point whose package is not installed is skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
-import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
-from qatflow import __version__
+from qatflow import __version__, tf_quiet
 
-COMMAND_MODULES = (
-    "qatflow.cli.toolkit",
-    "qatflow.cli.steps",
-    "qatflow.cli.pipeline",
-    "qatflow.cli.cluster",
-)
+COMMAND_MODULES = ("qatflow.cli.toolkit", "qatflow.cli.steps")
+COMMAND_GROUP = "qatflow.commands"
+Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
 DESCRIPTION = """\
 Quantization-aware training for Keras 3 models, to TensorRT-ready INT8 ONNX.
@@ -49,12 +51,31 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    for register in installed_commands():
+        register(subparsers)
     return parser
+
+
+def installed_commands() -> Iterator[Register]:
+    """The ``register`` functions of the ``COMMAND_GROUP`` entry points, in their order.
+
+    An entry point whose own module or package is missing (e.g. qatflow installed without
+    ``qatflow_pipelines``) is skipped; any other import error propagates.
+    """
+    for entry_point in importlib.metadata.entry_points(group=COMMAND_GROUP):
+        parts = entry_point.module.split(".")
+        try:
+            register = entry_point.load()
+        except ModuleNotFoundError as err:
+            if err.name in {".".join(parts[: n + 1]) for n in range(len(parts))}:
+                continue
+            raise
+        yield register
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
+    tf_quiet.install()  # before TensorFlow loads: no C++ start-up lines (QATFLOW_TF_LOGS=1)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

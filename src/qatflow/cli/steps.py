@@ -64,7 +64,12 @@ def _register_data(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
         "--batch-size", type=int, default=DATA.batch_size, help=help_of(DATA, "batch_size")
     )
     data.add_argument(
-        "--image-size", type=int, nargs=2, metavar=("H", "W"), help="resize images to H x W"
+        "--image-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=DATA.image_size,
+        help=help_of(DATA, "image_size"),
     )
     data.add_argument("--channels", type=int, help="convert images to this many channels")
     data.add_argument(
@@ -235,7 +240,7 @@ def run_prepare_data(args: argparse.Namespace) -> int:
     """Load and check the dataset, write its spec."""
     from qatflow import steps
 
-    path = steps.prepare_data(
+    prepared = steps.prepare_data(
         args.dataset,
         args.output,
         preprocessing=args.preprocessing,
@@ -246,7 +251,7 @@ def run_prepare_data(args: argparse.Namespace) -> int:
         limit=args.limit,
         seed=args.seed,
     )
-    print(f"wrote {path}")
+    print(f"wrote {prepared.spec}")
     return 0
 
 
@@ -254,7 +259,7 @@ def run_prepare_model(args: argparse.Namespace) -> int:
     """Load (or train) the FP32 model and save it as .keras."""
     from qatflow import steps
 
-    path = steps.prepare_model(
+    prepared = steps.prepare_model(
         args.model,
         args.dataset,
         args.output,
@@ -262,7 +267,7 @@ def run_prepare_model(args: argparse.Namespace) -> int:
         pretrain_epochs=args.pretrain_epochs,
         overwrite=args.overwrite,
     )
-    print(f"wrote {path}")
+    print(f"wrote {prepared.model}")
     return 0
 
 
@@ -270,7 +275,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     """QAT fine-tuning; the history goes beside the output."""
     from qatflow import steps
 
-    path = steps.finetune(
+    tuned = steps.finetune(
         args.model,
         args.dataset,
         args.output,
@@ -283,7 +288,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         steps_per_epoch=args.steps_per_epoch,
         overwrite=args.overwrite,
     )
-    print(f"wrote {path} (history: {steps.side_file(path, '.history.json')})")
+    print(f"wrote {tuned.model} (history: {tuned.history_file})")
     return 0
 
 
@@ -291,7 +296,7 @@ def run_build_engine(args: argparse.Namespace) -> int:
     """Build the engine."""
     from qatflow import steps
 
-    path = steps.build_engine(
+    built = steps.build_engine(
         args.onnx,
         args.output,
         runtime=args.runtime,
@@ -300,16 +305,15 @@ def run_build_engine(args: argparse.Namespace) -> int:
         encoding=args.encoding,
         overwrite=args.overwrite,
     )
-    print(f"wrote {path}")
+    print(f"wrote {built.engine}")
     return 0
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Evaluate and print the headline numbers."""
     from qatflow import steps
-    from qatflow.evaluation import EvaluationResult
 
-    path = steps.evaluate(
+    evaluated = steps.evaluate(
         args.engine,
         args.dataset,
         args.output,
@@ -320,7 +324,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         threads=args.threads,
         max_batches=args.max_batches,
     )
-    result = EvaluationResult.load(steps.local_input(path, "result"))
+    result = evaluated.evaluation
     agreement = "" if result.agreement is None else f", agreement {100 * result.agreement:.2f} %"
     print(
         f"top-1 {100 * result.top1:.2f} % on {result.num_samples} images{agreement}; "
@@ -328,7 +332,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         f"(batch 1, {result.runtime}); throughput "
         f"{result.throughput.images_per_second:.0f} images/s"
     )
-    print(f"wrote {path}")
+    print(f"wrote {evaluated.result}")
     return 0
 
 
@@ -342,7 +346,6 @@ def _variant_result(text: str) -> tuple[str, str]:
 def run_compare(args: argparse.Namespace) -> int:
     """Compare the results and print the table."""
     from qatflow import steps
-    from qatflow.comparison import Comparison
     from qatflow.errors import QatflowError
 
     results: dict[str, str] = {}
@@ -350,9 +353,9 @@ def run_compare(args: argparse.Namespace) -> int:
         if variant in results:
             raise QatflowError(f"variant {variant!r} is given twice")
         results[variant] = path
-    written = steps.compare(
+    compared = steps.compare(
         results, args.output, title=args.title, placement_summary=args.placement
     )
-    print(Comparison.load_json(written).to_text())
-    print(f"\nwrote {written} and the report beside it")
+    print(compared.comparison.to_text())
+    print(f"\nwrote {compared.comparison_json} and the report beside it")
     return 0

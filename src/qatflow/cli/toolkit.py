@@ -153,19 +153,17 @@ def run_export(args: argparse.Namespace) -> int:
     """Export to ONNX and print the validation report."""
     from qatflow import steps
     from qatflow.onnx.parity import export_check_line
-    from qatflow.onnx.validate import validate_onnx
 
-    path = steps.export(
+    exported = steps.export(
         args.model,
         args.output,
         opset=args.opset,
         dataset_spec=args.dataset,
         overwrite=args.overwrite,
     )
-    local = steps.local_input(path, "ONNX model")
-    print(validate_onnx(local))
-    print(export_check_line(local))
-    print(f"wrote {path}")
+    print(exported.report)
+    print(export_check_line(exported.check))
+    print(f"wrote {exported.onnx}")
     return 0
 
 

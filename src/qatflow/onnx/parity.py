@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import keras
@@ -105,9 +105,8 @@ def read_export_check(proto: onnx.ModelProto) -> dict[str, Any] | None:
     return None if value is None else dict(json.loads(value))
 
 
-def export_check_line(path: str | Path) -> str:
-    """One line on the check stored in the ONNX file at ``path``, for the CLI."""
-    record = read_export_check(onnx.load(str(path), load_external_data=False))
+def export_check_line(record: Mapping[str, Any] | None) -> str:
+    """One line on an export's check record (:func:`read_export_check`), for the CLI."""
     if record is None:
         return "ONNX vs Keras: not recorded"
     if not record["checked"]:

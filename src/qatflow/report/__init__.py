@@ -1,5 +1,5 @@
 """Comparison report: Markdown with plot files, and one self-contained HTML page."""
 
-from qatflow.report.write import ReportFiles, write_report
+from qatflow.report.write import ReportFiles, rewrite_report, write_report
 
-__all__ = ["ReportFiles", "write_report"]
+__all__ = ["ReportFiles", "rewrite_report", "write_report"]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import json
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from qatflow import gate
 from qatflow.comparison import (
@@ -19,12 +23,16 @@ from qatflow.comparison import (
 )
 from qatflow.errors import DataError, PipelineError
 from qatflow.evaluation import EvaluationResult
+from qatflow.params import COMPARE
 from qatflow.report import plots
 from qatflow.report.html import render_page
-from qatflow.report.provenance import RunInfo, display_uri, provenance
+from qatflow.report.provenance import MlflowInfo, RunInfo, display_uri, provenance
 from qatflow.storage import atomic_output
 
 PLOT_DIR = "plots"
+SOURCE_FILE = "report.json"  # what else the report was rendered from, to render it again
+COMPARISON_FILE = "comparison.json"
+_SOURCE_FORMAT = "qatflow.report_source"
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,8 @@ def write_report(
     ``comparison`` (the plots need per-class accuracy and the raw latency samples).
     ``extra_sections`` maps a heading to Markdown, e.g. a placement summary table. Everything
     is rendered before anything is written, and each file is written atomically.
+    ``report.json`` keeps the title, ``run_info`` and ``extra_sections``, so that
+    ``rewrite_report`` can render the same report again with the MLflow run IDs.
     """
     if not title.strip():
         raise PipelineError("title must not be empty")
@@ -62,10 +72,10 @@ def write_report(
             f"results lacks {missing}, which the comparison has; pass the EvaluationResult "
             f"of every compared variant"
         )
+    info = run_info or RunInfo()
+    extra = dict(extra_sections or {})
     images = _render_plots(comparison, results)
-    markdown = _markdown(
-        comparison, results, title, images, run_info or RunInfo(), extra_sections or {}
-    )
+    markdown = _markdown(comparison, results, title, images, info, extra)
     page = render_page(
         markdown, title=title, images={_plot_ref(name): png for name, png in images.items()}
     )
@@ -80,7 +90,63 @@ def write_report(
         tmp.write_text(markdown, encoding="utf-8")
     with atomic_output(files.html) as tmp:
         tmp.write_text(page, encoding="utf-8")
+    source = {
+        "format": _SOURCE_FORMAT,
+        "version": 1,
+        "title": title,
+        "run_info": info.to_dict(),
+        "extra_sections": extra,
+    }
+    with atomic_output(out / SOURCE_FILE) as tmp:
+        tmp.write_text(json.dumps(source, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return files
+
+
+def rewrite_report(
+    source_dir: str | os.PathLike[str],
+    results: Mapping[str, EvaluationResult],
+    output_dir: str | os.PathLike[str],
+    *,
+    mlflow: MlflowInfo,
+) -> ReportFiles:
+    """Render the report in ``source_dir`` again into ``output_dir``, with ``mlflow``'s runs.
+
+    ``source_dir`` is a folder ``write_report`` wrote (``comparison.json`` beside the report,
+    as ``qatflow.steps.compare`` leaves it): the same comparison, title, provenance and extra
+    sections, plus the MLflow experiment, parent and child run IDs and the registry's
+    decision. ``comparison.json`` is copied along, so ``output_dir`` is a complete report
+    folder. ``source_dir`` itself is left as it is.
+    """
+    source = Path(source_dir)
+    comparison = Comparison.load_json(source / COMPARISON_FILE)
+    stored = _load_source(source / SOURCE_FILE)
+    info = dataclasses.replace(RunInfo.from_dict(stored.get("run_info") or {}), mlflow=mlflow)
+    files = write_report(
+        comparison,
+        results,
+        output_dir,
+        title=str(stored.get("title") or COMPARE.title),
+        run_info=info,
+        extra_sections=dict(stored.get("extra_sections") or {}),
+    )
+    target = Path(output_dir) / COMPARISON_FILE
+    if target.resolve() != (source / COMPARISON_FILE).resolve():
+        with atomic_output(target) as tmp:
+            shutil.copyfile(source / COMPARISON_FILE, tmp)
+    return files
+
+
+def _load_source(path: Path) -> dict[str, Any]:
+    """The stored inputs of a report; empty for a folder an older qatflow wrote."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"report source {path} is not readable JSON: {err}") from err
+    if not isinstance(data, dict) or data.get("format") != _SOURCE_FORMAT:
+        raise DataError(f"{path} is not a qatflow report source ({_SOURCE_FORMAT})")
+    return data
 
 
 def _render_plots(
@@ -116,6 +182,7 @@ def _markdown(
     parts = [
         f"# {title}",
         *_banners(comparison),
+        *_registry_banner(run_info.mlflow),
         f"Generated {generated} by qatflow. Baseline: `{base}`; "
         f"{reference.num_samples} test images, {len(reference.class_names)} classes.",
         "## Provenance",
@@ -158,6 +225,24 @@ def _banners(comparison: Comparison) -> list[str]:
             head = f"> [!CAUTION]\n> **{name}: REFUSED by the accuracy gate.**"
         banners.append(f"{head} {verdict.reason}.")
     return banners
+
+
+def _registry_banner(mlflow: MlflowInfo | None) -> list[str]:
+    """The registry's decision on the registered candidate, once ``publish`` has made it."""
+    if mlflow is None:
+        return []
+    if mlflow.offline:
+        return [
+            "> [!WARNING]\n> **MLflow was unreachable when publishing:** nothing was registered; "
+            "the runs are kept offline in `mlflow-offline/` of the publish record."
+        ]
+    if mlflow.version is None or mlflow.promoted is None:
+        return []
+    label = f"{mlflow.registered_model} v{mlflow.version}"
+    reasons = "; ".join(mlflow.registry_reasons)
+    if mlflow.promoted:
+        return [f"> [!TIP]\n> **Registry: {label} promoted to champion.** {reasons}."]
+    return [f"> [!CAUTION]\n> **Registry: {label} REFUSED, not promoted to champion.** {reasons}."]
 
 
 def _details(comparison: Comparison, results: Mapping[str, EvaluationResult]) -> str:

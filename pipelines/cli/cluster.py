@@ -1,4 +1,9 @@
-"""``qatflow submit`` and ``qatflow schedule``: run the compiled pipeline on a KFP cluster."""
+"""``qatflow submit`` and ``qatflow schedule``: run the compiled pipeline on a KFP cluster.
+
+``register`` adds them (see ``qatflow_pipelines.cli``); the KFP client calls are
+``qatflow.cluster``'s. Without ``--package`` the qatflow pipeline is compiled to a temp file,
+and ``--help`` lists its parameters (both built only when needed, so the parser stays light).
+"""
 
 from __future__ import annotations
 
@@ -124,7 +129,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         dest="params",
         action="append",
         default=[],
-        type=_param_pair,
+        type=param_pair,
         metavar="NAME=VALUE",
         help="pipeline parameter, repeatable; converted to the parameter's type "
         "(lists and dicts as JSON)",
@@ -140,7 +145,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _param_pair(text: str) -> tuple[str, str]:
+def param_pair(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name.strip():
         raise argparse.ArgumentTypeError(f"--param {text!r} must look like NAME=VALUE")
@@ -148,12 +153,12 @@ def _param_pair(text: str) -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def _package(path: Path | None) -> Iterator[Path]:
+def compiled_package(path: Path | None) -> Iterator[Path]:
     """The given package, or the qatflow pipeline compiled into a temporary file."""
     if path is not None:
         yield path
         return
-    from qatflow.pipeline_compile import compile_pipeline
+    from qatflow_pipelines.runner.compile import compile_pipeline
 
     with tempfile.TemporaryDirectory(prefix="qatflow-pipeline-") as tmp:
         package = Path(tmp) / "qatflow-pipeline.yaml"
@@ -171,7 +176,7 @@ def _host(args: argparse.Namespace) -> str:
 def run_submit(args: argparse.Namespace) -> int:
     """Handle ``qatflow submit``: print the run id."""
     host = _host(args)
-    with _package(args.package) as package:
+    with compiled_package(args.package) as package:
         run_id = cluster.submit(
             host,
             package,
@@ -190,7 +195,7 @@ def run_schedule(args: argparse.Namespace) -> int:
     """Handle ``qatflow schedule``: print the recurring run id."""
     host = _host(args)
     cron = cluster.validate_cron(args.cron)
-    with _package(args.package) as package:
+    with compiled_package(args.package) as package:
         recurring_id = cluster.schedule(
             host,
             package,

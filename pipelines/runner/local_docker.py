@@ -20,9 +20,9 @@ from urllib.parse import urlparse
 from qatflow import storage
 from qatflow.data.sources.fashion_mnist import SYSTEM_DIR as FASHION_MNIST_DIR
 from qatflow.errors import PipelineError
-from qatflow.images import CONTEXT_LABEL, IMAGES, context_hash, image_name
+from qatflow.images import CONTEXT_LABEL, IMAGES, checkout_root, context_hash, image_name
 
-log = logging.getLogger("qatflow.local_docker")
+log = logging.getLogger("qatflow_pipelines.runner.local_docker")
 
 RUN_LABEL = "org.qatflow.run"  # on every task container: the run's output folder
 CONTAINER_HOME = "/tmp"
@@ -31,7 +31,8 @@ CONTAINER_HOME = "/tmp"
 def check_images(references: Iterable[str]) -> dict[str, str]:
     """The local image ID of each image reference; fails fast when Docker or an image is missing.
 
-    Warns when an image was built from other sources than this checkout's (``CONTEXT_LABEL``).
+    Warns when an image was built from other sources than this checkout's (``CONTEXT_LABEL``);
+    without a checkout (qatflow installed from a wheel) there is nothing to compare with.
 
     Raises:
         PipelineError: Docker is not running, or an image is not built here (naming the
@@ -48,6 +49,9 @@ def check_images(references: Iterable[str]) -> dict[str, str]:
             f"Docker is not running or not reachable ({err}); start the Docker daemon "
             "(dockerd) or use --runner subprocess"
         ) from err
+    root = checkout_root()
+    if root is None:
+        log.info("qatflow is not installed from a checkout: image sources are not checked")
     ids = {}
     try:
         for reference in sorted(set(references)):
@@ -60,7 +64,8 @@ def check_images(references: Iterable[str]) -> dict[str, str]:
                     f"image {reference} is not built here; `make {target}` builds it "
                     "(images of this checkout are never pulled)"
                 ) from err
-            if (image.labels or {}).get(CONTEXT_LABEL) != context_hash(name):
+            built_from = (image.labels or {}).get(CONTEXT_LABEL)
+            if root is not None and built_from != context_hash(name, root):
                 log.warning(
                     "image %s was built from other sources than this checkout; "
                     "`make %s` rebuilds it",

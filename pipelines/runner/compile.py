@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+from qatflow_pipelines.qat_int8.pipeline import GpuOptions, build_pipeline
 
 from qatflow.params import CLUSTER_RUNTIME
 from qatflow.storage import atomic_output
-
-if TYPE_CHECKING:
-    from qatflow_pipelines.qat_int8.pipeline import GpuOptions
 
 
 def compile_pipeline(
@@ -26,7 +24,6 @@ def compile_pipeline(
     ``qatflow.images`` (override them with their environment variables before compiling).
     """
     from kfp import compiler
-    from qatflow_pipelines.qat_int8.pipeline import build_pipeline
 
     pipeline = build_pipeline(runtime=runtime, gpu=gpu)
     target = Path(path)

@@ -1,20 +1,42 @@
-"""``qatflow run`` and ``qatflow compile``: the pipeline, locally or compiled for a cluster."""
+"""``qatflow run`` and ``qatflow compile``: the pipeline, locally or compiled for a cluster.
+
+``register`` adds them (see ``qatflow_pipelines.cli``). Building the parser imports
+neither kfp nor TensorFlow; the handlers import the runner and the compiler.
+"""
 
 from __future__ import annotations
 
 import argparse
+import textwrap
 from pathlib import Path
 
-from qatflow import gate
+from qatflow_pipelines.cli.cluster import compiled_package, param_pair
+from qatflow_pipelines.runner.profiles import (
+    DEFAULT_PROFILE,
+    DEFAULT_RUNNER,
+    PROFILES,
+    RUNNERS,
+    SUMMARIES,
+    settings,
+)
+
+from qatflow import cluster, gate
 from qatflow.cluster import GPU_LIMIT, GPU_RESOURCE
+from qatflow.errors import PipelineError
 from qatflow.params import CLUSTER_RUNTIME, DATA, ENGINE, FINETUNE, MODEL, QUANTIZE, help_of
 
+
+def _profiles() -> str:
+    """Each profile's parameters and summary, for the epilog of ``qatflow run --help``."""
+    lines = ["profiles (their parameters over the pipeline's defaults):"]
+    for name in PROFILES:
+        text = f"{name:<8} {settings(name)}: {SUMMARIES[name]}"
+        lines += textwrap.wrap(text, width=92, initial_indent="  ", subsequent_indent=" " * 11)
+    return "\n".join(lines)
+
+
 _RUN_EPILOG = f"""\
-profiles:
-  default  the full demo: Fashion-MNIST, the demo CNN pretrained 5 epochs (cached after the
-           first run), one epoch of QAT (about 6.5 minutes on 2 idle CPU cores the first time)
-  smoke    2000 train / 512 test images, 4 pretraining epochs (about 70 % top-1), 10 QAT
-           steps (2-4 minutes)
+{_profiles()}
 
 Each task runs as a subprocess of this Python with kfp.local (--runner docker: in a container
 of its image, as your user); engines run on ONNX Runtime (CPU). A rerun reuses the cached
@@ -68,8 +90,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     run.add_argument(
         "--profile",
-        choices=("default", "smoke"),
-        default="default",
+        choices=tuple(PROFILES),
+        default=DEFAULT_PROFILE,
         help="preset parameters (default: %(default)s; see below)",
     )
     run.add_argument(
@@ -88,9 +110,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run.add_argument("--batch-size", type=int, help=f"batch size (default: {DATA.batch_size})")
     run.add_argument("--limit", type=int, help="cap on every split, for quick runs (0 = all)")
     run.add_argument(
-        "--pretrain-epochs", type=int, help="demo model pretraining epochs (default profile: 5)"
+        "--pretrain-epochs",
+        type=int,
+        help="demo model pretraining epochs "
+        f"(default profile: {PROFILES[DEFAULT_PROFILE]['pretrain_epochs']})",
     )
-    run.add_argument("--epochs", type=int, help="QAT fine-tuning epochs (default profile: 1)")
+    run.add_argument(
+        "--epochs",
+        type=int,
+        help=f"QAT fine-tuning epochs (default profile: {PROFILES[DEFAULT_PROFILE]['epochs']})",
+    )
     run.add_argument(
         "--learning-rate",
         type=float,
@@ -139,9 +168,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="rerun every step instead of reusing cached results",
     )
     run.add_argument(
+        "--param",
+        dest="params",
+        action="append",
+        default=[],
+        type=param_pair,
+        metavar="NAME=VALUE",
+        help="any other pipeline parameter (listed by `qatflow submit --help`), repeatable; "
+        "converted to the parameter's type, e.g. --param quantization_spec=spec.yaml",
+    )
+    run.add_argument(
         "--runner",
-        choices=("subprocess", "docker"),
-        default="subprocess",
+        choices=RUNNERS,
+        default=DEFAULT_RUNNER,
         help="run each task as a subprocess of this Python, or in a container of its image "
         "built here (`make images-tf`) (default: %(default)s)",
     )
@@ -223,15 +262,18 @@ _RUN_PARAMETERS = (
 
 def run_pipeline(args: argparse.Namespace) -> int:
     """Handle ``qatflow run``."""
-    from qatflow.local_run import run_local
+    from qatflow_pipelines.runner.local_run import run_local
+
     from qatflow.publish import SUMMARY_FILE, verdict
 
+    flags = {name: getattr(args, name) for name in _RUN_PARAMETERS}
     out = run_local(
         args.output,
         profile=args.profile,
         runner=args.runner,
         enable_caching=args.enable_caching,
-        **{name: getattr(args, name) for name in _RUN_PARAMETERS},
+        **flags,
+        **_extra_parameters(args.params, flags),
     )
     if verdict(out / SUMMARY_FILE) == gate.REFUSED and not args.allow_refused:
         print(
@@ -242,11 +284,23 @@ def run_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extra_parameters(pairs: list[tuple[str, str]], flags: dict[str, object]) -> dict[str, object]:
+    """``--param`` values converted to the pipeline's types; refused where a flag says it too."""
+    if not pairs:
+        return {}
+    doubled = sorted(name for name, _ in pairs if name in flags)
+    if doubled:
+        raise PipelineError(
+            f"--param {', '.join(doubled)}: `qatflow run` has a flag for it (see --help)"
+        )
+    with compiled_package(None) as package:
+        return cluster.parse_arguments(package, dict(pairs))
+
+
 def compile_package(args: argparse.Namespace) -> int:
     """Handle ``qatflow compile``."""
     from qatflow_pipelines.qat_int8.pipeline import GpuOptions
-
-    from qatflow.pipeline_compile import compile_pipeline
+    from qatflow_pipelines.runner.compile import compile_pipeline
 
     gpu = GpuOptions(
         accelerator_type=args.accelerator_type,
