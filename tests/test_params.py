@@ -183,6 +183,7 @@ def test_pipeline_defaults_are_the_schema(runtime: str) -> None:
 def _docs_table() -> dict[str, str]:
     """docs/pipeline.md's parameter table: parameter name -> default as written."""
     section = DOCS.read_text(encoding="utf-8").split("## Parameters", 1)[1].split("\n## ", 1)[0]
+    section = section.split("**Fixed in the pipeline.**", 1)[0]
     table: dict[str, str] = {}
     for line in section.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
@@ -215,6 +216,35 @@ def test_docs_table_is_the_schema() -> None:
         expected = _written(ref.kfp_default)
         got = float(written) if re.fullmatch(r"[-+0-9.e]+", written) else written
         assert got == expected, f"docs/pipeline.md: {name} is {written}, the schema says {expected}"
+
+
+def _schemas() -> dict[str, object]:
+    """The step schemas of ``qatflow.params``, by their module-level name."""
+    return {
+        name: value
+        for name, value in vars(params).items()
+        if name.isupper() and dataclasses.is_dataclass(value) and not isinstance(value, type)
+    }
+
+
+def test_every_step_field_is_a_pipeline_parameter_or_fixed_on_purpose() -> None:
+    set_by_pipeline = {(id(ref.params), ref.field) for ref in params.PIPELINE_PARAMETERS.values()}
+    fixed = {(id(ref.params), ref.field) for ref in params.PIPELINE_FIXED}
+    assert not set_by_pipeline & fixed
+    for name, schema in _schemas().items():
+        for field in dataclasses.fields(schema):  # type: ignore[arg-type]
+            key = (id(schema), field.name)
+            assert key in set_by_pipeline | fixed, (
+                f"{name}.{field.name} is neither a pipeline parameter nor in params.PIPELINE_FIXED"
+            )
+
+
+def test_docs_list_the_fixed_fields_with_their_defaults() -> None:
+    text = DOCS.read_text(encoding="utf-8")
+    names = {id(schema): name for name, schema in _schemas().items()}
+    for ref, reason in params.PIPELINE_FIXED.items():
+        row = f"| `{names[id(ref.params)]}.{ref.field}` | `{ref.default!r}` | {reason} |"
+        assert row in text, f"docs/pipeline.md lacks the row {row}"
 
 
 def test_help_shows_the_default() -> None:

@@ -1,7 +1,7 @@
 """KFP component ``publish``: MLflow runs, model registry and champion gate, S3 export."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Markdown, Model, Output
+from kfp.dsl import HTML, Artifact, Input, Markdown, Model, Output
 
 from qatflow.images import TENSORFLOW_IMAGE
 
@@ -20,6 +20,7 @@ def publish(
     qat_engine: Input[Model],
     placement: Input[Markdown],
     record: Output[Artifact],
+    report_html: Output[HTML],
     model_uri: str,
     dataset_uri: str,
     preprocessing: str,
@@ -55,9 +56,11 @@ def publish(
     pipeline output a scheduled retraining branches on. ``record`` is a folder:
     ``publish.json`` (run ids, version, gate verdict, S3 URIs) and, when MLflow is
     unreachable, ``mlflow-offline/`` with everything that was to be logged.
+    ``report_html`` is the final report page, with the MLflow run IDs, for the KFP UI.
     ``tracking_uri`` empty means ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``.
     """
     import os
+    import shutil
 
     from qatflow import steps
 
@@ -101,4 +104,5 @@ def publish(
         tags={"kfp.run_name": run_name, "kfp.run_id": run_id},
     )
     record.metadata["file"] = "publish.json"
+    shutil.copyfile(published.report / "report.html", report_html.path)
     return published.outcome

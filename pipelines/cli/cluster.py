@@ -8,13 +8,13 @@ and ``--help`` lists its parameters (both built only when needed, so the parser 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
+
+from qatflow_pipelines.cli.parameters import add_param_option, compiled_package
 
 from qatflow import cluster, params
 from qatflow.errors import PipelineError
@@ -124,13 +124,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="compiled pipeline YAML (default: compile the qatflow pipeline to a temp file)",
     )
-    parser.add_argument(
-        "--param",
-        dest="params",
-        action="append",
-        default=[],
-        type=param_pair,
-        metavar="NAME=VALUE",
+    add_param_option(
+        parser,
         help="pipeline parameter, repeatable; converted to the parameter's type "
         "(lists and dicts as JSON)",
     )
@@ -143,27 +138,6 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="disable KFP step caching for this run (default: as compiled)",
     )
-
-
-def param_pair(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep or not name.strip():
-        raise argparse.ArgumentTypeError(f"--param {text!r} must look like NAME=VALUE")
-    return name.strip(), value
-
-
-@contextlib.contextmanager
-def compiled_package(path: Path | None) -> Iterator[Path]:
-    """The given package, or the qatflow pipeline compiled into a temporary file."""
-    if path is not None:
-        yield path
-        return
-    from qatflow_pipelines.runner.compile import compile_pipeline
-
-    with tempfile.TemporaryDirectory(prefix="qatflow-pipeline-") as tmp:
-        package = Path(tmp) / "qatflow-pipeline.yaml"
-        compile_pipeline(package)
-        yield package
 
 
 def _host(args: argparse.Namespace) -> str:

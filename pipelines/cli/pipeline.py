@@ -10,7 +10,7 @@ import argparse
 import textwrap
 from pathlib import Path
 
-from qatflow_pipelines.cli.cluster import compiled_package, param_pair
+from qatflow_pipelines.cli.parameters import add_param_option, typed_parameters
 from qatflow_pipelines.runner.profiles import (
     DEFAULT_PROFILE,
     DEFAULT_RUNNER,
@@ -20,7 +20,7 @@ from qatflow_pipelines.runner.profiles import (
     settings,
 )
 
-from qatflow import cluster, gate
+from qatflow import gate
 from qatflow.cluster import GPU_LIMIT, GPU_RESOURCE
 from qatflow.errors import PipelineError
 from qatflow.params import CLUSTER_RUNTIME, DATA, ENGINE, FINETUNE, MODEL, QUANTIZE, help_of
@@ -167,13 +167,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_false",
         help="rerun every step instead of reusing cached results",
     )
-    run.add_argument(
-        "--param",
-        dest="params",
-        action="append",
-        default=[],
-        type=param_pair,
-        metavar="NAME=VALUE",
+    add_param_option(
+        run,
         help="any other pipeline parameter (listed by `qatflow submit --help`), repeatable; "
         "converted to the parameter's type, e.g. --param quantization_spec=spec.yaml",
     )
@@ -293,8 +288,7 @@ def _extra_parameters(pairs: list[tuple[str, str]], flags: dict[str, object]) ->
         raise PipelineError(
             f"--param {', '.join(doubled)}: `qatflow run` has a flag for it (see --help)"
         )
-    with compiled_package(None) as package:
-        return cluster.parse_arguments(package, dict(pairs))
+    return typed_parameters(pairs)
 
 
 def compile_package(args: argparse.Namespace) -> int:

@@ -213,6 +213,20 @@ PIPELINE_PARAMETERS: Mapping[str, Ref] = {
     "s3_prefix": Ref(PUBLISH, "s3_prefix"),
 }
 
+# Step fields the pipeline runs at their default, on purpose; every other field is a pipeline
+# parameter above (tests/test_params.py fails on a field that is neither).
+PIPELINE_FIXED: Mapping[Ref, str] = {
+    Ref(DATA, "calibration_size"): "`calibration_batches` sets how much of it PTQ uses",
+    Ref(DATA, "seed"): "a fixed seed keeps runs comparable and the step cache valid",
+    Ref(QUANTIZE, "mode"): "the pipeline compares full INT8 engines; partial is a toolkit option",
+    Ref(FINETUNE, "optimizer"): "the QAT recipe's optimizer (docs/training.md)",
+    Ref(EXPORT, "opset"): "the opset the exporter and the validator are tested with",
+    Ref(ENGINE, "runtime"): "set when the pipeline is compiled (`runtime`), not per run",
+    Ref(EVALUATE, "warmup"): "benchmark hygiene, not a result",
+    Ref(EVALUATE, "throughput_batch"): "one batch size keeps throughput comparable across runs",
+    Ref(COMPARE, "title"): "the report names the run in its provenance header",
+}
+
 
 def pipeline_default(name: str) -> Any:
     """The default of the pipeline parameter ``name``, as KFP spells it."""

@@ -802,10 +802,12 @@ class PublishOutputs:
     ``outcome`` is the accuracy gate's verdict on the QAT INT8 candidate, ``passed`` or
     ``refused``. ``offline``: MLflow was unreachable, the run ids are those of the offline
     records and nothing was registered (``registered_version`` None). ``s3_uris``: None
-    without an S3 export.
+    without an S3 export. ``report``: the folder of the final report (Markdown, HTML, plots),
+    re-rendered with the MLflow run IDs.
     """
 
     record: Path
+    report: Path
     outcome: str
     run_name: str
     parent_run_id: str | None
@@ -863,6 +865,7 @@ def publish(
     mlflow, registry = summary.get("mlflow") or {}, summary.get("registry") or {}
     return PublishOutputs(
         record=path,
+        report=out / publishing.REPORT_DIR,
         outcome=outcome,
         run_name=str(summary["run_name"]),
         parent_run_id=mlflow.get("parent_run_id"),

@@ -36,6 +36,7 @@ def test_publish_to_sqlite(chain: Chain, tmp_path: Path, monkeypatch: pytest.Mon
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment = f"component-{uuid.uuid4().hex[:8]}"
     record = artifact(dsl.Artifact, tmp_path / "record")
+    report_html = artifact(dsl.HTML, tmp_path / "report_html")
     inputs = {
         f"{short}_{kind}": artifact(kind_class, path, file=file)
         for short, variant in (("fp32", "fp32"), ("ptq", "ptq_int8"), ("qat", "qat_int8"))
@@ -49,6 +50,7 @@ def test_publish_to_sqlite(chain: Chain, tmp_path: Path, monkeypatch: pytest.Mon
         report=artifact(dsl.Artifact, chain.report),
         placement=artifact(dsl.Markdown, chain.quantized / "model.placement.md"),
         record=record,
+        report_html=report_html,
         **inputs,
         **PARAMS,
         tracking_uri=tracking_uri,
@@ -62,6 +64,9 @@ def test_publish_to_sqlite(chain: Chain, tmp_path: Path, monkeypatch: pytest.Mon
     assert outcome in ("passed", "refused")
     assert summary["run_name"] == "run-1" and not summary["mlflow"]["offline"]
     assert summary["registry"]["version"] == "1"
+    page = Path(report_html.path).read_text(encoding="utf-8")  # the KFP UI's final report
+    assert summary["mlflow"]["parent_run_id"] in page
+    assert page == (Path(record.path) / "report" / "report.html").read_text(encoding="utf-8")
     client = MlflowClient(tracking_uri)
     parent = client.get_run(summary["mlflow"]["parent_run_id"])
     assert parent.data.params["qat.steps_per_epoch"] == "3"
