@@ -246,7 +246,9 @@ def test_readme_step_by_step_flow_runs(smoke_dir: Path, capsys: pytest.CaptureFi
         "qat_int8",
     ]
     assert list((report / "plots").glob("*.png"))
-    assert "## Q/DQ placement" in (report / "report.md").read_text()
+    markdown = (report / "report.md").read_text()
+    assert "## Q/DQ placement" in markdown
+    assert f"| Dataset | {SMOKE_DATA} (npz);" in markdown  # compare --dataset
 
 
 def test_readme_toolkit_lines_run(smoke_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,7 +21,7 @@ import boto3
 import pytest
 from mlflow import MlflowClient
 from qatflow_pipelines.runner.local_docker import docker_runner, local_inputs, mlflow_store_dir
-from qatflow_pipelines.runner.local_run import run_local
+from qatflow_pipelines.runner.local_run import collect_results, run_local
 from tests.s3_server import make_bucket, s3_endpoint
 
 from qatflow.cli import main
@@ -259,6 +259,29 @@ def test_bad_arguments_fail_before_running(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="runner must be one of subprocess, docker"):
         run_local(tmp_path, profile="smoke", runner="podman")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_collected_results_replace_what_an_earlier_run_left(tmp_path: Path) -> None:
+    """An online run into the folder of an offline one: no stale ``mlflow-offline/`` (nor
+    plots) suggests that MLflow was unreachable this time."""
+    out, record = tmp_path / "out", tmp_path / "record"
+    for stale in ("mlflow-offline/offline-1.json", "plots/old.png", "report.html"):
+        (out / stale).parent.mkdir(parents=True, exist_ok=True)
+        (out / stale).write_text("earlier run")
+    (record / "report" / "plots").mkdir(parents=True)
+    for name in ("report.html", "report.md", "comparison.json", "plots/new.png"):
+        (record / "report" / name).write_text("this run")
+    (record / "publish.json").write_text("{}")
+    collect_results(record, out)
+    assert sorted(path.relative_to(out).as_posix() for path in out.rglob("*")) == [
+        "comparison.json",
+        "plots",
+        "plots/new.png",
+        "publish.json",
+        "report.html",
+        "report.md",
+    ]
+    assert (out / "report.html").read_text() == "this run"
 
 
 def test_docker_runner_without_docker_fails_fast(

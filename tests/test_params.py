@@ -14,10 +14,13 @@ from typing import Any
 import pytest
 from qatflow_pipelines.runner.compile import compile_pipeline
 
-from qatflow import cluster, params, publish, steps, tracking
+from qatflow import cluster, params, publish, runtimes, steps, tracking, training
 from qatflow.cli import build_parser
+from qatflow.data import load_dataset
 from qatflow.evaluation import evaluate
+from qatflow.onnx.export import export_onnx, to_onnx_proto
 from qatflow.params import DATA, ENGINE, EVALUATE, EXPORT, FINETUNE, MODEL, PUBLISH, QUANTIZE, Ref
+from qatflow.quantization import calibrate, quantize_model
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "pipeline.md"
 # Library functions and the schema whose fields set their keyword arguments (step name first).
@@ -37,9 +40,23 @@ FUNCTIONS: list[tuple[Callable[..., Any], object, dict[str, str]]] = [
     (evaluate, params.EVALUATE, {}),
     (steps.compare, params.COMPARE, {}),
     (steps.check_inputs, params.PUBLISH, {}),
+    (steps.check_inputs, params.QUANTIZE, {"spec": "spec_path"}),
     (steps.publish, params.PUBLISH, {}),
     (publish.publish, params.PUBLISH, {"registered_model": "register_name"}),
     (tracking.Tracker.__init__, params.PUBLISH, {}),
+    # The library functions the steps call, for a caller that skips the steps.
+    (load_dataset, params.DATA, {}),
+    (quantize_model, params.QUANTIZE, {}),
+    (
+        calibrate,
+        params.QUANTIZE,
+        {"calibration_method": "method", "calibration_batches": "num_batches"},
+    ),
+    (export_onnx, params.EXPORT, {}),
+    (to_onnx_proto, params.EXPORT, {}),
+    (training.pretrain, params.MODEL, {"pretrain_epochs": "epochs"}),
+    (training.finetune, params.FINETUNE, {}),
+    (runtimes.build_engine, params.ENGINE, {}),
 ]
 # Each component's parameters with a default, and the step fields they set.
 COMPONENTS: dict[str, dict[str, Ref]] = {

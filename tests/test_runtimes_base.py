@@ -11,9 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 from tests.onnx_models import HEIGHT, WIDTH, make_model, save_model
 
 from qatflow.errors import RuntimeBackendError
+from qatflow.params import RUNTIMES
 from qatflow.runtimes import EngineMetadata, build_engine, load_engine
 from qatflow.runtimes.base import (
-    RUNTIMES,
     check_batch,
     check_same_version,
     engine_input_shape,

@@ -192,6 +192,9 @@ def test_publish_returns_the_record_and_its_verdict(run: Run) -> None:
     assert set(published.child_run_ids) == set(VARIANTS)
     assert published.registered_version == summary["registry"]["version"] == "1"
     assert published.s3_uris is None
+    assert published.report == run.root / "record" / "report"
+    assert published.report_html == published.report / "report.html"
+    assert published.parent_run_id in published.report_html.read_text()  # the final report
 
 
 def test_publish_checks_its_inputs_first(run: Run, tmp_path: Path) -> None:

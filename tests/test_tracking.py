@@ -517,6 +517,12 @@ def test_tracking_uri_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_tracking_uri() == DEFAULT_TRACKING_URI
 
 
+def _champion(tracker: Tracker, name: str) -> tuple[str, float | None] | None:
+    """The champion's version and top-1 accuracy in percent, as the gate reads them."""
+    record = tracker.champion_record(name)
+    return None if record is None else (record.version, record.accuracy_pct)
+
+
 def test_a_champion_with_a_legacy_fraction_is_compared_in_percent(
     tmp_path: Path, onnx_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -544,7 +550,7 @@ def test_a_champion_with_a_legacy_fraction_is_compared_in_percent(
 
     _, old = register(90.0)
     make_old_champion(old, tag="0.9")
-    assert tracker.champion(name) == (old, pytest.approx(90.0))
+    assert _champion(tracker, name) == (old, pytest.approx(90.0))
 
     # 5 points below the champion's 90 % (not 89 points above 0.9): refused...
     _, far = register(85.0)
@@ -566,13 +572,13 @@ def test_a_champion_with_a_legacy_fraction_is_compared_in_percent(
     run, untagged = register(80.0)
     tracker.log_metrics(run, {LEGACY_ACCURACY_METRIC: 0.8})
     make_old_champion(untagged, tag=None)
-    assert tracker.champion(name) == (untagged, pytest.approx(80.0))
+    assert _champion(tracker, name) == (untagged, pytest.approx(80.0))
     # Not a number, or not a fraction: skipped, then nothing is left to compare against.
     run, garbage = register(70.0)
     make_old_champion(garbage, tag="n/a")
-    assert tracker.champion(name) == (garbage, None)
+    assert _champion(tracker, name) == (garbage, None)
     client.set_model_version_tag(name, garbage, LEGACY_ACCURACY_TAG, "70")
-    assert tracker.champion(name) == (garbage, None)
+    assert _champion(tracker, name) == (garbage, None)
     _, candidate = register(99.0)
     decision = tracker.promote_if_better(name, candidate, 99.0, 99.0, gate_points=1.0)
     assert not decision.promoted

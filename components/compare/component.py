@@ -24,11 +24,12 @@ def compare(
     """Compare the three evaluations against FP32, judge them by the accuracy gate
     (``accuracy_gate`` top-1 points) and write the report.
 
-    ``report`` is a folder: ``comparison.json``, ``report.md``, ``report.html`` and
-    ``plots/*.png``. ``report_html`` is the self-contained HTML page (plots embedded) for the
-    KFP UI; ``summary`` holds each variant's top-1 (%), delta (top-1 points), speedup and gate
-    verdict (1 passed, 0 refused; its file: the comparison JSON). ``dataset`` (the spec),
-    ``model_uri``, ``run_name`` and ``run_id`` fill the report's provenance header.
+    ``report`` is a folder: ``comparison.json``, ``report.md``, ``report.html``,
+    ``plots/*.png`` and ``report.json`` (for ``publish`` to render it again). ``report_html``
+    is the self-contained HTML page (plots embedded) for the KFP UI; ``summary`` holds each
+    variant's top-1 (%), delta (top-1 points), speedup and gate verdict (1 passed, 0 refused;
+    its file: the comparison JSON). ``dataset`` (the spec), ``model_uri``, ``run_name`` and
+    ``run_id`` fill the report's provenance header.
     """
     import shutil
 
@@ -56,4 +57,4 @@ def compare(
             summary.log_metric(f"{row.variant}.{key}", metrics[key])
     for variant, verdict in comparison.verdicts().items():
         summary.log_metric(f"{variant}.gate_passed", float(verdict.passed))
-    report.metadata["file"] = "comparison.json"
+    report.metadata["file"] = compared.comparison_json.name

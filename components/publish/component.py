@@ -103,6 +103,6 @@ def publish(
         run_name=run_name or None,
         tags={"kfp.run_name": run_name, "kfp.run_id": run_id},
     )
-    record.metadata["file"] = "publish.json"
-    shutil.copyfile(published.report / "report.html", report_html.path)
+    record.metadata["file"] = published.record.name
+    shutil.copyfile(published.report_html, report_html.path)
     return published.outcome

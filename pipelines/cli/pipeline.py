@@ -23,7 +23,17 @@ from qatflow_pipelines.runner.profiles import (
 from qatflow import gate
 from qatflow.cluster import GPU_LIMIT, GPU_RESOURCE
 from qatflow.errors import PipelineError
-from qatflow.params import CLUSTER_RUNTIME, DATA, ENGINE, FINETUNE, MODEL, QUANTIZE, help_of
+from qatflow.params import (
+    CALIBRATION_METHODS,
+    CLUSTER_RUNTIME,
+    DATA,
+    ENGINE,
+    FINETUNE,
+    MODEL,
+    QUANTIZE,
+    RUNTIMES,
+    help_of,
+)
 
 
 def _profiles() -> str:
@@ -127,7 +137,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     run.add_argument(
         "--calibration-method",
-        choices=("max", "percentile", "mse"),
+        choices=CALIBRATION_METHODS,
         help=f"PTQ calibration method (default: {QUANTIZE.calibration_method})",
     )
     run.add_argument(
@@ -137,7 +147,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     run.add_argument(
         "--runtime",
-        choices=("onnxruntime", "tensorrt"),
+        choices=RUNTIMES,
         default=ENGINE.runtime,
         help="engine runtime; tensorrt needs TensorRT and a GPU here (default: %(default)s)",
     )
@@ -197,7 +207,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     compile_.add_argument(
         "--runtime",
-        choices=("tensorrt", "onnxruntime"),
+        choices=RUNTIMES,
         default=CLUSTER_RUNTIME,
         help="engine runtime; onnxruntime runs the engine tasks on CPU without GPU requests "
         "(default: %(default)s)",
@@ -260,6 +270,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
     from qatflow_pipelines.runner.local_run import run_local
 
     from qatflow.publish import SUMMARY_FILE, verdict
+    from qatflow.report.write import HTML_FILE
 
     flags = {name: getattr(args, name) for name in _RUN_PARAMETERS}
     out = run_local(
@@ -273,7 +284,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
     if verdict(out / SUMMARY_FILE) == gate.REFUSED and not args.allow_refused:
         print(
             f"qatflow run: the accuracy gate refused QAT INT8 (exit {gate.EXIT_REFUSED}; "
-            f"--allow-refused exits 0): see {out / 'report.html'}"
+            f"--allow-refused exits 0): see {out / HTML_FILE}"
         )
         return gate.EXIT_REFUSED
     return 0

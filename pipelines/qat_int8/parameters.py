@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 
 from qatflow import gate
 from qatflow.errors import DataError, PipelineError
-from qatflow.params import parse_image_size
+from qatflow.params import ACTIVATION_RANGES, CALIBRATION_METHODS, RUNTIMES, parse_image_size
 
 _COUNTS_FROM_1 = (
     "batch_size",
@@ -46,17 +46,14 @@ def check_arguments(arguments: Mapping[str, object]) -> None:
 def _rules() -> dict[str, Callable[[object], str | None]]:
     from qatflow.data.preprocessing import PREPROCESSING
     from qatflow.onnx.encoding import ENCODINGS
-    from qatflow.quantization.calibration import METHODS
-    from qatflow.quantization.wrapper import ACTIVATION_RANGE_MODES
-    from qatflow.runtimes.base import RUNTIMES
 
     rules: dict[str, Callable[[object], str | None]] = {
         "accuracy_gate": _gate,
         "learning_rate": _positive_number,
         "preprocessing": _one_of(tuple(PREPROCESSING)),
-        "calibration_method": _one_of(METHODS),
+        "calibration_method": _one_of(CALIBRATION_METHODS),
         "percentile": _percentile,
-        "activation_range": _one_of(ACTIVATION_RANGE_MODES),
+        "activation_range": _one_of(ACTIVATION_RANGES),
         "quantization_spec": _string,
         "image_size": _image_size,
         "runtime": _one_of(RUNTIMES),

@@ -32,11 +32,10 @@ from qatflow_pipelines.runner.profiles import (
 
 from qatflow.errors import PipelineError
 from qatflow.params import ENGINE
-from qatflow.tracking import DEFAULT_TRACKING_URI, redact_text
+from qatflow.tracking import DEFAULT_TRACKING_URI, OFFLINE_DIR, redact_text
 
 # Parameters that may name local files (mounted read-only into docker tasks).
 LOCAL_INPUTS = ("model_uri", "dataset_uri", "quantization_spec")
-RECORD_FILES = ("publish.json", "mlflow-offline")
 LOG_FILE = "pipeline.log"
 
 CODE_PACKAGES = ("qatflow", "qatflow_components", "qatflow_pipelines")
@@ -142,15 +141,23 @@ def run_local(
             result = pipeline(**arguments)
         except RuntimeError as err:
             raise PipelineError(console.failure(str(err))) from err
-    from qatflow.publish import REPORT_DIR, REPORT_FILES
-
-    record = Path(result.outputs["publish_record"].path)
-    # The report publish re-rendered with the MLflow run IDs, not the compare step's draft.
-    shutil.rmtree(out / "plots", ignore_errors=True)  # no stale plots from an earlier run
-    _copy(record / REPORT_DIR, out, REPORT_FILES)
-    _copy(record, out, RECORD_FILES)
+    collect_results(Path(result.outputs["publish_record"].path), out)
     print(_summary(out, time.monotonic() - started, str(arguments["tracking_uri"])))
     return out
+
+
+def collect_results(record: Path, out: Path) -> None:
+    """Copy the final report (the one publish re-rendered with the MLflow run IDs, not the
+    compare step's draft) and the publish record from the publish task's ``record`` folder
+    into ``out``. Folders an earlier run left there (plots, offline MLflow records) go first,
+    so nothing stale is mistaken for this run's."""
+    from qatflow.publish import REPORT_DIR, REPORT_FILES, SUMMARY_FILE
+    from qatflow.report.write import PLOT_DIR
+
+    for stale in (PLOT_DIR, OFFLINE_DIR):
+        shutil.rmtree(out / stale, ignore_errors=True)
+    _copy(record / REPORT_DIR, out, REPORT_FILES)
+    _copy(record, out, (SUMMARY_FILE, OFFLINE_DIR))
 
 
 def _images(pipeline: Any) -> set[str]:
@@ -188,9 +195,11 @@ def _copy(source: Path, destination: Path, names: tuple[str, ...]) -> None:
 
 def _summary(out: Path, seconds: float, tracking_uri: str) -> str:
     from qatflow.comparison import Comparison
+    from qatflow.publish import SUMMARY_FILE
+    from qatflow.report.write import COMPARISON_FILE, HTML_FILE, MARKDOWN_FILE
 
-    comparison = Comparison.load_json(out / "comparison.json")
-    record = json.loads((out / "publish.json").read_text(encoding="utf-8"))
+    comparison = Comparison.load_json(out / COMPARISON_FILE)
+    record = json.loads((out / SUMMARY_FILE).read_text(encoding="utf-8"))
     mlflow, registry = record["mlflow"], record["registry"]
     lines = [
         f"\nqatflow pipeline finished in {seconds / 60:.1f} min: FP32 vs PTQ INT8 vs QAT INT8\n",
@@ -201,7 +210,7 @@ def _summary(out: Path, seconds: float, tracking_uri: str) -> str:
     if mlflow["offline"]:
         lines.append(
             f"MLflow was unreachable ({mlflow['offline_reason']}): the run's metrics, params and "
-            f"artifact list are kept in {out / 'mlflow-offline'}"
+            f"artifact list are kept in {out / OFFLINE_DIR}"
         )
     else:
         lines.append(
@@ -217,7 +226,7 @@ def _summary(out: Path, seconds: float, tracking_uri: str) -> str:
             )
     if record["s3"]:
         lines.append(f"S3: exported to {record['s3']['uris']['report'].rsplit('/', 1)[0]}")
-    lines.append(f"\nReport: {out / 'report.html'} (Markdown: {out / 'report.md'})")
+    lines.append(f"\nReport: {out / HTML_FILE} (Markdown: {out / MARKDOWN_FILE})")
     if tracking_uri.startswith("sqlite:"):
         lines.append(
             f"MLflow UI: `make mlflow-ui` (serves {DEFAULT_TRACKING_URI} of the repository) or "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 from qatflow import gate
 from qatflow.errors import DataError
@@ -23,6 +23,19 @@ DEFAULT_EXPERIMENT = "qatflow"  # the MLflow and the KFP experiment
 DEFAULT_REGISTERED_MODEL = "qatflow-qat-int8"
 DEFAULT_JOB_NAME = "qatflow-nightly"  # a scheduled (recurring) run
 CLUSTER_RUNTIME = "tensorrt"  # the runtime `qatflow compile` builds the pipeline for
+
+# The values a choice parameter takes: the library's types, the CLI's choices, the pipeline's
+# checks. Plain Python here, so building the CLI parser imports no TensorFlow.
+QuantizeMode = Literal["full", "partial"]
+QUANTIZE_MODES: tuple[QuantizeMode, ...] = get_args(QuantizeMode)
+CalibrationMethod = Literal["max", "percentile", "mse"]
+CALIBRATION_METHODS: tuple[str, ...] = get_args(CalibrationMethod)
+ActivationRange = Literal["frozen", "ema"]
+ACTIVATION_RANGES: tuple[str, ...] = get_args(ActivationRange)
+OptimizerName = Literal["sgd", "adam"]
+OPTIMIZERS: tuple[OptimizerName, ...] = get_args(OptimizerName)
+RuntimeName = Literal["onnxruntime", "tensorrt"]
+RUNTIMES: tuple[str, ...] = get_args(RuntimeName)
 
 
 def param(default: Any, help: str, unit: str = "") -> Any:
@@ -62,14 +75,18 @@ class ModelParams:
 class QuantizeParams:
     """``steps.quantize``."""
 
-    mode: str = param("full", "full (every supported layer) or partial")
+    mode: QuantizeMode = param("full", "full (every supported layer) or partial")
     spec: str | None = param(
         None, "YAML placement overrides (docs/quantization.md), local or s3:// (not set: none)"
     )
-    calibration_method: str = param("max", "PTQ calibration method: max, percentile or mse")
+    calibration_method: CalibrationMethod = param(
+        "max", "PTQ calibration method: max, percentile or mse"
+    )
     calibration_batches: int = param(16, "batches of calibration data", "batches")
     percentile: float = param(99.99, "for calibration method percentile", "%")
-    activation_range: str = param("frozen", "activation ranges during QAT: frozen or ema")
+    activation_range: ActivationRange = param(
+        "frozen", "activation ranges during QAT: frozen or ema"
+    )
 
 
 @dataclass(frozen=True)
@@ -78,7 +95,7 @@ class FinetuneParams:
 
     epochs: int = param(2, "QAT fine-tuning epochs", "epochs")
     learning_rate: float = param(1e-3, "QAT peak learning rate")
-    optimizer: str = param("sgd", "SGD with momentum or Adam")
+    optimizer: OptimizerName = param("sgd", "SGD with momentum or Adam")
     steps_per_epoch: int | None = param(None, "cap on QAT steps per epoch", "steps")
 
 
@@ -93,7 +110,7 @@ class ExportParams:
 class EngineParams:
     """``steps.build_engine``; the pipeline's runtime is the one it was compiled for."""
 
-    runtime: str = param("onnxruntime", "engine runtime; tensorrt needs TensorRT and a GPU")
+    runtime: RuntimeName = param("onnxruntime", "engine runtime; tensorrt needs TensorRT and a GPU")
     batch_profile: tuple[int, int, int] = param(
         (1, 8, 64), "batch sizes the engine accepts (min, max) and is tuned for (opt)", "images"
     )

@@ -21,6 +21,7 @@ from qatflow.evaluation import EvaluationResult
 from qatflow.params import DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL
 from qatflow.report import rewrite_report
 from qatflow.report.provenance import MlflowInfo
+from qatflow.report.write import COMPARISON_FILE, HTML_FILE, MARKDOWN_FILE, PLOT_DIR
 from qatflow.storage import write_json
 from qatflow.tracking import (
     AGREEMENT_METRIC,
@@ -39,10 +40,9 @@ log = logging.getLogger("qatflow.publish")
 PathLike = str | os.PathLike[str]
 SUMMARY_FILE = "publish.json"
 CANDIDATE = "qat_int8"
-COMPARISON_FILE = "comparison.json"
 # The final report, with the MLflow run IDs, inside the publish record folder.
 REPORT_DIR = "report"
-REPORT_FILES = ("report.html", "report.md", COMPARISON_FILE, "plots")
+REPORT_FILES = (HTML_FILE, MARKDOWN_FILE, COMPARISON_FILE, PLOT_DIR)
 
 
 # --- publish -------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ def check_inputs(
     dataset_uri: str,
     *,
     s3_prefix: str | None = PUBLISH.s3_prefix,
-    spec_path: str | None = None,
+    spec_path: str | None = QUANTIZE.spec,
 ) -> CheckedInputs:
     """Check that the model, dataset and placement spec resolve and ``s3_prefix`` is writable.
 
@@ -758,7 +758,9 @@ def compare(
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise storage.StorageError(f"report folder {out} is a file: give a folder (--output)")
-    check_output(out / "comparison.json")
+    from qatflow.report.write import COMPARISON_FILE
+
+    check_output(out / COMPARISON_FILE)
     from qatflow import comparison
     from qatflow.evaluation import EvaluationResult
     from qatflow.report import write_report
@@ -771,7 +773,7 @@ def compare(
     if placement_summary is not None:
         extra["Q/DQ placement"] = Path(placement_summary).read_text(encoding="utf-8")
     files = write_report(table, loaded, out, title=title, run_info=run_info, extra_sections=extra)
-    written = table.save_json(out / "comparison.json")
+    written = table.save_json(out / COMPARISON_FILE)
     return CompareOutputs(comparison_json=written, comparison=table, report=files)
 
 
@@ -803,11 +805,12 @@ class PublishOutputs:
     ``refused``. ``offline``: MLflow was unreachable, the run ids are those of the offline
     records and nothing was registered (``registered_version`` None). ``s3_uris``: None
     without an S3 export. ``report``: the folder of the final report (Markdown, HTML, plots),
-    re-rendered with the MLflow run IDs.
+    re-rendered with the MLflow run IDs; ``report_html``: its self-contained HTML page.
     """
 
     record: Path
     report: Path
+    report_html: Path
     outcome: str
     run_name: str
     parent_run_id: str | None
@@ -844,6 +847,7 @@ def publish(
     if out.exists() and not out.is_dir():
         raise storage.StorageError(f"record folder {out} is a file: give a folder")
     from qatflow import publish as publishing
+    from qatflow.report.write import HTML_FILE
 
     path = publishing.publish(
         comparison_dir,
@@ -863,9 +867,11 @@ def publish(
     outcome = publishing.verdict(path)
     summary = json.loads(path.read_text(encoding="utf-8"))
     mlflow, registry = summary.get("mlflow") or {}, summary.get("registry") or {}
+    report = out / publishing.REPORT_DIR
     return PublishOutputs(
         record=path,
-        report=out / publishing.REPORT_DIR,
+        report=report,
+        report_html=report / HTML_FILE,
         outcome=outcome,
         run_name=str(summary["run_name"]),
         parent_run_id=mlflow.get("parent_run_id"),

@@ -95,22 +95,10 @@ def _write_fd(fd: int, data: bytes) -> None:
         data = data[written:]
 
 
-def quiet_import() -> ModuleType:
-    """``import tensorflow`` without its start-up notices (the hook's work, callable directly).
-
-    Also lists the physical devices inside the quiet block: that is when TensorFlow probes
-    CUDA and logs ``cuInit`` on a machine without a GPU. It does not initialise the runtime,
-    so thread settings can still be made afterwards.
-    """
-    if MODULE in sys.modules:
-        return sys.modules[MODULE]
-    with quiet_stderr():
-        module = __import__(MODULE)
-        _probe_devices(module)
-    return module
-
-
 def _probe_devices(module: Any) -> None:
+    """List the physical devices: that is when TensorFlow probes CUDA and logs ``cuInit`` on
+    a machine without a GPU. It does not initialise the runtime, so thread settings can still
+    be made afterwards."""
     with contextlib.suppress(Exception):
         module.config.list_physical_devices()
 

@@ -34,25 +34,26 @@ log = logging.getLogger("qatflow.tracking")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 VARIANTS = ("fp32", "ptq_int8", "qat_int8")
 PRECISION = {"fp32": "fp32", "ptq_int8": "int8", "qat_int8": "int8"}
+# The metric names written once: top-1 in percent, its delta vs FP32 in top-1 points, the
+# batch-1 median latency, the speedup vs FP32.
+ACCURACY_METRIC = "accuracy_top1_pct"
+DELTA_METRIC = "accuracy_top1_delta_points"
+LATENCY_METRIC = "latency_ms_p50"
+SPEEDUP_METRIC = "speedup_vs_fp32"
 # Accuracies and agreements in percent, deltas in top-1 points: one scale in MLflow's charts.
 # A variant's own figures, then those relative to the FP32 baseline.
 OWN_METRICS = (
-    "accuracy_top1_pct",
+    ACCURACY_METRIC,
     "accuracy_top5_pct",
-    "latency_ms_p50",
+    LATENCY_METRIC,
     "latency_ms_p99",
     "throughput_ips",
     "size_mb",
 )
-METRIC_KEYS = (*OWN_METRICS, "speedup_vs_fp32", "accuracy_top1_delta_points")
+METRIC_KEYS = (*OWN_METRICS, SPEEDUP_METRIC, DELTA_METRIC)
 AGREEMENT_METRIC = "agreement_vs_fp32_pct"
 # The parent run's copy of each variant's headline metrics: "<variant>.<metric>".
-HEADLINE_METRICS = (
-    "accuracy_top1_pct",
-    "accuracy_top1_delta_points",
-    "latency_ms_p50",
-    "speedup_vs_fp32",
-)
+HEADLINE_METRICS = (ACCURACY_METRIC, DELTA_METRIC, LATENCY_METRIC, SPEEDUP_METRIC)
 # Build-time fidelity of a variant's engine (EvaluationResult.fidelity):
 # metric -> (report key, scale).
 FIDELITY_METRICS = {
@@ -64,7 +65,7 @@ FIDELITY_METRICS = {
 ENGINE_PARAMS = {"engine_encoding": "encoding", "engine_isa": "isa"}
 FIDELITY_TAG = "qatflow.fidelity"
 CHAMPION_ALIAS = "champion"
-ACCURACY_TAG = "qatflow.accuracy_top1_pct"
+ACCURACY_TAG = f"qatflow.{ACCURACY_METRIC}"  # on a registered version
 # Before accuracies were in percent, versions were tagged (and runs logged) with fractions.
 LEGACY_ACCURACY_TAG = "qatflow.accuracy_top1"
 LEGACY_ACCURACY_METRIC = "accuracy_top1"
@@ -76,6 +77,7 @@ PARENT_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 OFFLINE_PREFIX = "offline-"
+OFFLINE_DIR = "mlflow-offline"  # in the output folder, when MLflow is unreachable
 REDACTED = "***"
 VERSIONED_PACKAGES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "tensorrt", "mlflow")
 
@@ -255,7 +257,7 @@ class Tracker:
 
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.experiment = experiment
-        self.offline_dir = Path(output_dir) / "mlflow-offline"
+        self.offline_dir = Path(output_dir) / OFFLINE_DIR
         self.probe_timeout = probe_timeout
         self.offline_reason: str | None = None
         self._client = MlflowClient(self.tracking_uri)
@@ -553,12 +555,6 @@ class Tracker:
         )
         return registered[0] if registered else None
 
-    def champion(self, model_name: str) -> tuple[str, float | None] | None:
-        """The current champion's version and recorded top-1 accuracy in percent, or None if
-        there is no champion (see ``champion_record``)."""
-        record = self.champion_record(model_name)
-        return None if record is None else (record.version, record.accuracy_pct)
-
     def champion_record(self, model_name: str) -> ChampionRecord | None:
         """The current champion: its version, top-1 accuracy in percent and where that came
         from, or None if there is no champion.
@@ -586,7 +582,7 @@ class Tracker:
             metrics = self._client.get_run(current.run_id).data.metrics
             sources = [
                 (f"run metric {key}", metrics.get(key))
-                for key in ("accuracy_top1_pct", LEGACY_ACCURACY_METRIC)
+                for key in (ACCURACY_METRIC, LEGACY_ACCURACY_METRIC)
             ]
             accuracy = _recorded_pct(sources)
         if accuracy is None:
@@ -671,7 +667,7 @@ class Tracker:
             champion_ok = False
             reasons.append(
                 f"champion v{champion_version} has no recorded accuracy to compare (no "
-                f"{ACCURACY_TAG} or legacy {LEGACY_ACCURACY_TAG} tag, no accuracy_top1_pct or "
+                f"{ACCURACY_TAG} or legacy {LEGACY_ACCURACY_TAG} tag, no {ACCURACY_METRIC} or "
                 f"{LEGACY_ACCURACY_METRIC} metric on its run): move the alias by hand"
             )
         else:

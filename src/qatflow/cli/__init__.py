@@ -1,7 +1,7 @@
 """The ``qatflow`` console script: one module per command group, each with ``register``.
 
-Commands are thin: they parse arguments, call one function of ``qatflow.steps`` (or the
-cluster helpers), and print where the results went. Errors that qatflow raises on purpose
+Commands are thin: they parse arguments, call one function of ``qatflow.steps`` (``validate``:
+``qatflow.onnx.validate``), and print where the results went. Errors that qatflow raises on purpose
 (``QatflowError``) print as one line without a traceback and exit with status 2.
 
 The library's own groups are ``COMMAND_MODULES``. Packages above the library add theirs as

@@ -9,7 +9,18 @@ import argparse
 import re
 
 from qatflow.cli.options import add_custom_objects
-from qatflow.params import COMPARE, DATA, ENGINE, EVALUATE, FINETUNE, MODEL, help_of, help_text
+from qatflow.params import (
+    COMPARE,
+    DATA,
+    ENGINE,
+    EVALUATE,
+    FINETUNE,
+    MODEL,
+    OPTIMIZERS,
+    RUNTIMES,
+    help_of,
+    help_text,
+)
 from qatflow.runtimes.cpu_int8 import ENCODING_CHOICES
 
 _FLOW = """\
@@ -122,7 +133,7 @@ def _register_training(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     )
     finetune.add_argument(
         "--optimizer",
-        choices=("sgd", "adam"),
+        choices=OPTIMIZERS,
         default=FINETUNE.optimizer,
         help=help_of(FINETUNE, "optimizer"),
     )
@@ -163,7 +174,7 @@ def _register_engines(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     engine.add_argument("--output", "-o", required=True, help=_OUTPUT_HELP.format("engine file"))
     engine.add_argument(
         "--runtime",
-        choices=("onnxruntime", "tensorrt"),
+        choices=RUNTIMES,
         default=ENGINE.runtime,
         help=help_of(ENGINE, "runtime"),
     )
@@ -226,6 +237,16 @@ def _register_engines(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     compare.add_argument("--output", "-o", required=True, help="report folder")
     compare.add_argument("--title", default=COMPARE.title, help=help_of(COMPARE, "title"))
     compare.add_argument("--placement", help="placement summary (.md) to add to the report")
+    compare.add_argument(
+        "--accuracy-gate",
+        type=float,
+        default=COMPARE.accuracy_gate,
+        metavar="POINTS",
+        help=help_of(COMPARE, "accuracy_gate"),
+    )
+    compare.add_argument(
+        "--dataset", help=f"{_DATASET_HELP}, named in the report's provenance header"
+    )
     compare.set_defaults(func=run_compare)
 
 
@@ -354,7 +375,12 @@ def run_compare(args: argparse.Namespace) -> int:
             raise QatflowError(f"variant {variant!r} is given twice")
         results[variant] = path
     compared = steps.compare(
-        results, args.output, title=args.title, placement_summary=args.placement
+        results,
+        args.output,
+        title=args.title,
+        placement_summary=args.placement,
+        accuracy_gate=args.accuracy_gate,
+        dataset_spec=args.dataset,
     )
     print(compared.comparison.to_text())
     print(f"\nwrote {compared.comparison_json} and the report beside it")

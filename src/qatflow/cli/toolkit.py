@@ -7,7 +7,15 @@ import sys
 
 from qatflow.cli.options import add_custom_objects
 from qatflow.cli.steps import add_overwrite
-from qatflow.params import DATA, EXPORT, QUANTIZE, help_of
+from qatflow.params import (
+    ACTIVATION_RANGES,
+    CALIBRATION_METHODS,
+    DATA,
+    EXPORT,
+    QUANTIZE,
+    QUANTIZE_MODES,
+    help_of,
+)
 
 _QUANTIZE_EPILOG = """\
 MODEL is a .keras/.h5 file, a SavedModel folder, an s3:// URI, or a keras.applications name
@@ -45,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     quantize.add_argument(
         "--mode",
-        choices=("full", "partial"),
+        choices=QUANTIZE_MODES,
         default=QUANTIZE.mode,
         help="full: defaults + architecture cases + spec; partial: only what the spec names "
         "(default: %(default)s)",
@@ -60,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     quantize.add_argument(
         "--calibration-method",
-        choices=("max", "percentile", "mse"),
+        choices=CALIBRATION_METHODS,
         default=QUANTIZE.calibration_method,
         help="how activation ranges are chosen from the data (default: %(default)s)",
     )
@@ -78,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     quantize.add_argument(
         "--activation-range",
-        choices=("frozen", "ema"),
+        choices=ACTIVATION_RANGES,
         default=QUANTIZE.activation_range,
         help="how activation ranges evolve in later QAT: keep the calibrated ones (frozen) or "
         "follow a moving average (default: %(default)s)",

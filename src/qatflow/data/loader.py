@@ -20,6 +20,7 @@ from qatflow.data.preprocessing import (
 from qatflow.data.sources import Examples, is_builtin, open_source
 from qatflow.data.splits import plan_splits
 from qatflow.errors import DataError, flagged
+from qatflow.params import DATA
 
 log = logging.getLogger("qatflow.data")
 
@@ -27,14 +28,14 @@ log = logging.getLogger("qatflow.data")
 def load_dataset(
     uri: str,
     *,
-    preprocessing: str = "scale01",
-    batch_size: int = 64,
-    image_size: tuple[int, int] | None = None,
+    preprocessing: str = DATA.preprocessing,
+    batch_size: int = DATA.batch_size,
+    image_size: tuple[int, int] | None = DATA.image_size,
     channels: int | None = None,
     validation_split: float = 0.1,
-    calibration_size: int = 512,
-    seed: int = 0,
-    limit: int | None = None,
+    calibration_size: int = DATA.calibration_size,
+    seed: int = DATA.seed,
+    limit: int | None = DATA.limit,
     test_split: float = 0.2,
     cache_dir: str | os.PathLike[str] | None = None,
     shuffle_train: bool = True,

@@ -14,6 +14,7 @@ from qatflow.errors import ExportError
 from qatflow.onnx.parity import record_export_check
 from qatflow.onnx.trt_layout import fold_weight_quantization, sink_qdq_through_layout_ops
 from qatflow.onnx.validate import ValidationReport, validate_onnx
+from qatflow.params import EXPORT
 from qatflow.quantization.ranges import describe_unset
 from qatflow.quantization.transform import check_quantizable
 from qatflow.quantization.wrapper import uncalibrated_quantizers
@@ -53,7 +54,7 @@ def _with_output_names(model: keras.Model) -> keras.Model:
     return model
 
 
-def to_onnx_proto(model: keras.Model, opset: int = 17) -> onnx.ModelProto:
+def to_onnx_proto(model: keras.Model, opset: int = EXPORT.opset) -> onnx.ModelProto:
     """Convert ``model`` with tf2onnx and apply the Q/DQ placement rewrites (no file I/O)."""
     import tf2onnx
 
@@ -88,7 +89,7 @@ def to_onnx_proto(model: keras.Model, opset: int = 17) -> onnx.ModelProto:
 def export_onnx(
     model: keras.Model,
     path: str | os.PathLike[str],
-    opset: int = 17,
+    opset: int = EXPORT.opset,
     *,
     check_data: FidelityData | None = None,
 ) -> Path:

@@ -69,9 +69,13 @@ STAGES = (
     "outputs",
     "gemm",
     "collapse",
+    "pad_fold",
+    "swish",
 )
-EXACT_STAGES = STAGES[:6]
+# pad_fold and swish are bit-exact as well; they run last because they match the final layout.
+EXACT_STAGES = (*STAGES[:6], "pad_fold", "swish")
 _Q, _DQ = "QuantizeLinear", "DequantizeLinear"
+_MS_DOMAIN = "com.microsoft"
 # Ops whose QDQ group ORT's CPU selectors turn into an integer kernel when the output has a Q.
 _INTEGER_OPS = frozenset(
     {
@@ -841,6 +845,132 @@ def _collapse_requantize(rw: _Rewriter) -> None:
     rw.reindex()
 
 
+def _constant_pad(rw: _Rewriter, pad: onnx.NodeProto) -> tuple[list[int], float] | None:
+    """(pads, value) of a constant-mode Pad with constant arguments over all axes, else None."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in pad.attribute}
+    mode = attrs.get("mode", b"constant")
+    if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+        return None
+    if "pads" in attrs:  # opset < 11
+        return [int(p) for p in attrs["pads"]], float(attrs.get("value", 0.0))
+    if len(pad.input) > 3 and pad.input[3]:
+        return None  # opset 18 ``axes``: not needed by any exporter seen here
+    pads = rw.const(pad.input[1]) if len(pad.input) > 1 else None
+    value = rw.const(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(())
+    if pads is None or value is None or value.size != 1:
+        return None
+    return [int(p) for p in pads.reshape(-1)], float(value.reshape(()))
+
+
+def _fold_pad_into_conv(rw: _Rewriter) -> None:
+    """``Pad(q, zero-point) [-> Transpose...] -> DQ -> Conv`` becomes ``DQ -> Conv(pads)``.
+
+    Keras' ZeroPadding2D (before a strided or 'valid' convolution) comes out as a Pad that the
+    hoisting pass moves onto uint8 with the zero-point as its value, where ORT's Pad fusion (float
+    Pad value 0 before a Conv) no longer sees it, so it runs as a separate node. The padded
+    values dequantize to exactly 0.0, and a Conv's own padding adds 0.0 as well (a
+    QLinearConv pads with the input zero-point): the same numbers, in float and in integer.
+    Applied where every reader of the Pad (through Transposes) is a per-tensor DQ with that
+    zero-point whose readers are all Convs reading it as their data input.
+    """
+    while any(_fold_one_pad(rw, pad) for pad in [n for n in rw.graph.node if n.op_type == "Pad"]):
+        rw.reindex()  # node references are stale after this: start over
+
+
+def _fold_one_pad(rw: _Rewriter, pad: onnx.NodeProto) -> bool:
+    """Fold ``pad`` as :func:`_fold_pad_into_conv` says; whether it was folded."""
+    found = _constant_pad(rw, pad)
+    if found is None or rw.is_output(pad.output[0]):
+        return False
+    pads, value = found
+    rank = len(pads) // 2
+    if rank < 3 or any(p < 0 for p in pads) or not any(pads):
+        return False
+    begin, end = pads[:rank], pads[rank:]
+    # Follow a chain of single-reader Transposes, permuting the pads with the data.
+    tail, chain = pad, []
+    while True:
+        readers = rw.consumers(tail.output[0])
+        if len(readers) != 1 or readers[0].op_type != "Transpose":
+            break
+        perm = next((list(a.ints) for a in readers[0].attribute if a.name == "perm"), None)
+        if perm is None or len(perm) != rank or rw.is_output(readers[0].output[0]):
+            break
+        begin, end = [begin[p] for p in perm], [end[p] for p in perm]
+        tail = readers[0]
+        chain.append(tail)
+    dqs = rw.consumers(tail.output[0])
+    if not dqs or any(begin[:2]) or any(end[:2]):
+        return False  # padded along the batch or channel axis: no Conv padding
+    convs: list[onnx.NodeProto] = []
+    for dq in dqs:
+        params = rw.qparams(dq) if dq.op_type == _DQ and dq.input[0] == tail.output[0] else None
+        if params is None or params.zero_point != value or rw.is_output(dq.output[0]):
+            return False
+        readers = rw.consumers(dq.output[0])
+        if not readers or any(not _pads_foldable(c, dq.output[0], rank) for c in readers):
+            return False
+        convs.extend(readers)
+    for conv in convs:
+        old = next(
+            (list(a.ints) for a in conv.attribute if a.name == "pads"), [0] * (2 * (rank - 2))
+        )
+        new = [o + p for o, p in zip(old, [*begin[2:], *end[2:]], strict=True)]
+        kept = [a for a in conv.attribute if a.name not in ("pads", "auto_pad")]
+        del conv.attribute[:]
+        conv.attribute.extend([*kept, helper.make_attribute("pads", new)])
+    for reader in chain[:1] or dqs:
+        reader.input[0] = pad.input[0]
+    # The moved tensors lost their padding: new names, so that nothing compares them by name
+    # with the padded tensors of the source graph.
+    for node in (*chain, *dqs):
+        unpadded = rw.fresh(f"{node.output[0]}_unpadded")
+        rw.rewire(node.output[0], unpadded)
+        node.output[0] = unpadded
+    rw.stats["pads_folded"] += 1
+    return True
+
+
+def _pads_foldable(conv: onnx.NodeProto, name: str, rank: int) -> bool:
+    """Whether Conv ``conv`` reads ``name`` as its data input with explicit (or no) padding."""
+    if conv.op_type != "Conv" or conv.input[0] != name or name in conv.input[1:]:
+        return False
+    auto_pad = next((a.s for a in conv.attribute if a.name == "auto_pad"), b"NOTSET")
+    pads = next((list(a.ints) for a in conv.attribute if a.name == "pads"), None)
+    return auto_pad == b"NOTSET" and (pads is None or len(pads) == 2 * (rank - 2))
+
+
+def _fuse_swish(rw: _Rewriter) -> None:
+    """``Mul(x, Sigmoid(x))`` (Keras' swish, EfficientNet's activation) becomes ORT's
+    ``com.microsoft.QuickGelu(x, alpha=1)``.
+
+    ORT fuses this itself in float graphs, but not when ``x`` is a DequantizeLinear: its
+    EnsureUniqueDQForNodeUnit pass first gives the Sigmoid and the Mul a DQ each, and the two
+    inputs are then different tensors. So the swish runs as two DQs, a Sigmoid and a Mul. ORT's
+    QuickGelu kernel with alpha 1 computes ``x * MlasComputeLogistic(x)``, the same
+    elementwise logistic as its Sigmoid kernel and the same float32 product as its Mul kernel:
+    bit-identical (``tests/test_ort_int8.py``), one pass and one DQ instead of four nodes.
+    """
+    fused = 0
+    for sigmoid in [n for n in rw.graph.node if n.op_type == "Sigmoid"]:
+        x, out = sigmoid.input[0], sigmoid.output[0]
+        readers = rw.consumers(out)
+        if len(readers) != 1 or readers[0].op_type != "Mul" or rw.is_output(out):
+            continue
+        mul = readers[0]
+        if sorted(mul.input) != sorted([x, out]) or x == out:
+            continue
+        rw.add_node("QuickGelu", [x], mul.output[0], domain=_MS_DOMAIN, alpha=1.0)
+        del mul.input[:]
+        mul.output[0] = rw.fresh(f"{mul.output[0]}_unfused")
+        fused += 1
+    if fused:
+        if not any(o.domain == _MS_DOMAIN for o in rw.model.opset_import):
+            rw.model.opset_import.append(helper.make_opsetid(_MS_DOMAIN, 1))
+        rw.stats["swish_fused"] += fused
+        rw.reindex()
+
+
 # ------------------------------------------------------------------------------------------
 # Public API
 # ------------------------------------------------------------------------------------------
@@ -920,6 +1050,8 @@ def rewrite_for_ort_int8(
         "outputs": quantize_outputs,
         "gemm": _matmul_to_gemm,
         "collapse": _collapse_requantize,
+        "pad_fold": _fold_pad_into_conv,
+        "swish": _fuse_swish,
     }
     for stage in STAGES[: STAGES.index(until) + 1]:
         if stage != "affine_fold" or fold_affine:

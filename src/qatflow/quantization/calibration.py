@@ -5,20 +5,18 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from qatflow.errors import QuantizationError
+from qatflow.params import CALIBRATION_METHODS, QUANTIZE, CalibrationMethod
 from qatflow.progress import progress
 from qatflow.quantization import observer
 from qatflow.quantization.histogram import AbsHistogram
 from qatflow.quantization.wrapper import QuantizeWrapper, wrappers
-
-Method = Literal["max", "percentile", "mse"]
-METHODS: tuple[str, ...] = ("max", "percentile", "mse")
 
 
 @dataclass
@@ -79,9 +77,9 @@ class _Collector:
 def calibrate(
     qmodel: keras.Model,
     data: tf.data.Dataset | np.ndarray | Iterable[Any],
-    method: Method = "max",
-    num_batches: int = 16,
-    percentile: float = 99.99,
+    method: CalibrationMethod = QUANTIZE.calibration_method,
+    num_batches: int = QUANTIZE.calibration_batches,
+    percentile: float = QUANTIZE.percentile,
     *,
     batch_size: int = 32,
 ) -> CalibrationResult:
@@ -92,8 +90,10 @@ def calibrate(
     the given percentile of |x|; ``mse`` the range minimising the quantization error.
     Weights need no calibration: they use their per-channel abs-max.
     """
-    if method not in METHODS:
-        raise QuantizationError(f"calibration method {method!r} is unknown; use one of {METHODS}")
+    if method not in CALIBRATION_METHODS:
+        raise QuantizationError(
+            f"calibration method {method!r} is unknown; use one of {CALIBRATION_METHODS}"
+        )
     if num_batches < 1:
         raise QuantizationError(f"num_batches must be at least 1, got {num_batches}")
     if not 0.0 < percentile <= 100.0:

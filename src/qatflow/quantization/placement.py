@@ -5,17 +5,15 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import keras
 
 from qatflow.errors import QuantizationError
+from qatflow.params import QUANTIZE, QUANTIZE_MODES, QuantizeMode
 from qatflow.quantization import graph
 from qatflow.quantization.cases import QDQCase, cases_for_model, residual_inputs_to_quantize
 from qatflow.quantization.registry import DEFAULT_REGISTRY, LayerRegistry
 from qatflow.quantization.spec import QuantizationSpec, SpecEntry
-
-Mode = Literal["full", "partial"]
 
 
 @dataclass
@@ -53,7 +51,7 @@ def _resolve_index(
 
 
 def _default_placement(
-    layer: keras.layers.Layer, count: int, mode: Mode, layers: LayerRegistry
+    layer: keras.layers.Layer, count: int, mode: QuantizeMode, layers: LayerRegistry
 ) -> Placement:
     placement = Placement(layer.name, type(layer).__name__, count)
     config = layers.config_for(layer)
@@ -98,7 +96,7 @@ def _check_spec_names(spec: QuantizationSpec, layers: Sequence[keras.layers.Laye
 def plan_placement(
     model: keras.Model,
     *,
-    mode: Mode | str = "full",
+    mode: QuantizeMode | str = QUANTIZE.mode,
     spec: QuantizationSpec | None = None,
     cases: Iterable[QDQCase] | None = None,
     strict: bool = False,
@@ -111,7 +109,7 @@ def plan_placement(
     (``DEFAULT_REGISTRY`` when None).
     """
     layers = DEFAULT_REGISTRY if registry is None else registry
-    if mode not in ("full", "partial"):
+    if mode not in QUANTIZE_MODES:
         raise QuantizationError(f"mode must be 'full' or 'partial', got {mode!r}")
     if mode == "partial" and not spec and not cases:
         raise QuantizationError("partial mode quantizes only what the spec names: pass a spec")

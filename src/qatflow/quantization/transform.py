@@ -8,9 +8,10 @@ from typing import Any
 import keras
 
 from qatflow.errors import ModelError
+from qatflow.params import QUANTIZE, QuantizeMode
 from qatflow.quantization import graph
 from qatflow.quantization.cases import QDQCase
-from qatflow.quantization.placement import Mode, Placement, plan_placement
+from qatflow.quantization.placement import Placement, plan_placement
 from qatflow.quantization.registry import LayerRegistry
 from qatflow.quantization.spec import QuantizationSpec
 from qatflow.quantization.wrapper import QuantizeWrapper, SeparableQuantizeWrapper
@@ -61,12 +62,12 @@ def _copy_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
 
 def quantize_model(
     model: keras.Model,
-    mode: Mode | str = "full",
+    mode: QuantizeMode | str = QUANTIZE.mode,
     spec: QuantizationSpec | None = None,
     cases: Iterable[QDQCase] | None = None,
     strict: bool = False,
     *,
-    activation_range: str = "frozen",
+    activation_range: str = QUANTIZE.activation_range,
     registry: LayerRegistry | None = None,
 ) -> keras.Model:
     """Return a copy of ``model`` with TensorRT-style Q/DQ; ``model`` itself is left untouched.

@@ -8,10 +8,9 @@ import keras
 import tensorflow as tf
 
 from qatflow.keras_compat import StatelessScope, called_model
+from qatflow.params import ACTIVATION_RANGES
 from qatflow.quantization import graph, observer, ranges
 from qatflow.quantization.quantizers import fake_quant_per_channel, fake_quant_per_tensor
-
-ACTIVATION_RANGE_MODES = ("frozen", "ema")
 
 
 @keras.saving.register_keras_serializable(package="qatflow")
@@ -41,10 +40,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
         ema_momentum: float = 0.99,
         **kwargs: Any,
     ) -> None:
-        if activation_range not in ACTIVATION_RANGE_MODES:
+        if activation_range not in ACTIVATION_RANGES:
             raise ValueError(
-                f"activation_range must be one of {ACTIVATION_RANGE_MODES}, "
-                f"got {activation_range!r}"
+                f"activation_range must be one of {ACTIVATION_RANGES}, got {activation_range!r}"
             )
         kwargs.setdefault("name", f"quant_{layer.name}")
         super().__init__(layer, **kwargs)

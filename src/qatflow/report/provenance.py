@@ -42,12 +42,10 @@ class MlflowInfo:
 
     def run_url(self, run_id: str) -> str | None:
         """The MLflow UI page of ``run_id``, for an ``http(s)`` tracking server; else None."""
-        base = redact_text(self.tracking_uri).rstrip("/")
-        if self.offline or not self.experiment_id or not base.startswith(("http://", "https://")):
+        experiment = self.experiment_url()
+        if experiment is None or run_id.startswith(OFFLINE_PREFIX):
             return None
-        if run_id.startswith(OFFLINE_PREFIX):
-            return None
-        return f"{base}/#/experiments/{quote(self.experiment_id)}/runs/{quote(run_id)}"
+        return f"{experiment}/runs/{quote(run_id)}"
 
     def experiment_url(self) -> str | None:
         """The MLflow UI page of the experiment, for an ``http(s)`` tracking server."""

@@ -29,9 +29,11 @@ from qatflow.report.html import render_page
 from qatflow.report.provenance import MlflowInfo, RunInfo, display_uri, provenance
 from qatflow.storage import atomic_output
 
+MARKDOWN_FILE = "report.md"
+HTML_FILE = "report.html"
 PLOT_DIR = "plots"
 SOURCE_FILE = "report.json"  # what else the report was rendered from, to render it again
-COMPARISON_FILE = "comparison.json"
+COMPARISON_FILE = "comparison.json"  # beside the report, as steps.compare writes it
 _SOURCE_FORMAT = "qatflow.report_source"
 
 
@@ -85,7 +87,7 @@ def write_report(
     for name, path in plot_paths.items():
         with atomic_output(path) as tmp:
             tmp.write_bytes(images[name])
-    files = ReportFiles(markdown=out / "report.md", html=out / "report.html", plots=plot_paths)
+    files = ReportFiles(markdown=out / MARKDOWN_FILE, html=out / HTML_FILE, plots=plot_paths)
     with atomic_output(files.markdown) as tmp:
         tmp.write_text(markdown, encoding="utf-8")
     with atomic_output(files.html) as tmp:

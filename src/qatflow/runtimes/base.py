@@ -14,7 +14,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
@@ -22,8 +22,6 @@ import onnx
 from qatflow.errors import RuntimeBackendError
 from qatflow.storage import file_sha256 as file_sha256  # re-exported for the backends
 
-RuntimeName = Literal["onnxruntime", "tensorrt"]
-RUNTIMES: tuple[str, ...] = get_args(RuntimeName)
 Shape = tuple[int | None, ...]
 BatchProfile = tuple[int, int, int]
 METADATA_FORMAT = "qatflow-engine/1"

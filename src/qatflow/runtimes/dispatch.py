@@ -14,11 +14,10 @@ from typing import Any
 
 from qatflow.errors import RuntimeBackendError
 from qatflow.onnx.validate import check_runnable
+from qatflow.params import ENGINE, RUNTIMES, RuntimeName
 from qatflow.runtimes.base import (
-    RUNTIMES,
     BatchProfile,
     Engine,
-    RuntimeName,
     is_onnx_model,
     options_from_kwargs,
     read_sidecar,
@@ -48,7 +47,7 @@ BACKENDS: dict[str, Backend] = {
 def build_engine(
     onnx_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
-    runtime: RuntimeName = "onnxruntime",
+    runtime: RuntimeName = ENGINE.runtime,
     *,
     batch_profile: tuple[int, int, int] = (1, 8, 64),
     fidelity_data: Any = None,

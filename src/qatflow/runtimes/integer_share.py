@@ -60,6 +60,7 @@ FLOAT_COMPUTE_OPS = frozenset(
         "Relu",
         "Clip",
         "Sigmoid",
+        "QuickGelu",
         "HardSigmoid",
         "Tanh",
         "Softmax",

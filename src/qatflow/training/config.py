@@ -6,16 +6,15 @@ import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import keras
 import numpy as np
 
 from qatflow.errors import QatflowError, flagged
+from qatflow.params import OPTIMIZERS, OptimizerName
 from qatflow.training.schedules import SCHEDULES, ScheduleKind, WarmupSchedule
 
-OptimizerName = Literal["sgd", "adam"]
-OPTIMIZERS: tuple[OptimizerName, ...] = ("sgd", "adam")
 # Variables whose names contain these are never weight-decayed (biases, BN scale and offset).
 NO_DECAY = ["bias", "gamma", "beta"]
 # Settings that ``qatflow finetune`` takes as flags: messages name the flag too.

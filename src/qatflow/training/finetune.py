@@ -16,6 +16,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from qatflow.errors import DataError, ModelError
+from qatflow.params import FINETUNE, OptimizerName
 from qatflow.progress import progress_enabled
 from qatflow.training.checkpoint import (
     LoopState,
@@ -25,7 +26,7 @@ from qatflow.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from qatflow.training.config import FinetuneConfig, OptimizerName, TrainingError, model_digest
+from qatflow.training.config import FinetuneConfig, TrainingError, model_digest
 from qatflow.training.datasets import EpochBatches, inspect
 from qatflow.training.loop import StepSums, default_strategy, make_steps, replicate
 from qatflow.training.schedules import ScheduleKind
@@ -60,7 +61,7 @@ def finetune(
     *,
     epochs: int,
     learning_rate: float,
-    optimizer: OptimizerName = "sgd",
+    optimizer: OptimizerName = FINETUNE.optimizer,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     warmup_epochs: float = 0.5,

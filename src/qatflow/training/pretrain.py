@@ -20,9 +20,8 @@ from qatflow import storage
 from qatflow.data import DatasetBundle
 from qatflow.data.fingerprint import describe
 from qatflow.errors import DataError
-from qatflow.params import MODEL
+from qatflow.params import MODEL, OptimizerName
 from qatflow.storage import atomic_output, file_sha256, write_json
-from qatflow.training.config import OptimizerName
 from qatflow.training.demo_model import DEFAULT_WIDTHS, DEMO_MODEL_VERSION, build_demo_model
 from qatflow.training.finetune import finetune
 from qatflow.training.schedules import ScheduleKind
