@@ -19,7 +19,10 @@ when the Q's zero-point is the type minimum). This module rewrites the ONNX grap
    requantization point is added (``requantize``), with the scale of a downstream Q or, for
    the float input of a residual Add, from ``calibration`` batches run through the input graph
    (else from the Q after the Add); a MatMul of two DQs followed by a bias Add becomes a
-   bias-less Gemm so ORT runs QGemm instead of dequantizing the weights on every call.
+   bias-less Gemm so ORT runs QGemm instead of dequantizing the weights on every call;
+3. exact clean-ups of the final layout: a zero Pad before a DQ -> Conv (Keras' ZeroPadding2D)
+   folded into the Conv's pads, and the swish ``x * Sigmoid(x)`` as ORT's QuickGelu, which ORT
+   does not fuse itself once a DQ feeds it (docs/exact-int8.md, "Why the rewrite was slower").
 
 See docs/ort-int8.md for the measured speed and accuracy of each option.
 """
