@@ -522,10 +522,11 @@ def export(
             data = load_dataset_from_spec(dataset_spec).calibration
         model = load_model(str(model_path))
         export_onnx(model, out.main, opset=opset, check_data=data)
-        report = validate_onnx(out.main)
+        written = onnx.load(str(out.main))  # once: validated, and its stored check read
+        report = validate_onnx(written)
         report.path = str(out.final)
         write_json(out.side(".validation.json"), report.to_dict())
-        check = read_export_check(onnx.load(str(out.main), load_external_data=False))
+        check = read_export_check(written)
     return ExportOutputs(
         onnx=out.final,
         validation=side_file(out.final, ".validation.json"),
