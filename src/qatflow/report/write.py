@@ -27,7 +27,7 @@ from qatflow.params import COMPARE
 from qatflow.report import plots
 from qatflow.report.html import render_page
 from qatflow.report.provenance import MlflowInfo, RunInfo, display_uri, provenance
-from qatflow.storage import atomic_output
+from qatflow.storage import atomic_output, write_json
 
 MARKDOWN_FILE = "report.md"
 HTML_FILE = "report.html"
@@ -99,8 +99,7 @@ def write_report(
         "run_info": info.to_dict(),
         "extra_sections": extra,
     }
-    with atomic_output(out / SOURCE_FILE) as tmp:
-        tmp.write_text(json.dumps(source, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json(out / SOURCE_FILE, source)
     return files
 
 
