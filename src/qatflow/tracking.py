@@ -128,10 +128,13 @@ class ChampionRecord:
     legacy: bool = False
 
 
-def _recorded_pct(sources: Sequence[tuple[str, object]]) -> tuple[float, str, str, bool] | None:
-    """The first readable accuracy of ``sources`` in percent, its source, raw value and whether
-    it was a legacy fraction; None when none is readable."""
-    for source, value in sources:
+def _recorded_pct(
+    sources: Sequence[tuple[str, object, bool]],
+) -> tuple[float, str, str, bool] | None:
+    """The first readable accuracy of ``sources`` (label, value, whether it is a legacy
+    fraction) in percent, with its label, raw value and legacy flag; None when none is
+    readable."""
+    for source, value, legacy in sources:
         if value is None:
             continue
         try:
@@ -141,7 +144,6 @@ def _recorded_pct(sources: Sequence[tuple[str, object]]) -> tuple[float, str, st
             continue
         if not math.isfinite(number):
             continue
-        legacy = source.endswith((LEGACY_ACCURACY_TAG, LEGACY_ACCURACY_METRIC))
         if legacy:
             if not 0.0 <= number <= 1.0:
                 log.warning("legacy %s=%r is not a fraction in [0, 1]: skipped", source, value)
@@ -574,17 +576,25 @@ class Tracker:
                 return None
             raise
         version = str(current.version)
-        sources: list[tuple[str, object]] = [
-            (f"tag {key}", current.tags.get(key)) for key in (ACCURACY_TAG, LEGACY_ACCURACY_TAG)
-        ]
-        accuracy = _recorded_pct(sources)
+        tags = current.tags
+        accuracy = _recorded_pct(
+            [
+                (f"tag {ACCURACY_TAG}", tags.get(ACCURACY_TAG), False),
+                (f"tag {LEGACY_ACCURACY_TAG}", tags.get(LEGACY_ACCURACY_TAG), True),
+            ]
+        )
         if accuracy is None and current.run_id:
             metrics = self._client.get_run(current.run_id).data.metrics
-            sources = [
-                (f"run metric {key}", metrics.get(key))
-                for key in (ACCURACY_METRIC, LEGACY_ACCURACY_METRIC)
-            ]
-            accuracy = _recorded_pct(sources)
+            accuracy = _recorded_pct(
+                [
+                    (f"run metric {ACCURACY_METRIC}", metrics.get(ACCURACY_METRIC), False),
+                    (
+                        f"run metric {LEGACY_ACCURACY_METRIC}",
+                        metrics.get(LEGACY_ACCURACY_METRIC),
+                        True,
+                    ),
+                ]
+            )
         if accuracy is None:
             return ChampionRecord(version, None, None)
         return ChampionRecord(version, *accuracy)
