@@ -952,7 +952,7 @@ def _fuse_swish(rw: _Rewriter) -> None:
     inputs are then different tensors. So the swish runs as two DQs, a Sigmoid and a Mul. ORT's
     QuickGelu kernel with alpha 1 computes ``x * MlasComputeLogistic(x)``, the same
     elementwise logistic as its Sigmoid kernel and the same float32 product as its Mul kernel:
-    bit-identical (``tests/test_ort_int8.py``), one pass and one DQ instead of four nodes.
+    bit-identical (``tests/test_ort_int8_mobile.py``), one pass and one DQ instead of four nodes.
     """
     fused = 0
     for sigmoid in [n for n in rw.graph.node if n.op_type == "Sigmoid"]:

@@ -49,7 +49,7 @@ def build_engine(
     output_path: str | os.PathLike[str],
     runtime: RuntimeName = ENGINE.runtime,
     *,
-    batch_profile: tuple[int, int, int] = (1, 8, 64),
+    batch_profile: tuple[int, int, int] = ENGINE.batch_profile,
     fidelity_data: Any = None,
     fidelity_samples: int = 256,
     **runtime_options: Any,
