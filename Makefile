@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # qemu-user runs the engine tests on an emulated AVX2 CPU without VNNI (tests/test_engine_encoding.py).
 QEMU := /usr/bin/qemu-x86_64
+# A C compiler builds bench/cpuid_mask.so (CPUID masked to an AVX2 or AVX-512-without-VNNI CPU).
+CC_BIN := /usr/bin/cc
 TENSORRT_STUBS := tensorrt-stubs==10.13.0.35.1
 # Keep TensorFlow on the CPU and quiet in every target.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
@@ -14,7 +16,7 @@ export CUDA_VISIBLE_DEVICES ?=
 .PHONY: setup test test-all lint run run-docker bench mlflow-ui compile clean data \
 	images images-tf images-trt base-image
 
-setup: $(STAMP) data $(QEMU)
+setup: $(STAMP) data $(QEMU) $(CC_BIN)
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +35,13 @@ $(FASHION_MNIST):
 $(QEMU):
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq qemu-user
+
+$(CC_BIN):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq gcc libc6-dev
+
+bench/cpuid_mask.so: bench/cpuid_mask.c | $(CC_BIN)
+	$(CC_BIN) -O2 -Wall -Wextra -Werror -shared -fPIC -o $@ $<
 
 # `make test` is the CI suite; tests marked slow (the 91% demo pretrain, ~8 min on 2 cores)
 # run with `make test-all`.

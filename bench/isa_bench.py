@@ -21,9 +21,11 @@ them. Then, each part measured in one run:
    on the calibration images).
 
    ``--save DIR`` keeps the ONNX files and calibration images; ``--from DIR`` times such a
-   folder on another machine with no TensorFlow at all (this module imports only numpy, onnx,
-   onnxruntime, ``qatflow.runtimes`` and ``qatflow.onnx.reference`` at its top level; Keras is
-   imported inside the functions that need it).
+   folder on another machine with no TensorFlow at all (or on the same one as a CPU without
+   VNNI: ``CPUID_MASK=avx2 LD_PRELOAD=bench/cpuid_mask.so``, where the kernel offers CPUID
+   faulting; this module imports only numpy, onnx, onnxruntime, ``qatflow.runtimes`` and
+   ``qatflow.onnx.reference`` at its top level; Keras is imported inside the functions that
+   need it).
 2. **Fidelity** on models trained briefly here on Fashion-MNIST: the demo model (28x28x1, also
    on images thresholded to 0/1, the saturation worst case) and ResNet50, MobileNetV2
    (alpha 0.35) and EfficientNetB0 at 32x32x3. For each: Keras FP32 accuracy, PTQ
@@ -132,11 +134,20 @@ def flags_line(cpuinfo: Path = CPUINFO) -> str:
     return " ".join(found) or "(none)"
 
 
-def isa_label(cpu: CpuInt8, model_name: str | None = None) -> str:
-    """``"AMD EPYC, avx512_vnni (exact: u8s8, u8u8)"``: the label every table carries."""
+def cpuid_mask(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The profile of ``bench/cpuid_mask.so`` when this process runs under it, else None."""
+    if "cpuid_mask" not in environ.get("LD_PRELOAD", ""):
+        return None
+    return environ.get("CPUID_MASK")
+
+
+def isa_label(cpu: CpuInt8, model_name: str | None = None, mask: str | None = None) -> str:
+    """``"AMD EPYC, avx512_vnni (exact: u8s8, u8u8)"``: the label every table carries; with
+    ``, CPUID masked to avx2`` when the kernels were chosen from a masked CPUID."""
     name = model_name if model_name is not None else cpu_model_name()
     exact = ", ".join(cpu.exact) or "none"
-    return f"{name}, {cpu.isa} (exact: {exact})"
+    masked = f", CPUID masked to {mask}" if mask else ""
+    return f"{name}, {cpu.isa} (exact: {exact}){masked}"
 
 
 def exact_baseline(exact: Sequence[str]) -> str:
@@ -150,6 +161,12 @@ def print_cpu(cpu: CpuInt8) -> None:
     print(f"CPU: {cpu_model_name()}")
     print(f"detect(): {json.dumps(cpu.to_dict())}")
     print(f"grep -ow -E '{'|'.join(INT8_FLAGS)}' {CPUINFO} | sort -u: {flags_line()}")
+    mask = cpuid_mask()
+    if mask:
+        print(
+            f"CPUID masked to {mask} by bench/cpuid_mask.so: native instructions, kernels "
+            "chosen from the masked CPUID (detect() above); /proc/cpuinfo lists the host"
+        )
     print(f"exact quantize_static baseline here: {exact_baseline(cpu.exact)}")
 
 
@@ -531,7 +548,7 @@ def latency_from(
     """``--from DIR``: time every model folder saved under ``root`` and print its table."""
     manifest = json.loads((root / MANIFEST).read_text())
     cpu = detect()
-    label = isa_label(cpu)
+    label = isa_label(cpu, mask=cpuid_mask())
     results: dict[str, list[LatencyRow]] = {}
     names = [m for m in manifest["models"] if models is None or m in models]
     with tempfile.TemporaryDirectory(prefix="isa-bench-") as tmp:
@@ -874,7 +891,7 @@ def fidelity_part(
             print(f"  {spec.name}: {rows[-1].seconds:.0f} s", flush=True)
     print(
         f"\nFidelity, PTQ engines ({train} training images, {epochs} epoch(s), "
-        f"{calibration} calibration images), {isa_label(detect())}\n"
+        f"{calibration} calibration images), {isa_label(detect(), mask=cpuid_mask())}\n"
     )
     print(fidelity_table(rows, test), flush=True)
     return rows

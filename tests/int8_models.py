@@ -69,3 +69,76 @@ def near_binary(count: int, seed: int = 1) -> np.ndarray:
     """Inputs for :func:`saturating_cnn` with most values 0 or 1 (the saturation worst case)."""
     rng = np.random.default_rng(seed)
     return (rng.random((count, 8, 8, 8)) < 0.6).astype(np.float32)
+
+
+def narrow_cnn(seed: int = 0) -> onnx.ModelProto:
+    """Q/DQ -> stem Conv -> Relu -> Q/DQ -> MaxPool -> Conv(16->16, large same-sign weights)
+    -> Relu -> Q/DQ -> GAP -> Dense(10): a ResNet-like chain whose second convolution reads
+    ReLU outputs.
+
+    The ReLU range is small, so on :func:`near_binary` inputs many post-ReLU values sit at 127.
+    Stored with zero-point 128 (255 as uint8) they make the second convolution's U8S8 pair sums
+    saturate without VNNI; as the 7-bit values of the rewrite's ``narrow`` stage they cannot.
+    """
+    rng = np.random.default_rng(seed)
+
+    def weights(shape: tuple[int, ...], low: float) -> tuple[np.ndarray, np.ndarray]:
+        signs = np.where(rng.random(shape) < 0.5, 1, -1)
+        w = rng.uniform(low, 1.0, shape) * signs
+        scale = (np.abs(w).reshape(shape[0], -1).max(axis=1) / 127).astype(np.float32)
+        q = np.clip(np.rint(w / scale.reshape(-1, *([1] * (len(shape) - 1)))), -127, 127)
+        return q.astype(np.int8), scale
+
+    stem_q, stem_scale = weights((16, 8, 3, 3), 0.0)
+    conv_q, conv_scale = weights((16, 16, 3, 3), 0.9)
+    dense = rng.normal(0, 0.5, (16, 10))
+    dense_scale = np.float32(np.abs(dense).max() / 127)
+    inits = [
+        numpy_helper.from_array(np.array(1 / 127, np.float32), "x_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "zero"),
+        numpy_helper.from_array(np.zeros(16, np.int8), "w_zero"),
+        numpy_helper.from_array(stem_q, "stem_q"),
+        numpy_helper.from_array(stem_scale, "stem_scale"),
+        numpy_helper.from_array(rng.normal(0, 0.5, 16).astype(np.float32), "stem_bias"),
+        numpy_helper.from_array(np.array(1.0 / 127, np.float32), "r1_scale"),
+        numpy_helper.from_array(conv_q, "conv_q"),
+        numpy_helper.from_array(conv_scale, "conv_scale"),
+        numpy_helper.from_array(rng.normal(0, 1, 16).astype(np.float32), "conv_bias"),
+        numpy_helper.from_array(np.array(RELU_RANGE / 127, np.float32), "r2_scale"),
+        numpy_helper.from_array(np.array(1 / 127, np.float32), "g_scale"),
+        numpy_helper.from_array(np.rint(dense / dense_scale).astype(np.int8), "d_q"),
+        numpy_helper.from_array(np.array(dense_scale, np.float32), "d_scale"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 10).astype(np.float32), "d_bias"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "zero"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "x_scale", "zero"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["stem_q", "stem_scale", "w_zero"], ["sw"], axis=0),
+        helper.make_node("Conv", ["xd", "sw", "stem_bias"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("QuantizeLinear", ["r1", "r1_scale", "zero"], ["r1q"]),
+        helper.make_node("DequantizeLinear", ["r1q", "r1_scale", "zero"], ["r1d"]),
+        helper.make_node("MaxPool", ["r1d"], ["p1"], kernel_shape=[2, 2], strides=[1, 1]),
+        helper.make_node("DequantizeLinear", ["conv_q", "conv_scale", "w_zero"], ["cw"], axis=0),
+        helper.make_node("Conv", ["p1", "cw", "conv_bias"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("QuantizeLinear", ["r2", "r2_scale", "zero"], ["r2q"]),
+        helper.make_node("DequantizeLinear", ["r2q", "r2_scale", "zero"], ["r2d"]),
+        helper.make_node("GlobalAveragePool", ["r2d"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("QuantizeLinear", ["f", "g_scale", "zero"], ["fq"]),
+        helper.make_node("DequantizeLinear", ["fq", "g_scale", "zero"], ["fd"]),
+        helper.make_node("DequantizeLinear", ["d_q", "d_scale", "zero"], ["d"]),
+        helper.make_node("MatMul", ["fd", "d"], ["m"]),
+        helper.make_node("Add", ["m", "d_bias"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "narrow_cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model

@@ -77,6 +77,14 @@ def test_isa_label_names_cpu_isa_and_exact_encodings():
     avx2 = CpuInt8(flags=("avx2",), exact=("u8u8",))
     assert isa_bench.isa_label(vnni, "AMD EPYC") == "AMD EPYC, avx512_vnni (exact: u8s8, u8u8)"
     assert isa_bench.isa_label(avx2, "Haswell") == "Haswell, avx2 (no VNNI) (exact: u8u8)"
+    masked = isa_bench.isa_label(avx2, "Xeon", mask="avx2")
+    assert masked == "Xeon, avx2 (no VNNI) (exact: u8u8), CPUID masked to avx2"
+
+
+def test_cpuid_mask_is_read_only_under_the_preloaded_library():
+    preload = {"LD_PRELOAD": "/x/bench/cpuid_mask.so", "CPUID_MASK": "avx2"}
+    assert isa_bench.cpuid_mask(preload) == "avx2"
+    assert isa_bench.cpuid_mask({"CPUID_MASK": "avx2"}) is None
 
 
 def _rows() -> list[LatencyRow]:

@@ -21,8 +21,10 @@ when the Q's zero-point is the type minimum). This module rewrites the ONNX grap
    (else from the Q after the Add); a MatMul of two DQs followed by a bias Add becomes a
    bias-less Gemm so ORT runs QGemm instead of dequantizing the weights on every call;
 3. exact clean-ups of the final layout: a zero Pad before a DQ -> Conv (Keras' ZeroPadding2D)
-   folded into the Conv's pads, and the swish ``x * Sigmoid(x)`` as ORT's QuickGelu, which ORT
-   does not fuse itself once a DQ feeds it (docs/exact-int8.md, "Why the rewrite was slower").
+   folded into the Conv's pads, the swish ``x * Sigmoid(x)`` as ORT's QuickGelu, which ORT
+   does not fuse itself once a DQ feeds it (docs/exact-int8.md, "Why the rewrite was slower"),
+   and each uint8 ReLU output stored as the 7-bit values TensorRT keeps (zero-point 0), on
+   which U8S8 kernels cannot saturate (docs/exact-int8.md, "The narrow stage").
 
 See docs/ort-int8.md for the measured speed and accuracy of each option.
 """
@@ -40,6 +42,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qatflow.errors import RuntimeBackendError
+from qatflow.onnx.encoding import NARROW_MAX, NARROW_PASS_THROUGH
 from qatflow.onnx.graph import (
     GraphIndex,
     apply_layout,
@@ -74,9 +77,10 @@ STAGES = (
     "collapse",
     "pad_fold",
     "swish",
+    "narrow",
 )
-# pad_fold and swish are bit-exact as well; they run last because they match the final layout.
-EXACT_STAGES = (*STAGES[:6], "pad_fold", "swish")
+# pad_fold, swish and narrow are bit-exact as well; they run last: they match the final layout.
+EXACT_STAGES = (*STAGES[:6], "pad_fold", "swish", "narrow")
 _Q, _DQ = "QuantizeLinear", "DequantizeLinear"
 _MS_DOMAIN = "com.microsoft"
 # Ops whose QDQ group ORT's CPU selectors turn into an integer kernel when the output has a Q.
@@ -974,6 +978,106 @@ def _fuse_swish(rw: _Rewriter) -> None:
         rw.reindex()
 
 
+def _uint8_bound(rw: _Rewriter, name: str) -> int | None:
+    """The value of a scalar uint8 constant, else None."""
+    value = rw.const(name) if name else None
+    if value is None or value.size != 1 or value.dtype != np.uint8:
+        return None
+    return int(value.reshape(()))
+
+
+def _relu_clamp_top(rw: _Rewriter, clamp: onnx.NodeProto) -> int | None:
+    """For the uint8 ReLU of a zero-point-128 tensor, ``Max(q, 128)`` or ``Clip(q, 128, hi)``
+    (ReLU6), its upper bound (255 for Max); else None."""
+    if clamp.op_type == "Max" and len(clamp.input) == 2:
+        return 255 if _uint8_bound(rw, clamp.input[1]) == 128 else None
+    if (
+        clamp.op_type == "Clip"
+        and len(clamp.input) >= 2
+        and _uint8_bound(rw, clamp.input[1]) == 128
+    ):
+        top = (
+            255 if len(clamp.input) < 3 or not clamp.input[2] else _uint8_bound(rw, clamp.input[2])
+        )
+        return top
+    return None
+
+
+def _narrow_readers(
+    rw: _Rewriter, name: str, params: _QParams
+) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]] | None:
+    """The DQs (with ``params``) that read ``name``, directly or through ops that commute with
+    a zero-point shift (``NARROW_PASS_THROUGH``), and the Pads on the way; None if any other
+    node, a Pad of another value than the zero-point, or a graph output reads it."""
+    dqs: list[onnx.NodeProto] = []
+    pads: list[onnx.NodeProto] = []
+    todo = [name]
+    while todo:
+        tensor = todo.pop()
+        if rw.is_output(tensor):
+            return None
+        for reader in rw.consumers(tensor):
+            if reader.op_type == _DQ and reader.input[0] == tensor and rw.qparams(reader) == params:
+                dqs.append(reader)
+            elif reader.op_type in NARROW_PASS_THROUGH and list(reader.input).index(tensor) == 0:
+                if reader.op_type == "Pad":
+                    if len(reader.input) < 3 or _uint8_bound(rw, reader.input[2]) != 128:
+                        return None
+                    pads.append(reader)
+                todo.extend(o for o in reader.output if o)
+            else:
+                return None
+    return dqs, pads
+
+
+def _narrow_relu_outputs(rw: _Rewriter) -> None:
+    """A uint8 ReLU of a zero-point-128 tensor, ``Q(x, s, 128) -> Max(q, 128)`` (or
+    ``Clip(q, 128, hi)``), becomes ``Q(x, s, 0) -> Clip(q, 0, min(hi - 128, 127))``.
+
+    The same integers minus 128 and the same real values: ``clamp(round(x/s), 0, 127)``, the
+    int8 values TensorRT keeps after a ReLU. The readers' DQs (and the Pads between, whose value
+    is the zero-point) follow. The tensor then holds 7-bit values, on which ORT's U8S8 kernels
+    cannot saturate even without VNNI (``NARROW_MAX``): ``encode_weights(..., "u8u8")`` keeps the
+    int8 weights, and the faster U8S8 kernels, of every op that reads only such a tensor. The
+    integer kernel's requantization adds the zero-point after rounding, so moving it changes
+    nothing (``tests/test_ort_int8_narrow.py`` compares the two graphs on ORT's kernels).
+    """
+    narrowed = 0
+    for clamp in [n for n in rw.graph.node if n.op_type in ("Max", "Clip")]:
+        top = _relu_clamp_top(rw, clamp)
+        q = rw.index.producer.get(clamp.input[0])
+        if (
+            top is None
+            or top < 128
+            or q is None
+            or q.op_type != _Q
+            or len(rw.consumers(q.output[0])) != 1
+        ):
+            continue
+        params = rw.activation_q(q)
+        if params is None or params.dtype != TensorProto.UINT8 or params.zero_point != 128:
+            continue
+        found = _narrow_readers(rw, clamp.output[0], params)
+        if found is None:
+            continue
+        narrow = params.with_zero_point(0)
+        rw.set_qparams(q, narrow)
+        zero = rw.add_const(np.array(0, np.uint8), "ort_int8_narrow_zero")
+        bound = rw.add_const(np.array(min(top - 128, NARROW_MAX), np.uint8), "ort_int8_narrow_top")
+        clamp.op_type = "Clip"
+        del clamp.input[:]
+        clamp.input.extend([q.output[0], zero, bound])
+        dqs, pads = found
+        for pad in pads:
+            pad.input[2] = zero
+        for dq in dqs:
+            rw.set_qparams(dq, narrow)
+        narrowed += 1
+    if narrowed:
+        rw.stats["relu_narrowed"] += narrowed
+        rw.reindex()
+
+
 # ------------------------------------------------------------------------------------------
 # Public API
 # ------------------------------------------------------------------------------------------
@@ -1055,6 +1159,7 @@ def rewrite_for_ort_int8(
         "collapse": _collapse_requantize,
         "pad_fold": _fold_pad_into_conv,
         "swish": _fuse_swish,
+        "narrow": _narrow_relu_outputs,
     }
     for stage in STAGES[: STAGES.index(until) + 1]:
         if stage != "affine_fold" or fold_affine:

@@ -7,7 +7,7 @@ give wrong sums. With AVX-512 VNNI, AVX-VNNI or AMX the products accumulate in i
 nothing saturates. U8U8 (the same int8 weights stored as uint8 with zero-point 128, an exact
 re-encoding) never saturates but is slower.
 
-The CPU flags are read from ``/proc/cpuinfo`` for the record; the decision itself comes from a
+The CPU flags are read with CPUID for the record; the decision itself comes from a
 probe that runs ORT's fused kernels on worst-case values and compares them with exact integer
 arithmetic, so it holds for whatever kernel ORT picks on this CPU.
 """
@@ -24,7 +24,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qatflow.errors import RuntimeBackendError
-from qatflow.onnx.encoding import ENCODINGS, Encoding, encode_weights
+from qatflow.onnx.encoding import ENCODINGS, NARROW_MAX, Encoding, encode_weights
+from qatflow.runtimes import cpuid
 
 EncodingChoice = Literal["auto", "u8s8", "u8u8"]
 ENCODING_CHOICES: tuple[str, ...] = get_args(EncodingChoice)
@@ -68,41 +69,23 @@ class CpuInt8:
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, ...]:
     """The INT8-relevant flags of this CPU, in ``/proc/cpuinfo`` spelling.
 
-    AVX2, AVX-512 BW and AVX-512 VNNI come from numpy's CPUID-based detection (what the
-    process can really execute, also under an emulator); AVX-VNNI and AMX, which numpy does not
-    report, from ``cpuinfo``.
+    Read with CPUID (``qatflow.runtimes.cpuid``): what this process can execute, which is what
+    ONNX Runtime picks its kernels from, also under an emulator or a CPUID mask. ``cpuinfo`` is
+    the fallback where CPUID cannot be run.
     """
-    present: set[str] = set()
+    from_cpuid = cpuid.read_flags()
+    if from_cpuid is not None:
+        return from_cpuid
     try:
         text = cpuinfo.read_text()
     except OSError:
-        text = ""
+        return ()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "flags":
             present = set(value.split())
-            break
-    features = _numpy_cpu_features()
-    for flag, feature in _NUMPY_FEATURES.items():
-        if feature in features:
-            present.discard(flag)
-            if features[feature]:
-                present.add(flag)
-    return tuple(flag for flag in INT8_FLAGS if flag in present)
-
-
-_NUMPY_FEATURES = {"avx2": "AVX2", "avx512bw": "AVX512BW", "avx512_vnni": "AVX512VNNI"}
-
-
-def _numpy_cpu_features() -> dict[str, bool]:
-    import importlib
-
-    for module in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):
-        try:
-            return dict(importlib.import_module(module).__cpu_features__)
-        except (ImportError, AttributeError):
-            continue
-    return {}
+            return tuple(flag for flag in INT8_FLAGS if flag in present)
+    return ()
 
 
 @functools.cache
@@ -131,11 +114,15 @@ def probe_model(encoding: Encoding) -> onnx.ModelProto:
     Worst case for int16 pair sums: uint8 activations at 255 and weights at +127 (half of the
     output channels) or -127 (the other half). Covers QLinearConv with a channel count that
     takes MLAS's symmetric kernel (a multiple of 4) and one that does not, QLinearMatMul and
-    QGemm. Output scales are such that a halved (saturated) sum lands on another value.
+    QGemm. Output scales are such that a halved (saturated) sum lands on another value. Each
+    op also appears on 7-bit activations (at 127 after a ``Clip``, which ``encode_weights``
+    leaves in U8S8 under ``u8u8``), so the probe of ``u8u8`` covers those kernels too.
     """
     inits = [
         numpy_helper.from_array(np.array(1.0 / 255.0, np.float32), "s"),
+        numpy_helper.from_array(np.array(1.0 / NARROW_MAX, np.float32), "s_narrow"),
         numpy_helper.from_array(np.array(0, np.uint8), "z"),
+        numpy_helper.from_array(np.array(NARROW_MAX, np.uint8), "z_top"),
         numpy_helper.from_array(np.array(1.0 / 127.0, np.float32), "ws"),
         numpy_helper.from_array(np.array(0, np.int8), "wz"),
         numpy_helper.from_array(np.array(128, np.uint8), "z_out"),
@@ -149,28 +136,39 @@ def probe_model(encoding: Encoding) -> onnx.ModelProto:
         ("matmul", "MatMul", [1, 288], (288, 16), 2.88),
         ("gemm", "Gemm", [1, 288], (288, 16), None),
     )
-    for name, op, shape, weight_shape, out_scale in cases:
-        weights = np.full(weight_shape, 127, np.int8)
-        channel_axis = 0 if op == "Conv" else 1
-        np.moveaxis(weights, channel_axis, 0)[weight_shape[channel_axis] // 2 :] = -127
-        inits.append(numpy_helper.from_array(weights, f"{name}_wq"))
-        attrs: dict[str, Any] = {"pads": [1, 1, 1, 1]} if op == "Conv" else {}
-        nodes += [
-            helper.make_node("QuantizeLinear", [name, "s", "z"], [f"{name}_xq"]),
-            helper.make_node("DequantizeLinear", [f"{name}_xq", "s", "z"], [f"{name}_x"]),
-            helper.make_node("DequantizeLinear", [f"{name}_wq", "ws", "wz"], [f"{name}_w"]),
-            helper.make_node(op, [f"{name}_x", f"{name}_w"], [f"{name}_y"], **attrs),
-        ]
-        inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
-        out_shape = [1, 16, 6, 6] if op == "Conv" else [1, 16]
-        if out_scale is None:
-            outputs.append(helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, out_shape))
-            continue
-        inits.append(numpy_helper.from_array(np.array(out_scale, np.float32), f"{name}_s"))
-        nodes.append(
-            helper.make_node("QuantizeLinear", [f"{name}_y", f"{name}_s", "z_out"], [f"{name}_q"])
-        )
-        outputs.append(helper.make_tensor_value_info(f"{name}_q", TensorProto.UINT8, out_shape))
+    for base, op, shape, weight_shape, out_scale in cases:
+        for narrow in (False, True):
+            name = f"{base}_narrow" if narrow else base
+            weights = np.full(weight_shape, 127, np.int8)
+            channel_axis = 0 if op == "Conv" else 1
+            np.moveaxis(weights, channel_axis, 0)[weight_shape[channel_axis] // 2 :] = -127
+            inits.append(numpy_helper.from_array(weights, f"{name}_wq"))
+            attrs: dict[str, Any] = {"pads": [1, 1, 1, 1]} if op == "Conv" else {}
+            scale = "s_narrow" if narrow else "s"
+            nodes.append(helper.make_node("QuantizeLinear", [name, scale, "z"], [f"{name}_xq"]))
+            quantized = f"{name}_xq"
+            if narrow:
+                quantized = f"{name}_x7"
+                nodes.append(helper.make_node("Clip", [f"{name}_xq", "z", "z_top"], [quantized]))
+            nodes += [
+                helper.make_node("DequantizeLinear", [quantized, scale, "z"], [f"{name}_x"]),
+                helper.make_node("DequantizeLinear", [f"{name}_wq", "ws", "wz"], [f"{name}_w"]),
+                helper.make_node(op, [f"{name}_x", f"{name}_w"], [f"{name}_y"], **attrs),
+            ]
+            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+            out_shape = [1, 16, 6, 6] if op == "Conv" else [1, 16]
+            if out_scale is None:
+                outputs.append(
+                    helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, out_shape)
+                )
+                continue
+            inits.append(numpy_helper.from_array(np.array(out_scale, np.float32), f"{name}_s"))
+            nodes.append(
+                helper.make_node(
+                    "QuantizeLinear", [f"{name}_y", f"{name}_s", "z_out"], [f"{name}_q"]
+                )
+            )
+            outputs.append(helper.make_tensor_value_info(f"{name}_q", TensorProto.UINT8, out_shape))
     graph = helper.make_graph(nodes, "qatflow_int8_probe", inputs, outputs, inits)
     # IR 8 (opset 17): loadable by every ONNX Runtime the project supports, whatever onnx made.
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
