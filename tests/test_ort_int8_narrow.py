@@ -85,13 +85,13 @@ def test_u8u8_keeps_int8_weights_only_where_the_activations_are_7_bit() -> None:
     assert encode_weights(before, "u8u8") == 3 and int8_weights(before) == set()
 
 
-def relu6_pad_graph() -> onnx.ModelProto:
+def relu6_pad_graph(pad_value: float = 0.0) -> onnx.ModelProto:
     """Q/DQ -> Conv -> Relu6 (Clip) -> Q/DQ -> Pad 0 -> MaxPool -> Q/DQ -> Conv, TensorRT style:
     the ResNet50 stem's ZeroPadding before its MaxPool, with MobileNet's ReLU6."""
     rng = np.random.default_rng(3)
     w1 = np.clip(np.rint(rng.normal(0, 40, (8, 3, 3, 3))), -127, 127).astype(np.int8)
     w2 = np.clip(np.rint(rng.normal(0, 40, (4, 8, 1, 1))), -127, 127).astype(np.int8)
-    scalars = {"xs": 1 / 40, "rs": 8.0 / 127, "ws": 0.01, "lo": 0.0, "hi": 6.0, "pv": 0.0}
+    scalars = {"xs": 1 / 40, "rs": 8.0 / 127, "ws": 0.01, "lo": 0.0, "hi": 6.0, "pv": pad_value}
     inits = [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in scalars.items()]
     inits += [
         numpy_helper.from_array(np.array(0, np.int8), "z"),
@@ -145,6 +145,16 @@ def test_relu6_and_a_zero_pad_follow_the_new_zero_point(encoding: str) -> None:
     pads = [n for n in narrowed.graph.node if n.op_type == "Pad"]
     assert [int(consts[p.input[2]]) for p in pads] == [0]  # was the zero-point 128
     assert int8_weights(encoded(narrowed, "u8u8")) == {"w2q"}
+
+
+def test_a_pad_of_another_value_keeps_the_relu_output_as_it_was() -> None:
+    """A Pad value other than 0.0 is not the zero-point: that ReLU output is left alone."""
+    source = relu6_pad_graph(pad_value=1.0)
+    x = {"x": np.random.default_rng(5).normal(0, 2, (8, 3, 12, 12)).astype(np.float32)}
+    narrowed = rewrite_for_ort_int8(source, **EXACT)  # type: ignore[arg-type]
+    assert "relu_narrowed" not in summary(narrowed)
+    np.testing.assert_array_equal(run_reference(narrowed, x)[0], run_reference(source, x)[0])
+    assert int8_weights(encoded(narrowed, "u8u8")) == set()
 
 
 EMULATED = """
