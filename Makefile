@@ -41,7 +41,7 @@ $(CC_BIN):
 	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq gcc libc6-dev
 
 bench/cpuid_mask.so: bench/cpuid_mask.c | $(CC_BIN)
-	$(CC_BIN) -O2 -Wall -Wextra -Werror -shared -fPIC -o $@ $<
+	$(CC_BIN) -O2 -Wall -Wextra -shared -fPIC -o $@ $<
 
 # `make test` is the CI suite; tests marked slow (the 91% demo pretrain, ~8 min on 2 cores)
 # run with `make test-all`.

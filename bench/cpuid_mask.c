@@ -18,11 +18,14 @@
  *
  * Nothing silently wrong: where CPUID faulting is unavailable (AMD hosts, most VMs) or the
  * profile is unknown, the process exits with status 3 and says why before running anything.
- * A SIGSEGV that is not a CPUID is handed to the previous handler (or the default action).
+ * A SIGSEGV that is not a CPUID goes to the handler the process installed (Python's
+ * faulthandler, which pytest enables): this library's sigaction() keeps its own handler in
+ * place and records the process's one as the next in line.
  */
 #define _GNU_SOURCE
 #include <asm/prctl.h>
 #include <cpuid.h>
+#include <dlfcn.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -61,6 +64,17 @@ static const struct mask MASKS[] = {
 
 static const struct mask *active;
 static struct sigaction previous;
+typedef int (*sigaction_fn)(int, const struct sigaction *, struct sigaction *);
+static sigaction_fn real_sigaction;
+
+/* SIGSEGV handlers installed after this library become the ones it hands other faults to. */
+int sigaction(int sig, const struct sigaction *action, struct sigaction *old) {
+    if (!real_sigaction) real_sigaction = (sigaction_fn)dlsym(RTLD_NEXT, "sigaction");
+    if (sig != SIGSEGV || !active) return real_sigaction(sig, action, old);
+    if (old) *old = previous;
+    if (action) previous = *action;
+    return 0;
+}
 
 static long set_cpuid_faulting(int on) { return syscall(SYS_arch_prctl, ARCH_SET_CPUID, on ? 0 : 1); }
 
@@ -106,15 +120,19 @@ static void refuse(const char *why) {
 __attribute__((constructor)) static void install(void) {
     const char *profile = getenv("CPUID_MASK");
     if (!profile) refuse("set CPUID_MASK to avx2 or avx512");
+    const struct mask *chosen = NULL;
     for (size_t i = 0; i < sizeof MASKS / sizeof *MASKS; i++)
-        if (strcmp(profile, MASKS[i].name) == 0) active = &MASKS[i];
-    if (!active) refuse("CPUID_MASK must be avx2 or avx512");
+        if (strcmp(profile, MASKS[i].name) == 0) chosen = &MASKS[i];
+    if (!chosen) refuse("CPUID_MASK must be avx2 or avx512");
     struct sigaction action;
     memset(&action, 0, sizeof action);
     action.sa_sigaction = on_segv;
     action.sa_flags = SA_SIGINFO | SA_NODEFER;
     sigemptyset(&action.sa_mask);
-    if (sigaction(SIGSEGV, &action, &previous) != 0) refuse("cannot install the SIGSEGV handler");
+    real_sigaction = (sigaction_fn)dlsym(RTLD_NEXT, "sigaction");
+    if (!real_sigaction || real_sigaction(SIGSEGV, &action, &previous) != 0)
+        refuse("cannot install the SIGSEGV handler");
+    active = chosen; /* from here on, sigaction(SIGSEGV) records instead of replacing */
     if (set_cpuid_faulting(1) != 0)
         refuse("this CPU or kernel has no CPUID faulting (the cpuid_fault flag), so CPUID "
                "cannot be masked here");

@@ -27,8 +27,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from qatflow.data.sources.fashion_mnist import IDX_FILES, SYSTEM_DIR, read_idx
-
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -44,7 +42,10 @@ Feeds = Mapping[str, np.ndarray]
 
 
 def _idx(key: str) -> np.ndarray:
-    """One Fashion-MNIST array (``x_train``, ``y_test``, ...) read with qatflow's IDX reader."""
+    """One Fashion-MNIST array (``x_train``, ``y_test``, ...) read with qatflow's IDX reader
+    (imported here: ``qatflow.data`` imports TensorFlow, which the graph helpers need not)."""
+    from qatflow.data.sources.fashion_mnist import IDX_FILES, SYSTEM_DIR, read_idx
+
     return read_idx(SYSTEM_DIR / IDX_FILES[key])
 
 

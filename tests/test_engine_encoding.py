@@ -97,11 +97,14 @@ def test_loading_where_the_encoding_saturates_is_refused(
 
 
 def negate_conv_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A graph pass that negates every int8 convolution weight: a stand-in for a wrong kernel."""
+    """A graph pass that negates every convolution weight, int8 (``q``) or, under u8u8, uint8
+    (``q + 128``): a stand-in for a wrong kernel on any CPU."""
     for init in model.graph.initializer:
         value = onnx.numpy_helper.to_array(init)
-        if value.dtype == np.int8 and value.ndim == 4:
-            init.CopyFrom(onnx.numpy_helper.from_array(-value, init.name))
+        if value.ndim != 4 or value.dtype not in (np.int8, np.uint8):
+            continue
+        negated = -value if value.dtype == np.int8 else (256 - value.astype(np.int16))
+        init.CopyFrom(onnx.numpy_helper.from_array(negated.astype(value.dtype), init.name))
     return model
 
 
