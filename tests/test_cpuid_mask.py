@@ -27,9 +27,11 @@ FLAGS = "from qatflow.runtimes.cpu_int8 import cpu_flags, detect; import json; "
 
 def _has_cpuid_faulting() -> bool:
     libc = ctypes.CDLL(None, use_errno=True)
-    arch_prctl, set_cpuid = 158, 0x1012
-    # Turning CPUID on (it is on) succeeds exactly where faulting is supported.
-    return libc.syscall(arch_prctl, set_cpuid, 1) == 0
+    arch_prctl, get_cpuid, set_cpuid = 158, 0x1011, 0x1012
+    # Setting the current state again succeeds exactly where faulting is supported, and
+    # changes nothing (this process may itself run under the mask).
+    current = libc.syscall(arch_prctl, get_cpuid, 0)
+    return libc.syscall(arch_prctl, set_cpuid, current) == 0
 
 
 @pytest.fixture(scope="module")
