@@ -19,8 +19,8 @@
  * Nothing silently wrong: where CPUID faulting is unavailable (AMD hosts, most VMs) or the
  * profile is unknown, the process exits with status 3 and says why before running anything.
  * A SIGSEGV that is not a CPUID goes to the handler the process installed (Python's
- * faulthandler, which pytest enables): this library's sigaction() keeps its own handler in
- * place and records the process's one as the next in line.
+ * faulthandler, which pytest enables; gcc's crash handler): this library's sigaction() and
+ * signal() keep its own handler in place and record the process's one as the next in line.
  */
 #define _GNU_SOURCE
 #include <asm/prctl.h>
@@ -67,6 +67,9 @@ static struct sigaction previous;
 typedef int (*sigaction_fn)(int, const struct sigaction *, struct sigaction *);
 static sigaction_fn real_sigaction;
 
+typedef void (*handler_fn)(int);
+static handler_fn (*real_signal)(int, handler_fn);
+
 /* SIGSEGV handlers installed after this library become the ones it hands other faults to. */
 int sigaction(int sig, const struct sigaction *action, struct sigaction *old) {
     if (!real_sigaction) real_sigaction = (sigaction_fn)dlsym(RTLD_NEXT, "sigaction");
@@ -74,6 +77,16 @@ int sigaction(int sig, const struct sigaction *action, struct sigaction *old) {
     if (old) *old = previous;
     if (action) previous = *action;
     return 0;
+}
+
+handler_fn signal(int sig, handler_fn handler) {
+    if (!real_signal) real_signal = (handler_fn(*)(int, handler_fn))dlsym(RTLD_NEXT, "signal");
+    if (sig != SIGSEGV || !active) return real_signal(sig, handler);
+    handler_fn old = (previous.sa_flags & SA_SIGINFO) ? (handler_fn)(void (*)(void))previous.sa_sigaction
+                                                       : previous.sa_handler;
+    memset(&previous, 0, sizeof previous);
+    previous.sa_handler = handler;
+    return old;
 }
 
 static long set_cpuid_faulting(int on) { return syscall(SYS_arch_prctl, ARCH_SET_CPUID, on ? 0 : 1); }
