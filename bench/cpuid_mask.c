@@ -82,8 +82,8 @@ int sigaction(int sig, const struct sigaction *action, struct sigaction *old) {
 handler_fn signal(int sig, handler_fn handler) {
     if (!real_signal) real_signal = (handler_fn(*)(int, handler_fn))dlsym(RTLD_NEXT, "signal");
     if (sig != SIGSEGV || !active) return real_signal(sig, handler);
-    handler_fn old = (previous.sa_flags & SA_SIGINFO) ? (handler_fn)(void (*)(void))previous.sa_sigaction
-                                                       : previous.sa_handler;
+    handler_fn old = previous.sa_handler;
+    if (previous.sa_flags & SA_SIGINFO) old = (handler_fn)(void (*)(void))previous.sa_sigaction;
     memset(&previous, 0, sizeof previous);
     previous.sa_handler = handler;
     return old;
