@@ -22,7 +22,6 @@ def saturating_cnn(seed: int = 0) -> onnx.ModelProto:
     weight_scale = (np.abs(weights).reshape(16, -1).max(axis=1) / 127).astype(np.float32)
     weights_q = np.clip(np.rint(weights / weight_scale[:, None, None, None]), -127, 127)
     dense = rng.normal(0, 0.5, (16, 10))
-    dense_scale = np.float32(np.abs(dense).max() / 127)
     inits = [
         numpy_helper.from_array(np.array(1 / 127, np.float32), "x_scale"),
         numpy_helper.from_array(np.array(0, np.int8), "zero"),
@@ -31,10 +30,6 @@ def saturating_cnn(seed: int = 0) -> onnx.ModelProto:
         numpy_helper.from_array(np.zeros(16, np.int8), "w_zero"),
         numpy_helper.from_array(rng.normal(0, 1, 16).astype(np.float32), "bias"),
         numpy_helper.from_array(np.array(RELU_RANGE / 127, np.float32), "r_scale"),
-        numpy_helper.from_array(np.array(1 / 127, np.float32), "g_scale"),
-        numpy_helper.from_array(np.rint(dense / dense_scale).astype(np.int8), "d_q"),
-        numpy_helper.from_array(np.array(dense_scale, np.float32), "d_scale"),
-        numpy_helper.from_array(rng.normal(0, 0.1, 10).astype(np.float32), "d_bias"),
     ]
     nodes = [
         helper.make_node("QuantizeLinear", ["x", "x_scale", "zero"], ["xq"]),
@@ -44,7 +39,32 @@ def saturating_cnn(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Relu", ["c"], ["r"]),
         helper.make_node("QuantizeLinear", ["r", "r_scale", "zero"], ["rq"]),
         helper.make_node("DequantizeLinear", ["rq", "r_scale", "zero"], ["rd"]),
-        helper.make_node("GlobalAveragePool", ["rd"], ["g"]),
+    ]
+    return _classified("saturating_cnn", nodes, inits, "rd", dense, rng)
+
+
+def _classified(
+    name: str,
+    nodes: list[onnx.NodeProto],
+    inits: list[onnx.TensorProto],
+    features: str,
+    dense: np.ndarray,
+    rng: np.random.Generator,
+) -> onnx.ModelProto:
+    """``nodes`` (input ``x``, 16-channel 8x8 ``features``) -> GAP -> Q/DQ -> Dense(10) with
+    ``dense`` weights, as a checked IR 8 / opset 17 model, which every ONNX Runtime the project
+    supports loads."""
+    dense_scale = np.float32(np.abs(dense).max() / 127)
+    inits = [
+        *inits,
+        numpy_helper.from_array(np.array(1 / 127, np.float32), "g_scale"),
+        numpy_helper.from_array(np.rint(dense / dense_scale).astype(np.int8), "d_q"),
+        numpy_helper.from_array(np.array(dense_scale, np.float32), "d_scale"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 10).astype(np.float32), "d_bias"),
+    ]
+    nodes = [
+        *nodes,
+        helper.make_node("GlobalAveragePool", [features], ["g"]),
         helper.make_node("Flatten", ["g"], ["f"]),
         helper.make_node("QuantizeLinear", ["f", "g_scale", "zero"], ["fq"]),
         helper.make_node("DequantizeLinear", ["fq", "g_scale", "zero"], ["fd"]),
@@ -54,12 +74,11 @@ def saturating_cnn(seed: int = 0) -> onnx.ModelProto:
     ]
     graph = helper.make_graph(
         nodes,
-        "saturating_cnn",
+        name,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
         inits,
     )
-    # IR 8 (opset 17): loadable by every ONNX Runtime the project supports, whatever onnx made.
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(model)
     return model
@@ -92,7 +111,6 @@ def narrow_cnn(seed: int = 0) -> onnx.ModelProto:
     stem_q, stem_scale = weights((16, 8, 3, 3), 0.0)
     conv_q, conv_scale = weights((16, 16, 3, 3), 0.9)
     dense = rng.normal(0, 0.5, (16, 10))
-    dense_scale = np.float32(np.abs(dense).max() / 127)
     inits = [
         numpy_helper.from_array(np.array(1 / 127, np.float32), "x_scale"),
         numpy_helper.from_array(np.array(0, np.int8), "zero"),
@@ -105,10 +123,6 @@ def narrow_cnn(seed: int = 0) -> onnx.ModelProto:
         numpy_helper.from_array(conv_scale, "conv_scale"),
         numpy_helper.from_array(rng.normal(0, 1, 16).astype(np.float32), "conv_bias"),
         numpy_helper.from_array(np.array(RELU_RANGE / 127, np.float32), "r2_scale"),
-        numpy_helper.from_array(np.array(1 / 127, np.float32), "g_scale"),
-        numpy_helper.from_array(np.rint(dense / dense_scale).astype(np.int8), "d_q"),
-        numpy_helper.from_array(np.array(dense_scale, np.float32), "d_scale"),
-        numpy_helper.from_array(rng.normal(0, 0.1, 10).astype(np.float32), "d_bias"),
     ]
     nodes = [
         helper.make_node("QuantizeLinear", ["x", "x_scale", "zero"], ["xq"]),
@@ -124,21 +138,5 @@ def narrow_cnn(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Relu", ["c2"], ["r2"]),
         helper.make_node("QuantizeLinear", ["r2", "r2_scale", "zero"], ["r2q"]),
         helper.make_node("DequantizeLinear", ["r2q", "r2_scale", "zero"], ["r2d"]),
-        helper.make_node("GlobalAveragePool", ["r2d"], ["g"]),
-        helper.make_node("Flatten", ["g"], ["f"]),
-        helper.make_node("QuantizeLinear", ["f", "g_scale", "zero"], ["fq"]),
-        helper.make_node("DequantizeLinear", ["fq", "g_scale", "zero"], ["fd"]),
-        helper.make_node("DequantizeLinear", ["d_q", "d_scale", "zero"], ["d"]),
-        helper.make_node("MatMul", ["fd", "d"], ["m"]),
-        helper.make_node("Add", ["m", "d_bias"], ["logits"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "narrow_cnn",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.checker.check_model(model)
-    return model
+    return _classified("narrow_cnn", nodes, inits, "r2d", dense, rng)
