@@ -196,7 +196,8 @@ def _register_engines(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         choices=ENCODING_CHOICES,
         default=ENGINE.encoding,
         help="ONNX Runtime integer weight encoding: auto picks u8s8 where this CPU's kernels "
-        "compute it exactly (VNNI/AMX), else u8u8 (default: %(default)s)",
+        "compute it exactly (VNNI/AMX), else u8u8, which keeps int8 weights only where the "
+        "activations are 7-bit ReLU outputs (default: %(default)s)",
     )
     add_overwrite(engine)
     engine.set_defaults(func=run_build_engine)
