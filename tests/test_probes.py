@@ -584,7 +584,9 @@ def test_sigint_during_export(world: World, here: Path) -> None:
     time.sleep(3)
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate(timeout=120)
-    assert run.returncode == 130, stderr
+    # 130, or death by SIGINT after the message (seen once in CI, cause not found): a shell
+    # reports both as 130.
+    assert run.returncode in (130, -signal.SIGINT), stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert not output.exists() and not (here / "q.validation.json").exists()
 
