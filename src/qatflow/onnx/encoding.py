@@ -31,11 +31,15 @@ NARROW_PASS_THROUGH = frozenset(
 )
 
 
-def _scalar(initializers: dict[str, onnx.TensorProto], name: str) -> int | None:
-    if name not in initializers:
+def uint8_scalar(value: np.ndarray | None) -> int | None:
+    """The value of a one-element uint8 array (a Clip bound, a Pad value), else None."""
+    if value is None or value.size != 1 or value.dtype != np.uint8:
         return None
-    value = numpy_helper.to_array(initializers[name])
-    return int(value.reshape(())) if value.size == 1 and value.dtype == np.uint8 else None
+    return int(value.reshape(()))
+
+
+def _scalar(initializers: dict[str, onnx.TensorProto], name: str) -> int | None:
+    return uint8_scalar(numpy_helper.to_array(initializers[name])) if name in initializers else None
 
 
 def reads_narrow(

@@ -42,7 +42,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qatflow.errors import RuntimeBackendError
-from qatflow.onnx.encoding import NARROW_MAX, NARROW_PASS_THROUGH
+from qatflow.onnx.encoding import NARROW_MAX, NARROW_PASS_THROUGH, uint8_scalar
 from qatflow.onnx.graph import (
     GraphIndex,
     apply_layout,
@@ -979,11 +979,8 @@ def _fuse_swish(rw: _Rewriter) -> None:
 
 
 def _uint8_bound(rw: _Rewriter, name: str) -> int | None:
-    """The value of a scalar uint8 constant, else None."""
-    value = rw.const(name) if name else None
-    if value is None or value.size != 1 or value.dtype != np.uint8:
-        return None
-    return int(value.reshape(()))
+    """The value of a scalar uint8 constant (initializer or Constant), else None."""
+    return uint8_scalar(rw.const(name) if name else None)
 
 
 def _relu_clamp_top(rw: _Rewriter, clamp: onnx.NodeProto) -> int | None:
