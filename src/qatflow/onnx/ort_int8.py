@@ -993,10 +993,9 @@ def _relu_clamp_top(rw: _Rewriter, clamp: onnx.NodeProto) -> int | None:
         and len(clamp.input) >= 2
         and _uint8_bound(rw, clamp.input[1]) == 128
     ):
-        top = (
-            255 if len(clamp.input) < 3 or not clamp.input[2] else _uint8_bound(rw, clamp.input[2])
-        )
-        return top
+        if len(clamp.input) < 3 or not clamp.input[2]:
+            return 255
+        return _uint8_bound(rw, clamp.input[2])
     return None
 
 

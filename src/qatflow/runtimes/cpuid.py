@@ -63,7 +63,7 @@ def read_flags() -> tuple[str, ...] | None:
         return None
     try:
         cpu = _Cpu()
-    except (OSError, ValueError, PermissionError):
+    except (OSError, ValueError):  # PermissionError is an OSError
         return None
     max_leaf = cpu.cpuid(0)[0]
     if max_leaf < 7:
