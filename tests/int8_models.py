@@ -43,6 +43,38 @@ def saturating_cnn(seed: int = 0) -> onnx.ModelProto:
     return _classified("saturating_cnn", nodes, inits, "rd", dense, rng)
 
 
+def coarse_bias_cnn(seed: int = 0) -> onnx.ModelProto:
+    """Q/DQ -> Conv(8->16, 3x3, ternary weights) -> Relu -> Q/DQ -> GAP -> Dense(10), whose
+    biases sit between two int32 units.
+
+    The input scale is 1 and the weight scale 1/4, so an integer kernel adds each bias in units
+    of 1/4. Every bias lies 0.1 (0.4 units) past a unit: rounding it moves each positive output
+    by about 6 steps of the ReLU's quantizer. Float math keeps the bias; any integer engine
+    rounds it, and the logits move by more than the fidelity tolerance.
+    """
+    rng = np.random.default_rng(seed)
+    weights_q = rng.integers(-1, 2, (16, 8, 3, 3))
+    inits = [
+        numpy_helper.from_array(np.array(1.0, np.float32), "x_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "zero"),
+        numpy_helper.from_array(weights_q.astype(np.int8), "w_q"),
+        numpy_helper.from_array(np.full(16, 0.25, np.float32), "w_scale"),
+        numpy_helper.from_array(np.zeros(16, np.int8), "w_zero"),
+        numpy_helper.from_array((rng.integers(-4, 0, 16) * 0.25 + 0.1).astype(np.float32), "bias"),
+        numpy_helper.from_array(np.array(2 / 127, np.float32), "r_scale"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "zero"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "x_scale", "zero"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w"], axis=0),
+        helper.make_node("Conv", ["xd", "w", "bias"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("QuantizeLinear", ["r", "r_scale", "zero"], ["rq"]),
+        helper.make_node("DequantizeLinear", ["rq", "r_scale", "zero"], ["rd"]),
+    ]
+    return _classified("coarse_bias_cnn", nodes, inits, "rd", rng.normal(0, 0.5, (16, 10)), rng)
+
+
 def _classified(
     name: str,
     nodes: list[onnx.NodeProto],

@@ -8,6 +8,7 @@ kernels saturate.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from tests.int8_models import near_binary, saturating_cnn
+from tests.int8_models import coarse_bias_cnn, near_binary, saturating_cnn
 
 from qatflow.errors import RuntimeBackendError
+from qatflow.evaluation.predictors import engine_provenance
 from qatflow.onnx.reference import run_reference
 from qatflow.runtimes import build_engine, load_engine, onnxruntime_backend
 from qatflow.runtimes.cpu_int8 import CpuInt8, detect
@@ -121,9 +123,26 @@ def test_a_failing_engine_is_rebuilt_then_refused_and_nothing_is_written(
 
     monkeypatch.setattr(onnxruntime_backend, "ort_graph_passes", passes)
     out = tmp_path / "out" / "e.onnx"
-    with pytest.raises(RuntimeBackendError, match="No engine was written"):
+    with pytest.raises(RuntimeBackendError, match="No engine was written") as refused:
         build_engine(source, out, fidelity_data=near_binary(64))
     assert attempts == ["exact/calibrated/True", "exact/none/True", "exact/none/False"]
+    assert not out.exists()
+    # An ideal integer engine of the same model passes: the fault is the engine's, not the net's.
+    assert "an ideal integer engine of this model" in str(refused.value)
+    assert "so it passes" in str(refused.value)
+
+
+def test_a_model_that_integer_rounding_moves_is_refused_and_the_error_says_so(
+    tmp_path: Path,
+) -> None:
+    """Every integer engine rounds a Conv bias to its int32 unit; here that alone moves the
+    logits past the tolerance. The kernels are right, so the error names the network."""
+    source = tmp_path / "coarse.onnx"
+    onnx.save(coarse_bias_cnn(), source)
+    out = tmp_path / "e.onnx"
+    with pytest.raises(RuntimeBackendError, match="No engine was written") as refused:
+        build_engine(source, out, fidelity_data=near_binary(64))
+    assert "fails too: the network amplifies rounding" in str(refused.value)
     assert not out.exists()
 
 
@@ -152,14 +171,23 @@ def test_a_fallback_engine_records_the_rewrites_it_refused(
     ]
     assert all(r["decided_agreement"] < 0.999 for r in refused)
     assert engine.metadata.fidelity["passed"]
+    ideal = engine.metadata.fidelity["details"]["ideal_integer"]
+    assert ideal["passed"] and ideal["decided_agreement"] == 1.0
+    # What evaluate, the comparison table and the report say of this engine.
+    fallback = engine_provenance(engine.metadata)[1]["fallback"]  # type: ignore[index]
+    assert fallback == "2 faster rewrite(s) refused: they failed the fidelity check"
+    network = {**engine.metadata.fidelity, "details": {"ideal_integer": {**ideal, "passed": False}}}
+    renamed = dataclasses.replace(engine.metadata, fidelity=network)
+    assert "integer rounding alone" in engine_provenance(renamed)[1]["fallback"]  # type: ignore[index]
 
 
 EMULATED = """
 import json, sys
 import onnx
 sys.path.insert(0, {root!r})
-from tests.int8_models import near_binary, saturating_cnn
+from tests.int8_models import coarse_bias_cnn, near_binary, saturating_cnn
 from qatflow.errors import RuntimeBackendError
+from qatflow.evaluation.predictors import engine_provenance
 from qatflow.runtimes import build_engine, load_engine
 from qatflow.runtimes.cpu_int8 import detect
 from qatflow.runtimes.fidelity import compare_outputs, first_divergence

@@ -336,8 +336,10 @@ def fidelity_cell(fidelity: Mapping[str, Any] | None) -> str:
 
 
 def engine_cell(engine: Mapping[str, str] | None) -> str:
-    """``u8s8 / avx512_vnni``: the integer encoding and CPU ISA where known, else ``NONE_MARK``."""
-    parts = [str(engine[key]) for key in ("encoding", "isa") if engine and engine.get(key)]
+    """``u8s8 / avx512_vnni``: the integer encoding and CPU ISA where known, and why the engine
+    is a fallback where it is one, else ``NONE_MARK``."""
+    keys = ("encoding", "isa", "fallback")
+    parts = [str(engine[key]) for key in keys if engine and engine.get(key)]
     return " / ".join(parts) or NONE_MARK
 
 

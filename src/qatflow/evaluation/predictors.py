@@ -140,7 +140,8 @@ def engine_provenance(
     Returns ``(fidelity, engine)``: ``fidelity`` is ``metadata.fidelity`` (``None`` when empty,
     i.e. no check was made); ``engine`` holds ``encoding`` (``build_options["encoding"]``) and
     ``isa`` (``device["isa"]``) and the share of compute nodes and of kernel time in integer
-    kernels (``integer_nodes``, ``integer_time``) where recorded, ``None`` when none is.
+    kernels (``integer_nodes``, ``integer_time``) where recorded, and ``fallback`` when the
+    build refused faster rewrites (why this engine is slower), ``None`` when none is.
     """
     provenance: dict[str, str] = {}
     for key, recorded in (("encoding", metadata.build_options), ("isa", metadata.device)):
@@ -151,6 +152,15 @@ def engine_provenance(
     for key in ("nodes", "time"):
         if isinstance(share.get(key), int | float):
             provenance[f"integer_{key}"] = f"{100 * share[key]:.1f}%"
+    refused = metadata.build_options.get("refused_rewrites") or []
+    if refused:
+        ideal = (metadata.fidelity.get("details") or {}).get("ideal_integer") or {}
+        reason = (
+            "integer rounding alone moves this model past the tolerance"
+            if ideal.get("passed") is False
+            else "they failed the fidelity check"
+        )
+        provenance["fallback"] = f"{len(refused)} faster rewrite(s) refused: {reason}"
     fidelity = json_safe(dict(metadata.fidelity)) if metadata.fidelity else None
     return fidelity, provenance or None
 

@@ -16,6 +16,12 @@ two classes. So the gate compares decisions where the reference makes one:
 Plain top-1 agreement over all samples and the max error are recorded beside the verdict.
 A saturating kernel (U8S8 without VNNI) moves most logits by a large part of the range and
 fails both conditions by far.
+
+When an engine fails, :func:`ideal_integer_graph` tells a kernel defect from a network that
+amplifies rounding: the graph an ideal integer engine computes (batch norms folded, biases
+rounded to their int32 units), run as float math with no kernel involved. Deep, briefly trained
+nets fail the gate that way too; the check keeps its bound and says so
+(docs/exact-int8.md, "Rounding noise: why the gate keeps its bound").
 """
 
 from __future__ import annotations
@@ -107,6 +113,43 @@ def compare_outputs(
         min_agreement=min_agreement,
         data=data,
         passed=passed,
+    )
+
+
+def ideal_integer_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The QDQ graph an ideal integer engine of ``model`` computes, to run as float math.
+
+    The exact int8 rewrite of ``model`` (batch norms folded into the weight scales, no new
+    requantization points; :func:`qatflow.onnx.ort_int8.rewrite_for_ort_int8`), with every
+    integer-kernel bias rounded to the int32 unit the kernel adds it in
+    (:func:`qatflow.onnx.integer_bias.round_biases_to_integer_units`).
+    """
+    from qatflow.onnx.integer_bias import round_biases_to_integer_units
+    from qatflow.onnx.ort_int8 import rewrite_for_ort_int8
+
+    rewritten = rewrite_for_ort_int8(model, relu="exact", requantize="none", fold_affine=True)
+    return round_biases_to_integer_units(rewritten)[0]
+
+
+def ideal_integer_record(ideal: FidelityReport) -> dict[str, Any]:
+    """What the engine metadata keeps of ``ideal``: :func:`ideal_integer_graph`'s outputs scored
+    against the reference like an engine, so that a refusal says whether a kernel or the network
+    failed the gate."""
+    return {
+        "agreement": ideal.agreement,
+        "decided_agreement": ideal.decided_agreement,
+        "p99_abs_error": ideal.p99_abs_error,
+        "passed": ideal.passed,
+    }
+
+
+def ideal_integer_line(record: Mapping[str, Any]) -> str:
+    """One clause on an :func:`ideal_integer_record`, for logs and error messages."""
+    verdict = "passes" if record["passed"] else "fails too: the network amplifies rounding"
+    return (
+        f"an ideal integer engine of this model (batch norms folded, int32 biases, run as float "
+        f"math) agrees on {record['decided_agreement']:.2%} of the decided samples with p99 "
+        f"|error| {record['p99_abs_error']:.4g}, so it {verdict}"
     )
 
 

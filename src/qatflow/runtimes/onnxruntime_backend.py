@@ -50,6 +50,9 @@ from qatflow.runtimes.fidelity import (
     FidelityReport,
     compare_outputs,
     first_divergence,
+    ideal_integer_graph,
+    ideal_integer_line,
+    ideal_integer_record,
     reference_outputs,
 )
 from qatflow.runtimes.integer_share import node_share, time_share
@@ -285,6 +288,7 @@ def build_ort_engine(
         else []
     )
     refused: list[dict[str, Any]] = []
+    ideal: dict[str, Any] | None = None
     for rewrite in rewrites or [FAST_REWRITE]:
         passes = ort_graph_passes(
             model,
@@ -306,10 +310,18 @@ def build_ort_engine(
         report = compare_outputs(expected, got, data=data_label)
         if report.passed:
             break
-        logger.warning("%s: %s (rewrite %s)", source, report.summary(), rewrite)
+        if ideal is None and reference is not None and rewrites:
+            ideal_outputs = _outputs(
+                ideal_integer_graph(model), inputs, input_name, output_name, chunk
+            )
+            ideal = ideal_integer_record(compare_outputs(reference, ideal_outputs, data=data_label))
+        because = f"; {ideal_integer_line(ideal)}" if ideal else ""
+        logger.warning("%s: %s (rewrite %s)%s", source, report.summary(), rewrite, because)
         refused.append(_refused_rewrite(rewrite, report))
     else:
-        raise _fidelity_error(source, prepared, input_name, inputs, report, encoding)
+        raise _fidelity_error(source, prepared, input_name, inputs, report, encoding, ideal)
+    if ideal is not None:
+        report = dataclasses.replace(report, details={**report.details, "ideal_integer": ideal})
     logger.info("%s: %s", source, report.summary())
     ops = collections.Counter(node.op_type for node in optimized.graph.node)
     share = {
@@ -429,6 +441,7 @@ def _fidelity_error(
     inputs: np.ndarray,
     report: FidelityReport,
     encoding: str | None,
+    ideal: dict[str, Any] | None,
 ) -> RuntimeBackendError:
     isa = detect().isa
     divergence = first_divergence(prepared, input_name, inputs[:32])
@@ -439,6 +452,8 @@ def _fidelity_error(
         else "no quantized tensor diverges between integer kernels and float math, so the "
         "graph passes themselves moved the result"
     )
+    if ideal is not None:
+        where += f"; {ideal_integer_line(ideal)}"
     advice = (
         "Try --encoding u8u8 (exact on every CPU), or report the model."
         if encoding == "u8s8"
