@@ -196,8 +196,11 @@ def verdict(fidelity: Mapping[str, Any] | None) -> str:
 
 
 def _rewrite_name(rewrite: Mapping[str, Any]) -> str:
-    """``exact/calibrated``, with ``/unfolded`` when batch norm was left unfolded."""
+    """``exact/calibrated``, with ``/unfolded`` when batch norm was left unfolded, or
+    ``/folded 26 of 53`` when it was folded into the last 26 of 53 Convs only."""
     folded = "" if rewrite.get("fold_affine", True) else "/unfolded"
+    if rewrite.get("fold_last") is not None:
+        folded = f"/folded {rewrite['fold_last']} of {rewrite.get('fold_candidates', '?')}"
     return f"{rewrite['relu']}/{rewrite['requantize']}{folded}"
 
 

@@ -75,6 +75,54 @@ def coarse_bias_cnn(seed: int = 0) -> onnx.ModelProto:
     return _classified("coarse_bias_cnn", nodes, inits, "rd", rng.normal(0, 0.5, (16, 10)), rng)
 
 
+def batch_norm_chain(convs: int = 3, seed: int = 0) -> onnx.ModelProto:
+    """Q/DQ -> ``convs`` x [Conv(3x3, 16 channels) -> BatchNormalization -> Relu -> Q/DQ] ->
+    GAP -> Dense(10): a chain whose every Conv the rewrite can fold batch norm into."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(np.array(1 / 127, np.float32), "x_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "zero"),
+        numpy_helper.from_array(np.zeros(16, np.int8), "w_zero"),
+        numpy_helper.from_array(np.array(4.0 / 127, np.float32), "r_scale"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "zero"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "x_scale", "zero"], ["a0"]),
+    ]
+    channels = 8
+    for i in range(convs):
+        weights = rng.normal(0, 1, (16, channels, 3, 3))
+        scale = (np.abs(weights).reshape(16, -1).max(axis=1) / 127).astype(np.float32)
+        inits += [
+            numpy_helper.from_array(
+                np.rint(weights / scale[:, None, None, None]).astype(np.int8), f"w{i}"
+            ),
+            numpy_helper.from_array(scale, f"w{i}_scale"),
+            numpy_helper.from_array(rng.normal(0, 0.1, 16).astype(np.float32), f"b{i}"),
+            numpy_helper.from_array(rng.uniform(0.05, 0.2, 16).astype(np.float32), f"gamma{i}"),
+            numpy_helper.from_array(rng.normal(0, 0.3, 16).astype(np.float32), f"beta{i}"),
+            numpy_helper.from_array(rng.normal(0, 0.5, 16).astype(np.float32), f"mean{i}"),
+            numpy_helper.from_array(rng.uniform(0.5, 2.0, 16).astype(np.float32), f"var{i}"),
+        ]
+        nodes += [
+            helper.make_node(
+                "DequantizeLinear", [f"w{i}", f"w{i}_scale", "w_zero"], [f"wd{i}"], axis=0
+            ),
+            helper.make_node("Conv", [f"a{i}", f"wd{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
+            helper.make_node(
+                "BatchNormalization",
+                [f"c{i}", f"gamma{i}", f"beta{i}", f"mean{i}", f"var{i}"],
+                [f"n{i}"],
+            ),
+            helper.make_node("Relu", [f"n{i}"], [f"r{i}"]),
+            helper.make_node("QuantizeLinear", [f"r{i}", "r_scale", "zero"], [f"q{i}"]),
+            helper.make_node("DequantizeLinear", [f"q{i}", "r_scale", "zero"], [f"a{i + 1}"]),
+        ]
+        channels = 16
+    dense = rng.normal(0, 0.5, (16, 10))
+    return _classified("batch_norm_chain", nodes, inits, f"a{convs}", dense, rng)
+
+
 def _classified(
     name: str,
     nodes: list[onnx.NodeProto],

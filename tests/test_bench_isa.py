@@ -193,6 +193,11 @@ def test_engine_encoding_names_the_rewrite_the_build_kept():
     assert isa_bench.engine_encoding(fallback) == (
         "u8s8 (exact/none/unfolded); refused exact/calibrated at 50.8%"
     )
+    partial = {
+        "encoding": "u8u8",
+        "rewrite": {"relu": "exact", "requantize": "none", "fold_last": 26, "fold_candidates": 53},
+    }
+    assert isa_bench.engine_encoding(partial) == "u8u8 (exact/none/folded 26 of 53)"
 
 
 def test_compute_op_share_counts_integer_and_float_compute_nodes():

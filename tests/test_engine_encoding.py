@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from tests.int8_models import coarse_bias_cnn, near_binary, saturating_cnn
+from tests.int8_models import batch_norm_chain, coarse_bias_cnn, near_binary, saturating_cnn
 
 from qatflow.errors import RuntimeBackendError
 from qatflow.evaluation.predictors import engine_provenance
@@ -132,6 +132,41 @@ def test_a_failing_engine_is_rebuilt_then_refused_and_nothing_is_written(
     assert "so it passes" in str(refused.value)
 
 
+def test_batch_norm_is_folded_into_as_many_of_the_last_convs_as_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stand-in for a net that amplifies the rounding of each integer Conv: weights corrupted
+    whenever batch norm is folded into more than one Conv. The build bisects to the last one."""
+    source = tmp_path / "chain.onnx"
+    onnx.save(batch_norm_chain(3), source)
+    real_passes = onnxruntime_backend.ort_graph_passes
+    tried: list[object] = []
+
+    def passes(model: onnx.ModelProto, **options: object) -> list[object]:
+        fold, last = options["rewrite"][2], options.get("fold_last")  # type: ignore[index]
+        tried.append(last if fold else "unfolded")
+        corrupt = fold and (last is None or last > 1)  # type: ignore[operator]
+        return [*real_passes(model, **options), *([("negate", negate_conv_weights)] * corrupt)]
+
+    monkeypatch.setattr(onnxruntime_backend, "ort_graph_passes", passes)
+    engine = load_engine(build_engine(source, tmp_path / "e.onnx", fidelity_data=near_binary(64)))
+    assert tried == [None, None, 1, 2]  # fast, exact, then bisection over 1..2 of 3
+    options = engine.metadata.build_options
+    assert options["rewrite"] == {
+        "relu": "exact",
+        "requantize": "none",
+        "fold_affine": True,
+        "fold_last": 1,
+        "fold_candidates": 3,
+    }
+    refused = [(r["requantize"], r.get("fold_last")) for r in options["refused_rewrites"]]
+    assert refused == [("calibrated", None), ("none", None), ("none", 2)]
+    assert engine.metadata.fidelity["passed"]
+    # One Conv folded and in integer, the other two float beside their batch norms.
+    assert engine.metadata.build_options["optimized_ops"].get("QLinearConv") == 1
+    assert engine.metadata.build_options["optimized_ops"].get("BatchNormalization") == 2
+
+
 def test_a_model_that_integer_rounding_moves_is_refused_and_the_error_says_so(
     tmp_path: Path,
 ) -> None:
@@ -185,7 +220,7 @@ EMULATED = """
 import json, sys
 import onnx
 sys.path.insert(0, {root!r})
-from tests.int8_models import coarse_bias_cnn, near_binary, saturating_cnn
+from tests.int8_models import batch_norm_chain, coarse_bias_cnn, near_binary, saturating_cnn
 from qatflow.errors import RuntimeBackendError
 from qatflow.evaluation.predictors import engine_provenance
 from qatflow.runtimes import build_engine, load_engine

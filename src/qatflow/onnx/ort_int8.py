@@ -31,6 +31,7 @@ See docs/ort-int8.md for the measured speed and accuracy of each option.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -423,51 +424,87 @@ def _conv_weight(rw: _Rewriter, conv: onnx.NodeProto) -> tuple[np.ndarray, np.nd
     return data, np.broadcast_to(scale.reshape(-1), (data.shape[0],)).astype(np.float64)
 
 
-def _fold_affine_into_conv(rw: _Rewriter) -> None:
+def _fold_affine_into_conv(rw: _Rewriter, last: int | None = None) -> None:
     """Fold BatchNormalization (or per-channel Mul/Add) after a Conv into its DQ'd weights.
 
     ``conv(x, q * s) * g + h == conv(x, (q * sign(g)) * (s * |g|)) + h``: exact up to float
-    rounding, as TensorRT does when it folds batch norm into an INT8 convolution.
+    rounding, as TensorRT does when it folds batch norm into an INT8 convolution. With ``last``,
+    only the last ``last`` Convs that fold (in graph order) are folded; the others stay float,
+    as without folding. ``stats["fold_candidates"]`` counts the Convs that fold.
     """
+    candidates = [c.input[1] for c in rw.graph.node if c.op_type == "Conv" and _fold_plan(rw, c)]
+    rw.stats["fold_candidates"] = len(candidates)
+    # Keyed by weight tensor: a Conv keeps it until it folds, then gets the folded one.
+    allowed = None if last is None else set(candidates[len(candidates) - last :] if last else [])
     changed = True
     while changed:
         changed = False
         for conv in [n for n in rw.graph.node if n.op_type == "Conv"]:
-            users = rw.consumers(conv.output[0])
-            if len(users) != 1 or users[0].op_type not in ("BatchNormalization", "Mul", "Add"):
+            if allowed is not None and conv.input[1] not in allowed:
                 continue
-            has_bias = len(conv.input) > 2 and bool(conv.input[2])
-            bias_value = rw.const(conv.input[2]) if has_bias else None
-            weight = _conv_weight(rw, conv)
-            if rw.is_output(conv.output[0]) or weight is None or (has_bias and bias_value is None):
+            plan = _fold_plan(rw, conv)
+            if plan is None:
                 continue
-            data, scale = weight
-            affine = _affine_after(rw, users[0], data.shape[0], data.ndim)
-            if affine is None or not np.all(np.isfinite(affine[0])) or np.any(affine[0] == 0):
-                continue
-            gain, shift = affine
-            sign = np.sign(gain).astype(np.int8).reshape([-1] + [1] * (data.ndim - 1))
-            if np.any((data == -128) & (sign < 0)):
-                continue
-            bias = np.zeros(data.shape[0]) if bias_value is None else bias_value.astype(np.float64)
-            inputs = [
-                rw.add_const((data * sign).astype(np.int8), f"{conv.input[1]}_folded"),
-                rw.add_const((scale * np.abs(gain)).astype(np.float32), f"{conv.input[1]}_scale"),
-                rw.add_const(np.zeros(data.shape[0], np.int8), f"{conv.input[1]}_zero_point"),
-            ]
-            conv.input[1] = rw.add_node(_DQ, inputs, rw.fresh(f"{conv.input[1]}_folded"), axis=0)
-            new_bias = rw.add_const((bias * gain + shift).astype(np.float32), f"{conv.name}_bias")
-            if has_bias:
-                conv.input[2] = new_bias
-            else:
-                del conv.input[2:]
-                conv.input.append(new_bias)
-            # The Conv takes over the folded op's output name; the folded op becomes dead.
-            conv.output[0], users[0].output[0] = users[0].output[0], conv.output[0]
-            del users[0].input[:]
+            _fold(rw, conv, *plan)
+            if allowed is not None:
+                allowed.add(conv.input[1])  # a second affine after it folds as well
             rw.stats["affine_folded"] += 1
             changed = True
         rw.reindex()
+
+
+_FoldPlan = tuple[onnx.NodeProto, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]
+
+
+def _fold_plan(rw: _Rewriter, conv: onnx.NodeProto) -> _FoldPlan | None:
+    """(the affine op, int8 weights, their scale, gain, shift, bias) when ``conv`` folds."""
+    users = rw.consumers(conv.output[0])
+    if len(users) != 1 or users[0].op_type not in ("BatchNormalization", "Mul", "Add"):
+        return None
+    has_bias = len(conv.input) > 2 and bool(conv.input[2])
+    bias_value = rw.const(conv.input[2]) if has_bias else None
+    weight = _conv_weight(rw, conv)
+    if rw.is_output(conv.output[0]) or weight is None or (has_bias and bias_value is None):
+        return None
+    data, scale = weight
+    affine = _affine_after(rw, users[0], data.shape[0], data.ndim)
+    if affine is None or not np.all(np.isfinite(affine[0])) or np.any(affine[0] == 0):
+        return None
+    gain, shift = affine
+    sign = np.sign(gain).reshape([-1] + [1] * (data.ndim - 1))
+    if np.any((data == -128) & (sign < 0)):
+        return None
+    return users[0], data, scale, gain, shift, bias_value
+
+
+def _fold(
+    rw: _Rewriter,
+    conv: onnx.NodeProto,
+    affine: onnx.NodeProto,
+    data: np.ndarray,
+    scale: np.ndarray,
+    gain: np.ndarray,
+    shift: np.ndarray,
+    bias_value: np.ndarray | None,
+) -> None:
+    """Fold ``affine`` (gain, shift per channel) into ``conv``'s weight scale and bias."""
+    sign = np.sign(gain).astype(np.int8).reshape([-1] + [1] * (data.ndim - 1))
+    bias = np.zeros(data.shape[0]) if bias_value is None else bias_value.astype(np.float64)
+    inputs = [
+        rw.add_const((data * sign).astype(np.int8), f"{conv.input[1]}_folded"),
+        rw.add_const((scale * np.abs(gain)).astype(np.float32), f"{conv.input[1]}_scale"),
+        rw.add_const(np.zeros(data.shape[0], np.int8), f"{conv.input[1]}_zero_point"),
+    ]
+    conv.input[1] = rw.add_node(_DQ, inputs, rw.fresh(f"{conv.input[1]}_folded"), axis=0)
+    new_bias = rw.add_const((bias * gain + shift).astype(np.float32), f"{conv.name}_bias")
+    if len(conv.input) > 2 and conv.input[2]:
+        conv.input[2] = new_bias
+    else:
+        del conv.input[2:]
+        conv.input.append(new_bias)
+    # The Conv takes over the folded op's output name; the folded op becomes dead.
+    conv.output[0], affine.output[0] = affine.output[0], conv.output[0]
+    del affine.input[:]
 
 
 def _after_integer_relu(rw: _Rewriter, name: str) -> bool:
@@ -1087,6 +1124,7 @@ def rewrite_for_ort_int8(
     requantize: RequantizeMode = "calibrated",
     until: str = STAGES[-1],
     fold_affine: bool = True,
+    fold_last: int | None = None,
 ) -> onnx.ModelProto:
     """Rewrite a TensorRT-style INT8 QDQ model so ONNX Runtime's CPU kernels run it in integer.
 
@@ -1111,6 +1149,10 @@ def rewrite_for_ort_int8(
         fold_affine: fold BatchNormalization/Mul/Add after a Conv into its weight scales and
             bias (the same math, not bit-exact); without it those Convs stay float and every
             remaining stage is bit-exact.
+        fold_last: with ``fold_affine``, fold only into the last ``fold_last`` Convs that fold,
+            in graph order (the others stay float); the summary's ``fold_candidates`` counts
+            them. None folds all. Deep nets amplify the rounding of each folded, integer Conv;
+            folding only the later ones keeps the error bounded (docs/exact-int8.md).
 
     Returns:
         A valid ONNX model with the same inputs and outputs (dynamic batch kept); a summary of
@@ -1129,6 +1171,8 @@ def rewrite_for_ort_int8(
             f"requantize must be 'none', 'downstream' or 'calibrated', got {requantize!r}"
         )
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if fold_last is not None and (isinstance(fold_last, bool) or fold_last < 0):
+        raise RuntimeBackendError(f"fold_last must be a count >= 0 or None, got {fold_last!r}")
     if opset < 13:
         raise RuntimeBackendError(f"model opset is {opset}; per-channel Q/DQ needs opset >= 13")
     out = onnx.ModelProto()
@@ -1146,7 +1190,7 @@ def rewrite_for_ort_int8(
     passes: dict[str, Callable[[_Rewriter], None]] = {
         "weight_quantize": _fold_weight_quantize,
         "weight_layout": _fold_weight_layout,
-        "affine_fold": _fold_affine_into_conv,
+        "affine_fold": lambda rw: _fold_affine_into_conv(rw, fold_last),
         "reencode": lambda rw: _reencode_activations(rw, relu),
         "merge": _merge_equal_quantizers,
         "hoist": lambda rw: _hoist_quantizers(rw, requantize),
@@ -1166,3 +1210,11 @@ def rewrite_for_ort_int8(
     onnx.checker.check_model(out)
     logger.info("ORT int8 rewrite: %s", summary)
     return out
+
+
+def fold_candidates(model: onnx.ModelProto) -> int:
+    """How many Convs of ``model`` :func:`rewrite_for_ort_int8` can fold batch norm into (the
+    range of its ``fold_last``)."""
+    rewritten = rewrite_for_ort_int8(model, requantize="none", until="affine_fold")
+    summary = next(p.value for p in rewritten.metadata_props if p.key == METADATA_KEY)
+    return int(json.loads(summary)["fold_candidates"])
