@@ -22,25 +22,9 @@ def saturating_cnn(seed: int = 0) -> onnx.ModelProto:
     weight_scale = (np.abs(weights).reshape(16, -1).max(axis=1) / 127).astype(np.float32)
     weights_q = np.clip(np.rint(weights / weight_scale[:, None, None, None]), -127, 127)
     dense = rng.normal(0, 0.5, (16, 10))
-    inits = [
-        numpy_helper.from_array(np.array(1 / 127, np.float32), "x_scale"),
-        numpy_helper.from_array(np.array(0, np.int8), "zero"),
-        numpy_helper.from_array(weights_q.astype(np.int8), "w_q"),
-        numpy_helper.from_array(weight_scale, "w_scale"),
-        numpy_helper.from_array(np.zeros(16, np.int8), "w_zero"),
-        numpy_helper.from_array(rng.normal(0, 1, 16).astype(np.float32), "bias"),
-        numpy_helper.from_array(np.array(RELU_RANGE / 127, np.float32), "r_scale"),
-    ]
-    nodes = [
-        helper.make_node("QuantizeLinear", ["x", "x_scale", "zero"], ["xq"]),
-        helper.make_node("DequantizeLinear", ["xq", "x_scale", "zero"], ["xd"]),
-        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w"], axis=0),
-        helper.make_node("Conv", ["xd", "w", "bias"], ["c"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c"], ["r"]),
-        helper.make_node("QuantizeLinear", ["r", "r_scale", "zero"], ["rq"]),
-        helper.make_node("DequantizeLinear", ["rq", "r_scale", "zero"], ["rd"]),
-    ]
-    return _classified("saturating_cnn", nodes, inits, "rd", dense, rng)
+    bias = rng.normal(0, 1, 16)
+    scales = (1 / 127, weight_scale, RELU_RANGE / 127)
+    return _one_conv("saturating_cnn", weights_q, bias, scales, dense, rng)
 
 
 def coarse_bias_cnn(seed: int = 0) -> onnx.ModelProto:
@@ -54,14 +38,30 @@ def coarse_bias_cnn(seed: int = 0) -> onnx.ModelProto:
     """
     rng = np.random.default_rng(seed)
     weights_q = rng.integers(-1, 2, (16, 8, 3, 3))
+    bias = rng.integers(-4, 0, 16) * 0.25 + 0.1
+    scales = (1.0, np.full(16, 0.25, np.float32), 2 / 127)
+    return _one_conv("coarse_bias_cnn", weights_q, bias, scales, rng.normal(0, 0.5, (16, 10)), rng)
+
+
+def _one_conv(
+    name: str,
+    weights_q: np.ndarray,
+    bias: np.ndarray,
+    scales: tuple[float, np.ndarray, float],
+    dense: np.ndarray,
+    rng: np.random.Generator,
+) -> onnx.ModelProto:
+    """Q/DQ -> Conv(8->16, 3x3, ``weights_q``, ``bias``) -> Relu -> Q/DQ, then
+    :func:`_classified`; ``scales``: the input's, the weights' (per channel), the ReLU's."""
+    x_scale, weight_scale, relu_scale = scales
     inits = [
-        numpy_helper.from_array(np.array(1.0, np.float32), "x_scale"),
+        numpy_helper.from_array(np.array(x_scale, np.float32), "x_scale"),
         numpy_helper.from_array(np.array(0, np.int8), "zero"),
         numpy_helper.from_array(weights_q.astype(np.int8), "w_q"),
-        numpy_helper.from_array(np.full(16, 0.25, np.float32), "w_scale"),
+        numpy_helper.from_array(np.asarray(weight_scale, np.float32), "w_scale"),
         numpy_helper.from_array(np.zeros(16, np.int8), "w_zero"),
-        numpy_helper.from_array((rng.integers(-4, 0, 16) * 0.25 + 0.1).astype(np.float32), "bias"),
-        numpy_helper.from_array(np.array(2 / 127, np.float32), "r_scale"),
+        numpy_helper.from_array(bias.astype(np.float32), "bias"),
+        numpy_helper.from_array(np.array(relu_scale, np.float32), "r_scale"),
     ]
     nodes = [
         helper.make_node("QuantizeLinear", ["x", "x_scale", "zero"], ["xq"]),
@@ -72,7 +72,7 @@ def coarse_bias_cnn(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("QuantizeLinear", ["r", "r_scale", "zero"], ["rq"]),
         helper.make_node("DequantizeLinear", ["rq", "r_scale", "zero"], ["rd"]),
     ]
-    return _classified("coarse_bias_cnn", nodes, inits, "rd", rng.normal(0, 0.5, (16, 10)), rng)
+    return _classified(name, nodes, inits, "rd", dense, rng)
 
 
 def batch_norm_chain(convs: int = 3, seed: int = 0) -> onnx.ModelProto:
