@@ -54,6 +54,9 @@ from qatflow.runtimes.fidelity import (
     FidelityReport,
     collect,
     compare_outputs,
+    ideal_integer_graph,
+    ideal_integer_line,
+    ideal_integer_record,
     reference_outputs,
 )
 from qatflow.runtimes.tensorrt_fp16 import convert_to_mixed_fp16
@@ -297,7 +300,8 @@ def _build(
         del engine  # the runner owns it now and frees it on close
         report = _check_fidelity(runner, source, inputs, expected, data_label)
     if not report.passed:
-        raise fidelity_error(source, plan, report)
+        ideal = _ideal_integer(source_model, input_name, dims, inputs, expected, data_label)
+        raise fidelity_error(source, plan, report, ideal)
     logger.info("%s: TensorRT %s", source, report.summary())
     metadata = dataclasses.replace(metadata, fidelity=report.to_dict())
     clock.timings["total"] = round(time.perf_counter() - started, 3)
@@ -385,17 +389,48 @@ def _check_fidelity(
         ) from exc
 
 
-def fidelity_error(source: Path, plan: BuildPlan, report: FidelityReport) -> RuntimeBackendError:
-    """The error for an engine that failed its fidelity check (nothing has been written)."""
+def _ideal_integer(
+    model: onnx.ModelProto,
+    input_name: str,
+    dims: tuple[int | str | None, ...],
+    inputs: np.ndarray,
+    expected: np.ndarray,
+    data_label: str,
+) -> dict[str, Any] | None:
+    """:func:`qatflow.runtimes.fidelity.ideal_integer_record` of a Q/DQ ``model`` on ``inputs``
+    (None for a float model, or where the ideal graph cannot be built: it only explains)."""
+    if not has_qdq(model):
+        return None
+    try:
+        ideal = ideal_integer_graph(model)
+        step = dims[0] if isinstance(dims[0], int) else len(inputs)
+        outputs = np.concatenate(
+            [
+                reference_outputs(ideal, input_name, inputs[i : i + step])
+                for i in range(0, len(inputs), step)
+            ]
+        )
+    except Exception as exc:  # a diagnostic of a failure already found: never mask it
+        logger.warning("cannot score an ideal integer engine of this model: %r", exc)
+        return None
+    return ideal_integer_record(compare_outputs(expected, outputs, data=data_label))
+
+
+def fidelity_error(
+    source: Path, plan: BuildPlan, report: FidelityReport, ideal: dict[str, Any] | None = None
+) -> RuntimeBackendError:
+    """The error for an engine that failed its fidelity check (nothing has been written);
+    ``ideal``: whether an ideal integer engine of the model passes (:func:`_ideal_integer`)."""
     hint = (
         " Try fp16=False (FP16 float layers lose precision), or report the model."
         if "fp16" in plan.precision
         else " Report the model with its build log messages."
     )
+    because = f" Also, {ideal_integer_line(ideal)}." if ideal else ""
     return RuntimeBackendError(
         f"{source}: the TensorRT {plan.trt_version} engine (precision {plan.precision}) "
         f"disagrees with its reference, the source ONNX run as float math on ONNX Runtime: "
-        f"{report.summary()}. No engine was written.{hint}"
+        f"{report.summary()}.{because} No engine was written.{hint}"
     )
 
 
