@@ -21,8 +21,10 @@ def _unfolded_convs(model: onnx.ModelProto) -> list[str]:
 
 
 def test_fold_candidates_counts_the_convs_batch_norm_follows() -> None:
-    assert fold_candidates(batch_norm_chain(3)) == 3
-    assert fold_candidates(batch_norm_chain(5)) == 5
+    for convs in (3, 5):
+        rewritten = rewrite_for_ort_int8(batch_norm_chain(convs), **EXACT)
+        assert fold_candidates(rewritten) == convs
+    assert fold_candidates(batch_norm_chain(3)) == 0  # no rewrite summary
 
 
 @pytest.mark.parametrize("folded", [0, 1, 2, 3])

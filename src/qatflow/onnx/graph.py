@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -114,6 +115,12 @@ def set_metadata_json(model: onnx.ModelProto, key: str, value: object) -> None:
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     model.metadata_props.add(key=key, value=json.dumps(value, sort_keys=True))
+
+
+def metadata_json(model: onnx.ModelProto, key: str) -> Any:
+    """The value :func:`set_metadata_json` stored under ``key``, or None."""
+    text = next((p.value for p in model.metadata_props if p.key == key), None)
+    return None if text is None else json.loads(text)
 
 
 def drop_unused_initializers(graph: onnx.GraphProto) -> None:

@@ -16,7 +16,8 @@ from onnx import numpy_helper
 
 from qatflow.onnx.graph import GraphIndex
 
-_BIAS_INPUT = {"Conv": 2, "Gemm": 2}
+_INTEGER_KERNELS = frozenset({"Conv", "Gemm"})
+_BIAS = 2  # the bias input of both
 
 
 def round_biases_to_integer_units(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -32,13 +33,14 @@ def round_biases_to_integer_units(model: onnx.ModelProto) -> tuple[onnx.ModelPro
     index = GraphIndex(rounded.graph)
     count = 0
     for node in rounded.graph.node:
-        slot = _BIAS_INPUT.get(node.op_type)
-        if slot is None or len(node.input) <= slot or node.input[slot] not in index.initializers:
+        if node.op_type not in _INTEGER_KERNELS or len(node.input) <= _BIAS:
+            continue
+        if node.input[_BIAS] not in index.initializers:
             continue
         unit = _bias_unit(index, node)
         if unit is None:
             continue
-        init = index.initializers[node.input[slot]]
+        init = index.initializers[node.input[_BIAS]]
         bias = numpy_helper.to_array(init).astype(np.float32)
         if unit.size not in (1, bias.size):
             continue

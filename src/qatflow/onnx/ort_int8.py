@@ -31,7 +31,6 @@ See docs/ort-int8.md for the measured speed and accuracy of each option.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -48,6 +47,7 @@ from qatflow.onnx.graph import (
     GraphIndex,
     apply_layout,
     drop_unused_initializers,
+    metadata_json,
     quantize_constant,
     set_metadata_json,
     topological_sort,
@@ -1212,9 +1212,8 @@ def rewrite_for_ort_int8(
     return out
 
 
-def fold_candidates(model: onnx.ModelProto) -> int:
-    """How many Convs of ``model`` :func:`rewrite_for_ort_int8` can fold batch norm into (the
-    range of its ``fold_last``)."""
-    rewritten = rewrite_for_ort_int8(model, requantize="none", until="affine_fold")
-    summary = next(p.value for p in rewritten.metadata_props if p.key == METADATA_KEY)
-    return int(json.loads(summary)["fold_candidates"])
+def fold_candidates(rewritten: onnx.ModelProto) -> int:
+    """How many Convs :func:`rewrite_for_ort_int8` could fold batch norm into (the range of its
+    ``fold_last``), read from the summary of a model it ``rewritten``; 0 without one."""
+    summary = metadata_json(rewritten, METADATA_KEY)
+    return int(summary.get("fold_candidates", 0)) if isinstance(summary, dict) else 0

@@ -11,7 +11,6 @@ across the two by a few percent although nothing was converted wrongly.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -20,7 +19,7 @@ import keras
 import numpy as np
 import onnx
 
-from qatflow.onnx.graph import set_metadata_json
+from qatflow.onnx.graph import metadata_json, set_metadata_json
 from qatflow.onnx.reference import run_reference
 from qatflow.runtimes.fidelity import (
     FidelityData,
@@ -101,8 +100,8 @@ def record_export_check(
 
 def read_export_check(proto: onnx.ModelProto) -> dict[str, Any] | None:
     """The record :func:`record_export_check` stored in ``proto``, if any."""
-    value = next((p.value for p in proto.metadata_props if p.key == EXPORT_CHECK_KEY), None)
-    return None if value is None else dict(json.loads(value))
+    value = metadata_json(proto, EXPORT_CHECK_KEY)
+    return None if value is None else dict(value)
 
 
 def export_check_line(record: Mapping[str, Any] | None) -> str:

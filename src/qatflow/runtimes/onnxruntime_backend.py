@@ -50,9 +50,8 @@ from qatflow.runtimes.fidelity import (
     FidelityReport,
     compare_outputs,
     first_divergence,
-    ideal_integer_graph,
+    ideal_integer_check,
     ideal_integer_line,
-    ideal_integer_record,
     reference_outputs,
 )
 from qatflow.runtimes.integer_share import node_share, time_share
@@ -423,9 +422,9 @@ class _Trials:
 
     def _refuse(self, tried: _Attempt, margin: float) -> None:
         if self.ideal is None and self.reference is not None and self.options.int8_rewrite:
-            ideal = self.outputs(ideal_integer_graph(self.model))
-            scored = compare_outputs(self.reference, ideal, data=self.data_label)
-            self.ideal = ideal_integer_record(scored)
+            self.ideal = ideal_integer_check(
+                self.model, self.reference, self.outputs, data=self.data_label
+            )
         because = f"; {ideal_integer_line(self.ideal)}" if self.ideal else ""
         if tried.report.passed:
             because = f"; p99 above the search margin {margin:.0%} of the tolerance{because}"
@@ -460,7 +459,7 @@ def _search_rewrites(trials: _Trials, rewriting: bool) -> _Attempt:
             return tried
     from qatflow.onnx.ort_int8 import fold_candidates
 
-    candidates = fold_candidates(trials.model)
+    candidates = fold_candidates(tried.prepared)  # the exact rewrite's own count
     low, high, best = 0, candidates, None
     while high - low > 1:
         middle = (low + high) // 2
