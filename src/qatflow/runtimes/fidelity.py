@@ -131,10 +131,17 @@ def ideal_integer_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     return round_biases_to_integer_units(rewritten)[0]
 
 
-def ideal_integer_record(ideal: FidelityReport) -> dict[str, Any]:
-    """What the engine metadata keeps of ``ideal``: :func:`ideal_integer_graph`'s outputs scored
-    against the reference like an engine, so that a refusal says whether a kernel or the network
-    failed the gate."""
+def ideal_integer_check(
+    model: onnx.ModelProto,
+    reference: np.ndarray,
+    outputs_of: Callable[[onnx.ModelProto], np.ndarray],
+    *,
+    data: str,
+) -> dict[str, Any]:
+    """:func:`ideal_integer_graph` of ``model`` run by ``outputs_of`` (on the inputs that gave
+    ``reference``) and scored like an engine: what the engine metadata keeps, so that a refusal
+    says whether a kernel or the network failed the gate."""
+    ideal = compare_outputs(reference, outputs_of(ideal_integer_graph(model)), data=data)
     return {
         "agreement": ideal.agreement,
         "decided_agreement": ideal.decided_agreement,
@@ -144,7 +151,7 @@ def ideal_integer_record(ideal: FidelityReport) -> dict[str, Any]:
 
 
 def ideal_integer_line(record: Mapping[str, Any]) -> str:
-    """One clause on an :func:`ideal_integer_record`, for logs and error messages."""
+    """One clause on an :func:`ideal_integer_check` record, for logs and error messages."""
     verdict = "passes" if record["passed"] else "fails too: the network amplifies rounding"
     return (
         f"an ideal integer engine of this model (batch norms folded, int32 biases, run as float "

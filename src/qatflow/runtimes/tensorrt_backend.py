@@ -54,9 +54,8 @@ from qatflow.runtimes.fidelity import (
     FidelityReport,
     collect,
     compare_outputs,
-    ideal_integer_graph,
+    ideal_integer_check,
     ideal_integer_line,
-    ideal_integer_record,
     reference_outputs,
 )
 from qatflow.runtimes.tensorrt_fp16 import convert_to_mixed_fp16
@@ -397,23 +396,23 @@ def _ideal_integer(
     expected: np.ndarray,
     data_label: str,
 ) -> dict[str, Any] | None:
-    """:func:`qatflow.runtimes.fidelity.ideal_integer_record` of a Q/DQ ``model`` on ``inputs``
+    """:func:`qatflow.runtimes.fidelity.ideal_integer_check` of a Q/DQ ``model`` on ``inputs``
     (None for a float model, or where the ideal graph cannot be built: it only explains)."""
     if not has_qdq(model):
         return None
-    try:
-        ideal = ideal_integer_graph(model)
-        step = dims[0] if isinstance(dims[0], int) else len(inputs)
-        outputs = np.concatenate(
-            [
-                reference_outputs(ideal, input_name, inputs[i : i + step])
-                for i in range(0, len(inputs), step)
-            ]
+    step = dims[0] if isinstance(dims[0], int) else len(inputs)
+
+    def outputs_of(graph: onnx.ModelProto) -> np.ndarray:
+        chunks = range(0, len(inputs), step)
+        return np.concatenate(
+            [reference_outputs(graph, input_name, inputs[i : i + step]) for i in chunks]
         )
+
+    try:
+        return ideal_integer_check(model, expected, outputs_of, data=data_label)
     except Exception as exc:  # a diagnostic of a failure already found: never mask it
         logger.warning("cannot score an ideal integer engine of this model: %r", exc)
         return None
-    return ideal_integer_record(compare_outputs(expected, outputs, data=data_label))
 
 
 def fidelity_error(
