@@ -196,17 +196,17 @@ def verdict(fidelity: Mapping[str, Any] | None) -> str:
 
 
 def _rewrite_name(rewrite: Mapping[str, Any]) -> str:
-    """``exact/calibrated``, with ``/unfolded`` when batch norm was left unfolded, or
-    ``/folded 26 of 53`` when it was folded into the last 26 of 53 Convs only."""
-    folded = "" if rewrite.get("fold_affine", True) else "/unfolded"
-    if rewrite.get("fold_last") is not None:
-        folded = f"/folded {rewrite['fold_last']} of {rewrite.get('fold_candidates', '?')}"
-    return f"{rewrite['relu']}/{rewrite['requantize']}{folded}"
+    """``exact/calibrated``, or ``exact/none/integer 26 of 53`` when only the last 26 of the 53
+    Convs the rewrite can run in integer do."""
+    partial = ""
+    if rewrite.get("integer_last") is not None:
+        partial = f"/integer {rewrite['integer_last']} of {rewrite.get('integer_candidates', '?')}"
+    return f"{rewrite['relu']}/{rewrite['requantize']}{partial}"
 
 
 def engine_encoding(build_options: Mapping[str, Any]) -> str | None:
     """``"u8s8 (exact/calibrated)"``: an engine's encoding and the rewrite its build kept
-    (relu/requantize, ``/unfolded`` without batch-norm folding), then the faster rewrites the
+    (relu/requantize, ``/integer k of n`` when partly integer), then the faster rewrites the
     fidelity check refused with their decided agreement, from its ``build_options``."""
     encoding = build_options.get("encoding")
     rewrite = build_options.get("rewrite") or {}

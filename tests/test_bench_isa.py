@@ -178,9 +178,15 @@ def test_engine_encoding_names_the_rewrite_the_build_kept():
     assert isa_bench.engine_encoding(options) == "u8u8 (exact/none)"
     assert isa_bench.engine_encoding({"encoding": None, "rewrite": None}) is None
     assert isa_bench.engine_encoding({"encoding": "u8s8"}) == "u8s8"
-    fallback = {
+    partial = {
         "encoding": "u8s8",
-        "rewrite": {"relu": "exact", "requantize": "none", "fold_affine": False},
+        "rewrite": {
+            "relu": "exact",
+            "requantize": "none",
+            "fold_affine": True,
+            "integer_last": 26,
+            "integer_candidates": 53,
+        },
         "refused_rewrites": [
             {
                 "relu": "exact",
@@ -190,14 +196,9 @@ def test_engine_encoding_names_the_rewrite_the_build_kept():
             },
         ],
     }
-    assert isa_bench.engine_encoding(fallback) == (
-        "u8s8 (exact/none/unfolded); refused exact/calibrated at 50.8%"
+    assert isa_bench.engine_encoding(partial) == (
+        "u8s8 (exact/none/integer 26 of 53); refused exact/calibrated at 50.8%"
     )
-    partial = {
-        "encoding": "u8u8",
-        "rewrite": {"relu": "exact", "requantize": "none", "fold_last": 26, "fold_candidates": 53},
-    }
-    assert isa_bench.engine_encoding(partial) == "u8u8 (exact/none/folded 26 of 53)"
 
 
 def test_compute_op_share_counts_integer_and_float_compute_nodes():

@@ -26,7 +26,7 @@ from qatflow.evaluation.predictors import engine_provenance
 from qatflow.onnx.reference import run_reference
 from qatflow.runtimes import build_engine, load_engine, onnxruntime_backend
 from qatflow.runtimes.cpu_int8 import CpuInt8, detect
-from qatflow.runtimes.fidelity import compare_outputs
+from qatflow.runtimes.fidelity import compare_outputs, ideal_integer_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,34 +118,37 @@ def test_a_failing_engine_is_rebuilt_then_refused_and_nothing_is_written(
     real_passes = onnxruntime_backend.ort_graph_passes
 
     def passes(model: onnx.ModelProto, **options: object) -> list[object]:
-        attempts.append("/".join(map(str, options["rewrite"])))  # type: ignore[call-overload]
+        integer = options.get("integer_convs")
+        rewrite = "/".join(map(str, options["rewrite"]))  # type: ignore[call-overload]
+        attempts.append(rewrite if integer is None else f"{rewrite}/{len(integer)}")  # type: ignore[arg-type]
         return [*real_passes(model, **options), ("negate", negate_conv_weights)]
 
     monkeypatch.setattr(onnxruntime_backend, "ort_graph_passes", passes)
     out = tmp_path / "out" / "e.onnx"
     with pytest.raises(RuntimeBackendError, match="No engine was written") as refused:
         build_engine(source, out, fidelity_data=near_binary(64))
-    assert attempts == ["exact/calibrated/True", "exact/none/True", "exact/none/False"]
+    # fast, exact, then (one integer Conv: nothing to bisect) the exact one with none in integer
+    assert attempts == ["exact/calibrated/True", "exact/none/True", "exact/none/True/0"]
     assert not out.exists()
     # An ideal integer engine of the same model passes: the fault is the engine's, not the net's.
     assert "an ideal integer engine of this model" in str(refused.value)
     assert "so it passes" in str(refused.value)
 
 
-def test_batch_norm_is_folded_into_as_many_of_the_last_convs_as_pass(
+def test_as_many_of_the_last_convs_run_in_integer_as_pass(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A stand-in for a net that amplifies the rounding of each integer Conv: weights corrupted
-    whenever batch norm is folded into more than one Conv. The build bisects to the last one."""
+    whenever more than one Conv runs in integer. The build bisects to the last one."""
     source = tmp_path / "chain.onnx"
     onnx.save(batch_norm_chain(3), source)
     real_passes = onnxruntime_backend.ort_graph_passes
     tried: list[object] = []
 
     def passes(model: onnx.ModelProto, **options: object) -> list[object]:
-        fold, last = options["rewrite"][2], options.get("fold_last")  # type: ignore[index]
-        tried.append(last if fold else "unfolded")
-        corrupt = fold and (last is None or last > 1)  # type: ignore[operator]
+        integer = options.get("integer_convs")
+        tried.append(None if integer is None else len(integer))  # type: ignore[arg-type]
+        corrupt = integer is None or len(integer) > 1  # type: ignore[arg-type]
         return [*real_passes(model, **options), *([("negate", negate_conv_weights)] * corrupt)]
 
     monkeypatch.setattr(onnxruntime_backend, "ort_graph_passes", passes)
@@ -156,10 +159,10 @@ def test_batch_norm_is_folded_into_as_many_of_the_last_convs_as_pass(
         "relu": "exact",
         "requantize": "none",
         "fold_affine": True,
-        "fold_last": 1,
-        "fold_candidates": 3,
+        "integer_last": 1,
+        "integer_candidates": 3,
     }
-    refused = [(r["requantize"], r.get("fold_last")) for r in options["refused_rewrites"]]
+    refused = [(r["requantize"], r.get("integer_last")) for r in options["refused_rewrites"]]
     assert refused == [("calibrated", None), ("none", None), ("none", 2)]
     assert engine.metadata.fidelity["passed"]
     # One Conv folded and in integer, the other two float beside their batch norms.
@@ -167,42 +170,51 @@ def test_batch_norm_is_folded_into_as_many_of_the_last_convs_as_pass(
     assert engine.metadata.build_options["optimized_ops"].get("BatchNormalization") == 2
 
 
-def test_a_model_that_integer_rounding_moves_is_refused_and_the_error_says_so(
+def test_a_model_that_integer_rounding_moves_keeps_its_conv_float_and_says_why(
     tmp_path: Path,
 ) -> None:
     """Every integer engine rounds a Conv bias to its int32 unit; here that alone moves the
-    logits past the tolerance. The kernels are right, so the error names the network."""
+    logits past the tolerance. The Conv is kept float, and the metadata says that an ideal
+    integer engine fails too (the network, not the kernels)."""
     source = tmp_path / "coarse.onnx"
     onnx.save(coarse_bias_cnn(), source)
-    out = tmp_path / "e.onnx"
-    with pytest.raises(RuntimeBackendError, match="No engine was written") as refused:
-        build_engine(source, out, fidelity_data=near_binary(64))
-    assert "fails too: the network amplifies rounding" in str(refused.value)
-    assert not out.exists()
+    engine = load_engine(build_engine(source, tmp_path / "e.onnx", fidelity_data=near_binary(64)))
+    options = engine.metadata.build_options
+    assert options["rewrite"]["integer_last"] == 0
+    ops = options["optimized_ops"]
+    assert ops.get("Conv") == 1 and "QLinearConv" not in ops
+    assert engine.metadata.fidelity["passed"]
+    assert not engine.metadata.fidelity["details"]["ideal_integer"]["passed"]
+    assert "fails too: the network amplifies rounding" in ideal_integer_line(
+        engine.metadata.fidelity["details"]["ideal_integer"]
+    )
 
 
 def test_a_fallback_engine_records_the_rewrites_it_refused(
     source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Weights corrupted only where batch norm is folded: the bit-exact rewrite is built and
-    its metadata says which faster rewrites were refused, and how far they agreed."""
+    """Weights corrupted whenever every Conv runs in integer: the float-Conv rewrite is built
+    and its metadata says which faster rewrites were refused, and how far they agreed."""
     real_passes = onnxruntime_backend.ort_graph_passes
 
     def passes(model: onnx.ModelProto, **options: object) -> list[object]:
-        fold = options["rewrite"][2]  # type: ignore[index]
-        return [
-            *real_passes(model, **options),
-            *([("negate", negate_conv_weights)] if fold else []),
-        ]
+        corrupt = options.get("integer_convs") is None
+        return [*real_passes(model, **options), *([("negate", negate_conv_weights)] * corrupt)]
 
     monkeypatch.setattr(onnxruntime_backend, "ort_graph_passes", passes)
     engine = load_engine(build_engine(source, tmp_path / "e.onnx", fidelity_data=near_binary(64)))
     options = engine.metadata.build_options
-    assert options["rewrite"] == {"relu": "exact", "requantize": "none", "fold_affine": False}
+    assert options["rewrite"] == {
+        "relu": "exact",
+        "requantize": "none",
+        "fold_affine": True,
+        "integer_last": 0,
+        "integer_candidates": 1,
+    }
     refused = options["refused_rewrites"]
-    assert [(r["requantize"], r["fold_affine"]) for r in refused] == [
-        ("calibrated", True),
-        ("none", True),
+    assert [(r["requantize"], r.get("integer_last")) for r in refused] == [
+        ("calibrated", None),
+        ("none", None),
     ]
     assert all(r["decided_agreement"] < 0.999 for r in refused)
     assert engine.metadata.fidelity["passed"]

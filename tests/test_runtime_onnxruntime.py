@@ -200,7 +200,7 @@ def _fake_rewrite_module(calls: list[str], mode: str = "ok") -> types.ModuleType
     module = types.ModuleType(HOOK)
 
     def rewrite_for_ort_int8(model: onnx.ModelProto, **options: object) -> onnx.ModelProto:
-        assert set(options) <= {"calibration", "requantize", "relu", "fold_affine", "fold_last"}
+        assert set(options) <= {"calibration", "requantize", "relu", "fold_affine", "integer_convs"}
         if mode == "raise":
             raise ValueError("cannot rewrite")
         calls.append(model.graph.name)

@@ -23,8 +23,9 @@ when the Q's zero-point is the type minimum). This module rewrites the ONNX grap
 3. exact clean-ups of the final layout: a zero Pad before a DQ -> Conv (Keras' ZeroPadding2D)
    folded into the Conv's pads, the swish ``x * Sigmoid(x)`` as ORT's QuickGelu, which ORT
    does not fuse itself once a DQ feeds it (docs/exact-int8.md, "Why the rewrite was slower"),
-   and each uint8 ReLU output stored as the 7-bit values TensorRT keeps (zero-point 0), on
-   which U8S8 kernels cannot saturate (docs/exact-int8.md, "The narrow stage").
+   each uint8 ReLU output stored as the 7-bit values TensorRT keeps (zero-point 0), on
+   which U8S8 kernels cannot saturate (docs/exact-int8.md, "The narrow stage"), and, with
+   ``integer_convs``, the other Convs kept float (an identity Max before their Q).
 
 See docs/ort-int8.md for the measured speed and accuracy of each option.
 """
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -47,11 +48,11 @@ from qatflow.onnx.graph import (
     GraphIndex,
     apply_layout,
     drop_unused_initializers,
-    metadata_json,
     quantize_constant,
     set_metadata_json,
     topological_sort,
 )
+from qatflow.onnx.integer_kernels import integer_kernel_scales
 from qatflow.onnx.reference import session as reference_session
 from qatflow.onnx.reference import with_outputs
 
@@ -79,9 +80,11 @@ STAGES = (
     "pad_fold",
     "swish",
     "narrow",
+    "keep_float",
 )
-# pad_fold, swish and narrow are bit-exact as well; they run last: they match the final layout.
-EXACT_STAGES = (*STAGES[:6], "pad_fold", "swish", "narrow")
+# pad_fold, swish, narrow and keep_float are bit-exact as well; they run last: they match the
+# final layout.
+EXACT_STAGES = (*STAGES[:6], "pad_fold", "swish", "narrow", "keep_float")
 _Q, _DQ = "QuantizeLinear", "DequantizeLinear"
 _MS_DOMAIN = "com.microsoft"
 # Ops whose QDQ group ORT's CPU selectors turn into an integer kernel when the output has a Q.
@@ -154,6 +157,11 @@ class _Rewriter:
             name for n in self.graph.node for name in (*n.input, *n.output)
         }
         self._names |= {i.name for i in self.graph.initializer} | {i.name for i in self.graph.input}
+        seen: set[str] = set()
+        for node in self.graph.node:  # integer_convs selects Convs by node name
+            if not node.name or node.name in seen:
+                node.name = self.fresh(f"{node.output[0]}_{node.op_type}")
+            seen.add(node.name)
         self.index = GraphIndex(self.graph)
         self.reindex()
 
@@ -424,30 +432,24 @@ def _conv_weight(rw: _Rewriter, conv: onnx.NodeProto) -> tuple[np.ndarray, np.nd
     return data, np.broadcast_to(scale.reshape(-1), (data.shape[0],)).astype(np.float64)
 
 
-def _fold_affine_into_conv(rw: _Rewriter, last: int | None = None) -> None:
+def _fold_affine_into_conv(rw: _Rewriter, integer: Collection[str] | None = None) -> None:
     """Fold BatchNormalization (or per-channel Mul/Add) after a Conv into its DQ'd weights.
 
     ``conv(x, q * s) * g + h == conv(x, (q * sign(g)) * (s * |g|)) + h``: exact up to float
-    rounding, as TensorRT does when it folds batch norm into an INT8 convolution. With ``last``,
-    only the last ``last`` Convs that fold (in graph order) are folded; the others stay float,
-    as without folding. ``stats["fold_candidates"]`` counts the Convs that fold.
+    rounding, as TensorRT does when it folds batch norm into an INT8 convolution. With
+    ``integer`` (Conv node names), only those Convs are folded; the others stay float, as
+    without folding.
     """
-    candidates = [c.input[1] for c in rw.graph.node if c.op_type == "Conv" and _fold_plan(rw, c)]
-    rw.stats["fold_candidates"] = len(candidates)
-    # Keyed by weight tensor: a Conv keeps it until it folds, then gets the folded one.
-    allowed = None if last is None else set(candidates[len(candidates) - last :] if last else [])
     changed = True
     while changed:
         changed = False
         for conv in [n for n in rw.graph.node if n.op_type == "Conv"]:
-            if allowed is not None and conv.input[1] not in allowed:
+            if integer is not None and conv.name not in integer:
                 continue
             plan = _fold_plan(rw, conv)
             if plan is None:
                 continue
             _fold(rw, conv, *plan)
-            if allowed is not None:
-                allowed.add(conv.input[1])  # a second affine after it folds as well
             rw.stats["affine_folded"] += 1
             changed = True
         rw.reindex()
@@ -1111,6 +1113,25 @@ def _narrow_relu_outputs(rw: _Rewriter) -> None:
         rw.reindex()
 
 
+def _keep_convs_float(rw: _Rewriter, integer: Collection[str] | None) -> None:
+    """Keep each integer-kernel Conv not named in ``integer`` float: an identity ``Max`` of its
+    output alone goes before its Qs, so ORT's selectors no longer see ``DQ -> Conv -> Q``.
+
+    Bit-exact: the Conv, its bias and its weights are as they were (ORT folds neither the
+    runtime weight DequantizeLinear nor the Max away).
+    """
+    if integer is None:
+        return
+    for conv in [n for n in rw.graph.node if n.op_type == "Conv"]:
+        if conv.name in integer or integer_kernel_scales(rw.index, conv) is None:
+            continue
+        original = conv.output[0]  # its Qs keep reading this name, now the Max's
+        conv.output[0] = rw.fresh(f"{original}_float")
+        rw.add_node("Max", [conv.output[0]], original)
+        rw.stats["kept_float"] += 1
+    rw.reindex()
+
+
 # ------------------------------------------------------------------------------------------
 # Public API
 # ------------------------------------------------------------------------------------------
@@ -1124,7 +1145,7 @@ def rewrite_for_ort_int8(
     requantize: RequantizeMode = "calibrated",
     until: str = STAGES[-1],
     fold_affine: bool = True,
-    fold_last: int | None = None,
+    integer_convs: Collection[str] | None = None,
 ) -> onnx.ModelProto:
     """Rewrite a TensorRT-style INT8 QDQ model so ONNX Runtime's CPU kernels run it in integer.
 
@@ -1149,10 +1170,13 @@ def rewrite_for_ort_int8(
         fold_affine: fold BatchNormalization/Mul/Add after a Conv into its weight scales and
             bias (the same math, not bit-exact); without it those Convs stay float and every
             remaining stage is bit-exact.
-        fold_last: with ``fold_affine``, fold only into the last ``fold_last`` Convs that fold,
-            in graph order (the others stay float); the summary's ``fold_candidates`` counts
-            them. None folds all. Deep nets amplify the rounding of each folded, integer Conv;
-            folding only the later ones keeps the error bounded (docs/exact-int8.md).
+        integer_convs: the names of the Conv nodes allowed to run as integer kernels; None
+            allows all. The others stay float exactly: batch norm is not folded into them, and
+            one that would still be an integer kernel gets an identity Max before its Q
+            (``keep_float``). Deep nets amplify the rounding of each integer Conv; keeping the
+            early ones float bounds the error (docs/exact-int8.md). Unnamed or duplicate-named
+            nodes are named first, so every Conv of the result has its own name
+            (:func:`qatflow.onnx.integer_kernels.integer_convs` lists the integer ones).
 
     Returns:
         A valid ONNX model with the same inputs and outputs (dynamic batch kept); a summary of
@@ -1171,10 +1195,13 @@ def rewrite_for_ort_int8(
             f"requantize must be 'none', 'downstream' or 'calibrated', got {requantize!r}"
         )
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if fold_last is not None and (isinstance(fold_last, bool) or fold_last < 0):
-        raise RuntimeBackendError(f"fold_last must be a count >= 0 or None, got {fold_last!r}")
+    if isinstance(integer_convs, str):
+        raise RuntimeBackendError(
+            f"integer_convs must be a collection of Conv node names, got {integer_convs!r}"
+        )
     if opset < 13:
         raise RuntimeBackendError(f"model opset is {opset}; per-channel Q/DQ needs opset >= 13")
+    allowed = None if integer_convs is None else frozenset(integer_convs)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     del out.graph.value_info[:]  # Q/DQ element types change; ORT infers shapes again
@@ -1190,7 +1217,7 @@ def rewrite_for_ort_int8(
     passes: dict[str, Callable[[_Rewriter], None]] = {
         "weight_quantize": _fold_weight_quantize,
         "weight_layout": _fold_weight_layout,
-        "affine_fold": lambda rw: _fold_affine_into_conv(rw, fold_last),
+        "affine_fold": lambda rw: _fold_affine_into_conv(rw, allowed),
         "reencode": lambda rw: _reencode_activations(rw, relu),
         "merge": _merge_equal_quantizers,
         "hoist": lambda rw: _hoist_quantizers(rw, requantize),
@@ -1200,6 +1227,7 @@ def rewrite_for_ort_int8(
         "pad_fold": _fold_pad_into_conv,
         "swish": _fuse_swish,
         "narrow": _narrow_relu_outputs,
+        "keep_float": lambda rw: _keep_convs_float(rw, allowed),
     }
     for stage in STAGES[: STAGES.index(until) + 1]:
         if stage != "affine_fold" or fold_affine:
@@ -1210,10 +1238,3 @@ def rewrite_for_ort_int8(
     onnx.checker.check_model(out)
     logger.info("ORT int8 rewrite: %s", summary)
     return out
-
-
-def fold_candidates(rewritten: onnx.ModelProto) -> int:
-    """How many Convs :func:`rewrite_for_ort_int8` could fold batch norm into (the range of its
-    ``fold_last``), read from the summary of a model it ``rewritten``; 0 without one."""
-    summary = metadata_json(rewritten, METADATA_KEY)
-    return int(summary.get("fold_candidates", 0)) if isinstance(summary, dict) else 0

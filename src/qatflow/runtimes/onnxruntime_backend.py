@@ -14,7 +14,7 @@ import json
 import logging
 import platform
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -82,17 +82,17 @@ _DTYPES: dict[str, type[np.generic]] = {
 _INT8_REWRITE_MODULE = "qatflow.onnx.ort_int8"
 _FIDELITY_BATCH = 32
 # rewrite_for_ort_int8 (relu, requantize, fold_affine), tried in turn until the engine passes:
-# the fast default, then no new requantization points, then batch norm folded into only the
-# last Convs (bisected), then no batch-norm folding (every pass bit-exact; those Convs float).
-# Relus stay exact in all: "absorb" keeps values above 127 x scale that TensorRT clips, and a QAT
-# model learns to rely on that clipping (its smoke-run engine agreed on 95.5 % only;
-# docs/exact-int8.md).
+# the fast default, then no new requantization points, then that with only the last Convs in
+# integer (bisected; the earlier ones float, every pass bit-exact but the folds of the integer
+# ones), down to none. Relus stay exact in all: "absorb" keeps values above 127 x scale that
+# TensorRT clips, and a QAT model learns to rely on that clipping (its smoke-run engine agreed
+# on 95.5 % only; docs/exact-int8.md).
 RewriteMode = tuple["ReluMode", "RequantizeMode", bool]
-# A partial fold's p99 error must be within this share of the tolerance (_search_rewrites).
-PARTIAL_FOLD_MARGIN = 0.75
+# A partly integer engine's p99 error must be within this share of the tolerance
+# (_search_rewrites).
+PARTIAL_INTEGER_MARGIN = 0.75
 FAST_REWRITE: RewriteMode = ("exact", "calibrated", True)
 EXACT_REWRITE: RewriteMode = ("exact", "none", True)
-BIT_EXACT_REWRITE: RewriteMode = ("exact", "none", False)
 _REWRITE_KEYS = ("relu", "requantize", "fold_affine")
 _METADATA_PREFIX = "qatflow."
 _STRING_FIELDS = frozenset(
@@ -156,14 +156,13 @@ def ort_graph_passes(
     encoding: Encoding = "u8s8",
     rewrite: RewriteMode = FAST_REWRITE,
     calibration: list[dict[str, np.ndarray]] | None = None,
-    fold_last: int | None = None,
+    integer_convs: Collection[str] | None = None,
 ) -> list[tuple[str, GraphPass]]:
     """Ordered ONNX graph passes applied before ORT optimizes and saves the model.
 
     For a graph with QuantizeLinear nodes: ``rewrite_for_ort_int8`` (when ``int8_rewrite`` is on,
     with the ``(relu, requantize, fold_affine)`` of ``rewrite``, ``calibration`` and
-    ``fold_last``), then the
-    weight ``encoding``
+    ``integer_convs``), then the weight ``encoding``
     (:func:`qatflow.onnx.encoding.encode_weights`).
     """
     passes: list[tuple[str, GraphPass]] = []
@@ -181,7 +180,7 @@ def ort_graph_passes(
                 relu=relu,
                 requantize=requantize,
                 fold_affine=fold_affine,
-                fold_last=fold_last,
+                integer_convs=integer_convs,
             )
 
         passes.append((f"{_INT8_REWRITE_MODULE}.rewrite_for_ort_int8", rewritten))
@@ -354,11 +353,23 @@ def build_ort_engine(
 
 
 @dataclasses.dataclass(frozen=True)
+class _IntegerLast:
+    """The last ``count`` of ``candidates`` (Conv names in graph order) allowed in integer."""
+
+    candidates: tuple[str, ...]
+    count: int
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.candidates[len(self.candidates) - self.count :] if self.count else ()
+
+
+@dataclasses.dataclass(frozen=True)
 class _Attempt:
     """One engine built with one rewrite, and how it scored against its reference."""
 
     rewrite: RewriteMode
-    fold_last: tuple[int, int] | None  # (folded, of candidates) when batch norm folds partly
+    integer: _IntegerLast | None  # None: every Conv that can run in integer does
     passes: list[tuple[str, GraphPass]]
     prepared: onnx.ModelProto
     optimized: onnx.ModelProto
@@ -366,10 +377,11 @@ class _Attempt:
     accepted: bool  # passed, within the search margin where one applies
 
     def record(self) -> dict[str, Any]:
-        """The rewrite as the engine metadata records it (``fold_last`` only when partial)."""
+        """The rewrite as the engine metadata records it (``integer_last`` only when partial)."""
         record: dict[str, Any] = dict(zip(_REWRITE_KEYS, self.rewrite, strict=True))
-        if self.fold_last is not None:
-            record["fold_last"], record["fold_candidates"] = self.fold_last
+        if self.integer is not None:
+            record["integer_last"] = self.integer.count
+            record["integer_candidates"] = len(self.integer.candidates)
         return record
 
 
@@ -394,19 +406,19 @@ class _Trials:
         return _outputs(model, self.inputs, *self.io, threads, self.options.execution_mode)
 
     def attempt(
-        self, rewrite: RewriteMode, fold_last: tuple[int, int] | None = None, margin: float = 1.0
+        self, rewrite: RewriteMode, integer: _IntegerLast | None = None, margin: float = 1.0
     ) -> _Attempt:
-        """Build with ``rewrite`` (``fold_last``: fold batch norm into the last ``k`` of ``n``
-        Convs, see ``rewrite_for_ort_int8``) and score it. Accepted when it passes with its p99
-        error within ``margin`` of the tolerance; a refused attempt is logged and recorded, with
-        the ideal integer check (with data)."""
+        """Build with ``rewrite`` (``integer``: only those Convs in integer, see
+        ``rewrite_for_ort_int8``'s ``integer_convs``) and score it. Accepted when it passes with
+        its p99 error within ``margin`` of the tolerance; a refused attempt is logged and
+        recorded, with the ideal integer check (with data)."""
         passes = ort_graph_passes(
             self.model,
             int8_rewrite=self.options.int8_rewrite,
             encoding=self.encoding,
             rewrite=rewrite,
             calibration=self.calibration,
-            fold_last=None if fold_last is None else fold_last[0],
+            integer_convs=None if integer is None else integer.names,
         )
         prepared = _apply_passes(self.model, passes, self.source)
         optimized = _optimize(prepared, self.source, passes, self.threads, self.options)
@@ -415,7 +427,7 @@ class _Trials:
             expected, self.outputs(optimized, self.threads), data=self.data_label
         )
         accepted = report.passed and report.p99_abs_error <= margin * report.tolerance
-        tried = _Attempt(rewrite, fold_last, passes, prepared, optimized, report, accepted)
+        tried = _Attempt(rewrite, integer, passes, prepared, optimized, report, accepted)
         if not accepted:
             self._refuse(tried, margin)
         return tried
@@ -445,11 +457,13 @@ class _Trials:
 def _search_rewrites(trials: _Trials, rewriting: bool) -> _Attempt:
     """The first engine that passes its check, else the last one tried.
 
-    Tried in turn: the fast rewrite, the exact one, then batch norm folded into only the last
-    ``k`` of the Convs that fold, ``k`` found by bisection (each folded Conv runs in integer;
-    deep nets amplify the rounding of each), and last no folding at all (bit-exact).
-    The bisection picks the largest ``k`` that passes on the check's samples, so it asks for
-    room: p99 within ``PARTIAL_FOLD_MARGIN`` of the tolerance, so that other data pass too.
+    Tried in turn: the fast rewrite, the exact one, then the exact one with only the last ``k``
+    of the Convs it runs in integer still integer, ``k`` found by bisection (deep nets amplify
+    the rounding of each integer Conv, most of all the early ones), and last with none (every
+    pass bit-exact). The earlier Convs stay float exactly: unfolded beside their batch norms,
+    or kept from fusing (``rewrite_for_ort_int8``'s ``integer_convs``). The bisection picks the
+    largest ``k`` that passes on the check's samples, so it asks for room: p99 within
+    ``PARTIAL_INTEGER_MARGIN`` of the tolerance, so that other data pass too.
     """
     if not rewriting:
         return trials.attempt(FAST_REWRITE)
@@ -457,18 +471,20 @@ def _search_rewrites(trials: _Trials, rewriting: bool) -> _Attempt:
         tried = trials.attempt(rewrite)
         if tried.accepted:
             return tried
-    from qatflow.onnx.ort_int8 import fold_candidates
+    from qatflow.onnx.integer_kernels import integer_convs
 
-    candidates = fold_candidates(tried.prepared)  # the exact rewrite's own count
-    low, high, best = 0, candidates, None
+    candidates = tuple(integer_convs(tried.prepared))  # what the exact rewrite runs in integer
+    low, high, best = 0, len(candidates), None
     while high - low > 1:
         middle = (low + high) // 2
-        partial = trials.attempt(EXACT_REWRITE, (middle, candidates), PARTIAL_FOLD_MARGIN)
+        partial = trials.attempt(
+            EXACT_REWRITE, _IntegerLast(candidates, middle), PARTIAL_INTEGER_MARGIN
+        )
         if partial.accepted:
             low, best = middle, partial
         else:
             high = middle
-    return best or trials.attempt(BIT_EXACT_REWRITE)
+    return best or trials.attempt(EXACT_REWRITE, _IntegerLast(candidates, 0))
 
 
 def _outputs(
