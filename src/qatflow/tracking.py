@@ -854,7 +854,8 @@ class Tracker:
 
 
 def onnx_signature(model: Any) -> Any:
-    """An MLflow ``ModelSignature`` from an ONNX graph's inputs and outputs (dynamic dims -1)."""
+    """An MLflow ``ModelSignature`` from an ONNX graph's data inputs (not its overridable
+    initializers, such as an ORT engine's float weights) and outputs (dynamic dims -1)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
     from onnx import helper
@@ -870,7 +871,9 @@ def onnx_signature(model: Any) -> Any:
             specs.append(TensorSpec(dtype, shape, value.name))
         return Schema(specs)
 
-    return ModelSignature(inputs=schema(model.graph.input), outputs=schema(model.graph.output))
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [value for value in model.graph.input if value.name not in initializers]
+    return ModelSignature(inputs=schema(inputs), outputs=schema(model.graph.output))
 
 
 def _is_finite_number(value: object) -> bool:

@@ -2,7 +2,8 @@
 
 Build: ONNX graph passes (the int8 rewrite hook) -> ORT offline optimization at the
 ``extended`` level (QDQ pairs fused into integer kernels, no hardware-specific layout
-transforms) -> metadata_props -> atomic save, checked to load in a plain InferenceSession.
+transforms) -> the float Convs' weights precomputed (``qatflow.onnx.float_weights``) -> the
+fidelity check -> metadata_props -> atomic save, checked to load in a plain InferenceSession.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import onnx
 
 from qatflow.errors import QatflowError, RuntimeBackendError
 from qatflow.onnx.encoding import Encoding, encode_weights
+from qatflow.onnx.float_weights import precompute_float_weights
 from qatflow.onnx.validate import check_runnable
 from qatflow.runtimes.base import (
     BatchProfile,
@@ -333,6 +335,7 @@ def build_ort_engine(
             "refused_rewrites": trials.refused,
             "graph_passes": [name for name, _ in passes],
             "optimized_ops": dict(sorted(ops.items())),
+            "float_weights": built.float_weights,
             "integer_share": share,
         },
         device=detect().to_dict(),
@@ -372,7 +375,8 @@ class _Attempt:
     integer: _IntegerLast | None  # None: every Conv that can run in integer does
     passes: list[tuple[str, GraphPass]]
     prepared: onnx.ModelProto
-    optimized: onnx.ModelProto
+    optimized: onnx.ModelProto  # ORT's offline optimization, then precompute_float_weights
+    float_weights: int  # float Convs given precomputed weights
     report: FidelityReport
     accepted: bool  # passed, within the search margin where one applies
 
@@ -421,13 +425,17 @@ class _Trials:
             integer_convs=None if integer is None else integer.names,
         )
         prepared = _apply_passes(self.model, passes, self.source)
-        optimized = _optimize(prepared, self.source, passes, self.threads, self.options)
+        optimized, float_weights = precompute_float_weights(
+            _optimize(prepared, self.source, passes, self.threads, self.options)
+        )
         expected = self.reference if self.reference is not None else self.outputs(prepared)
         report = compare_outputs(
             expected, self.outputs(optimized, self.threads), data=self.data_label
         )
         accepted = report.passed and report.p99_abs_error <= margin * report.tolerance
-        tried = _Attempt(rewrite, integer, passes, prepared, optimized, report, accepted)
+        tried = _Attempt(
+            rewrite, integer, passes, prepared, optimized, float_weights, report, accepted
+        )
         if not accepted:
             self._refuse(tried, margin)
         return tried
@@ -591,6 +599,7 @@ def _session_options(threads: int, execution_mode: str, level: str) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.log_severity_level = 3  # not one warning per overridable float weight
     options.intra_op_num_threads = threads
     options.execution_mode = getattr(ort.ExecutionMode, _MODES[execution_mode])
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
