@@ -14,6 +14,7 @@ from qatflow.onnx.encoding import encode_weights
 from qatflow.onnx.float_weights import precompute_float_weights
 from qatflow.onnx.integer_kernels import integer_convs
 from qatflow.onnx.ort_int8 import rewrite_for_ort_int8
+from qatflow.onnx.reference import session
 from qatflow.runtimes import build_engine, load_engine
 from qatflow.tracking import onnx_signature
 
@@ -33,14 +34,7 @@ def _ort_optimized(model: onnx.ModelProto, path: Path, level: str) -> onnx.Model
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     """As ``load_engine`` runs an engine: every ORT optimization on."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    return np.asarray(session.run(None, {"x": x})[0])
+    return np.asarray(session(model, optimize=True).run(None, {"x": x})[0])
 
 
 def _engine_graph(encoding: str, tmp_path: Path) -> onnx.ModelProto:

@@ -3,12 +3,10 @@ folded and run in integer, the others stay float, and the math stays the source'
 
 from __future__ import annotations
 
-import collections
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
+from bench.ort_ops import ort_optimized_op_counts
 from tests.int8_models import batch_norm_chain, near_binary, saturating_cnn
 
 from qatflow.errors import RuntimeBackendError
@@ -22,17 +20,6 @@ EXACT = {"relu": "exact", "requantize": "none"}
 def _unfolded_convs(model: onnx.ModelProto) -> list[str]:
     """The Conv outputs a BatchNormalization still reads (``c0`` is the first Conv's)."""
     return sorted(n.input[0] for n in model.graph.node if n.op_type == "BatchNormalization")
-
-
-def _optimized_ops(model: onnx.ModelProto, tmp: str) -> collections.Counter[str]:
-    """The op types of ``model`` once ONNX Runtime has fused its QDQ groups."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = tmp
-    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return collections.Counter(n.op_type for n in onnx.load(tmp).graph.node)
 
 
 def test_integer_convs_lists_the_convs_the_rewrite_runs_in_integer() -> None:
@@ -74,7 +61,7 @@ def test_partly_integer_rewrites_keep_the_source_math() -> None:
 
 
 @pytest.mark.parametrize("encoding", ["u8s8", "u8u8"])
-def test_a_conv_kept_float_is_bit_exact_and_runs_in_float(encoding: str, tmp_path: Path) -> None:
+def test_a_conv_kept_float_is_bit_exact_and_runs_in_float(encoding: str) -> None:
     """A Conv with no batch norm after it (``DQ -> Conv -> Q``): kept float by an identity Max,
     the float math is bit-identical to the all-integer rewrite's, and ORT no longer fuses it."""
     from qatflow.onnx.encoding import encode_weights
@@ -89,8 +76,7 @@ def test_a_conv_kept_float_is_bit_exact_and_runs_in_float(encoding: str, tmp_pat
     assert [n.op_type for n in kept.graph.node].count("Max") == len(integer_convs(full))
     plain = session(full, optimize=False).run(None, feeds)[0]
     np.testing.assert_array_equal(session(kept, optimize=False).run(None, feeds)[0], plain)
-    full_ops = _optimized_ops(full, str(tmp_path / "full.onnx"))
-    kept_ops = _optimized_ops(kept, str(tmp_path / "kept.onnx"))
+    full_ops, kept_ops = ort_optimized_op_counts(full), ort_optimized_op_counts(kept)
     assert full_ops["QLinearConv"] == len(integer_convs(full)) and "Conv" not in full_ops
     assert kept_ops["Conv"] == len(integer_convs(full)) and "QLinearConv" not in kept_ops
 
