@@ -87,6 +87,11 @@ class QuantizeParams:
     activation_range: ActivationRange = param(
         "frozen", "activation ranges during QAT: frozen or ema"
     )
+    fold_batch_norm: bool = param(
+        True,
+        "fold each batch norm after a convolution or Dense layer into its weights before "
+        "quantizing them, so INT8 engines compute exactly what the Q/DQ graph says",
+    )
 
 
 @dataclass(frozen=True)
@@ -236,6 +241,8 @@ PIPELINE_FIXED: Mapping[Ref, str] = {
     Ref(DATA, "calibration_size"): "`calibration_batches` sets how much of it PTQ uses",
     Ref(DATA, "seed"): "a fixed seed keeps runs comparable and the step cache valid",
     Ref(QUANTIZE, "mode"): "the pipeline compares full INT8 engines; partial is a toolkit option",
+    Ref(QUANTIZE, "fold_batch_norm"): "the pipeline's INT8 engines are exact only with batch "
+    "norm folded before quantization (docs/exact-int8.md); not folding is a toolkit option",
     Ref(FINETUNE, "optimizer"): "the QAT recipe's optimizer (docs/training.md)",
     Ref(EXPORT, "opset"): "the opset the exporter and the validator are tested with",
     Ref(ENGINE, "runtime"): "set when the pipeline is compiled (`runtime`), not per run",

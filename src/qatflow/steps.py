@@ -399,6 +399,7 @@ def quantize(
     calibration_batches_count: int = QUANTIZE.calibration_batches,
     percentile: float = QUANTIZE.percentile,
     activation_range: str = QUANTIZE.activation_range,
+    fold_batch_norm: bool = QUANTIZE.fold_batch_norm,
     strict: bool = False,
     weights: str | None = None,
     overwrite: bool = False,
@@ -448,7 +449,12 @@ def quantize(
             else None
         )
         qmodel = q.quantize_model(
-            model, mode=mode, spec=spec, strict=strict, activation_range=activation_range
+            model,
+            mode=mode,
+            spec=spec,
+            strict=strict,
+            activation_range=activation_range,
+            fold_batch_norm=fold_batch_norm,
         )
         calibrated = data is not None
         if calibrated:

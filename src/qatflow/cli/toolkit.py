@@ -92,6 +92,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "follow a moving average (default: %(default)s)",
     )
     quantize.add_argument(
+        "--fold-batch-norm",
+        action=argparse.BooleanOptionalAction,
+        default=QUANTIZE.fold_batch_norm,
+        help=help_of(QUANTIZE, "fold_batch_norm") + "; --no-fold-batch-norm leaves them for "
+        "the runtime to fold after quantization, which rounds (default: %(default)s)",
+    )
+    quantize.add_argument(
         "--strict", action="store_true", help="fail on layer classes qatflow does not know"
     )
     add_overwrite(quantize)
@@ -145,6 +152,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         calibration_batches_count=args.calibration_batches,
         percentile=args.percentile,
         activation_range=args.activation_range,
+        fold_batch_norm=args.fold_batch_norm,
         strict=args.strict,
         weights=args.weights,
         overwrite=args.overwrite,

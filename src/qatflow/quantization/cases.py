@@ -11,11 +11,13 @@ from typing import Literal
 import keras
 
 from qatflow.quantization import graph
+from qatflow.quantization.batch_norm_folding import FoldedBatchNorm
 from qatflow.quantization.spec import QuantizationSpec
 
 # Layers a convolution's output may pass through and still fuse with a following Add.
 _FUSIBLE_TAIL = (
     keras.layers.BatchNormalization,
+    FoldedBatchNorm,
     keras.layers.Activation,
     keras.layers.ReLU,
     keras.layers.Dropout,

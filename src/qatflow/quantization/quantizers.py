@@ -13,6 +13,7 @@ QMAX = 2 ** (NUM_BITS - 1) - 1  # 127: narrow range [-127, 127]
 # Smallest range a quantizer may use. An all-zero weight channel (a dead channel) would
 # otherwise give a zero scale, which TensorRT and ONNX Runtime reject.
 MIN_AMAX = 1e-7
+INT32_MAX = 2.0**31 - 1
 
 
 def fake_quant_per_tensor(x: tf.Tensor, amax: tf.Tensor) -> tf.Tensor:
@@ -30,6 +31,24 @@ def fake_quant_per_tensor(x: tf.Tensor, amax: tf.Tensor) -> tf.Tensor:
         range_given=True,
         narrow_range=True,
     )
+
+
+def amax_to_scale(amax: tf.Tensor) -> tf.Tensor:
+    """The int8 scale of a symmetric narrow range ``[-amax, amax]`` (floored at ``MIN_AMAX``)."""
+    return tf.maximum(amax, MIN_AMAX) / QMAX
+
+
+def fake_quant_bias(bias: tf.Tensor, input_amax: tf.Tensor, weight_amax: tf.Tensor) -> tf.Tensor:
+    """Round ``bias`` to the int32 unit ``s_x * s_w`` (per output channel) that an integer
+    convolution adds it in, so the Q/DQ graph holds the bias the kernel adds.
+
+    The gradient is straight-through; the unit is a constant to it.
+    """
+    unit = tf.stop_gradient(
+        amax_to_scale(tf.cast(input_amax, bias.dtype)) * amax_to_scale(weight_amax)
+    )
+    units = tf.clip_by_value(tf.round(bias / unit), -INT32_MAX, INT32_MAX)
+    return bias + tf.stop_gradient(units * unit - bias)
 
 
 def channel_amax(w: tf.Tensor, axis: int) -> tf.Tensor:

@@ -2,7 +2,8 @@
 
 The defaults follow TensorRT's Q/DQ placement recommendations: quantize the inputs and
 weights of weighted layers and the inputs of average pooling; never outputs; leave
-BatchNormalization for TensorRT to fold into the preceding convolution.
+a BatchNormalization that ``quantize_model`` did not fold (``batch_norm_folding``) for
+TensorRT to fold into the preceding convolution.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import keras
+
+from qatflow.quantization.batch_norm_folding import FoldedBatchNorm
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,9 @@ _DEFAULTS: dict[type, LayerQuantizeConfig] = {
     ),
     keras.layers.BatchNormalization: LayerQuantizeConfig(
         note="TensorRT folds it into the preceding convolution"
+    ),
+    FoldedBatchNorm: LayerQuantizeConfig(
+        note="a batch norm folded into the weights of the layer before it"
     ),
     keras.layers.Add: LayerQuantizeConfig(note="residual Add: placed by the residual case"),
     keras.layers.Concatenate: LayerQuantizeConfig(note="left to TensorRT unless a case needs it"),

@@ -10,6 +10,7 @@ import keras
 from qatflow.errors import ModelError
 from qatflow.params import QUANTIZE, QuantizeMode
 from qatflow.quantization import graph
+from qatflow.quantization.batch_norm_folding import fold_batch_norms
 from qatflow.quantization.cases import QDQCase
 from qatflow.quantization.placement import Placement, plan_placement
 from qatflow.quantization.registry import LayerRegistry
@@ -69,6 +70,7 @@ def quantize_model(
     *,
     activation_range: str = QUANTIZE.activation_range,
     registry: LayerRegistry | None = None,
+    fold_batch_norm: bool = QUANTIZE.fold_batch_norm,
 ) -> keras.Model:
     """Return a copy of ``model`` with TensorRT-style Q/DQ; ``model`` itself is left untouched.
 
@@ -83,13 +85,28 @@ def quantize_model(
         activation_range: ``"frozen"`` (calibrated ranges kept during QAT) or ``"ema"``.
         registry: the layer configs behind the default placement (a ``LayerRegistry``);
             None uses ``DEFAULT_REGISTRY``, which ``register_layer_config`` extends.
+        fold_batch_norm: fold each batch norm that follows a convolution or Dense layer into
+            its kernel and bias first (``batch_norm_folding``), so that the quantized weights
+            are the ones every runtime computes with. It is replaced by a ``FoldedBatchNorm``
+            pass-through of the same name. A batch norm that the placement quantizes stays.
+            ``model`` keeps its batch norms either way.
 
     Activation ranges start uncalibrated: run ``qatflow.calibrate`` before use.
     """
     check_quantizable(model)
-    plan = plan_placement(
-        model, mode=mode, spec=spec, cases=cases, strict=strict, registry=registry
-    )
+
+    def planned(model: keras.Model) -> dict[int, Placement]:
+        return plan_placement(
+            model, mode=mode, spec=spec, cases=cases, strict=strict, registry=registry
+        )
+
+    plan = planned(model)
+    if fold_batch_norm:
+        # A batch norm that the placement quantizes (a spec or case asked for it) stays.
+        kept = [key for key, placement in plan.items() if placement.quantized]
+        folded, folds = fold_batch_norms(model, keep=kept)
+        if folds:
+            model, plan = folded, planned(folded)
     copies: list[tuple[keras.layers.Layer, keras.layers.Layer]] = []
 
     def clone(layer: keras.layers.Layer) -> keras.layers.Layer:

@@ -10,7 +10,12 @@ import tensorflow as tf
 from qatflow.keras_compat import StatelessScope, called_model
 from qatflow.params import ACTIVATION_RANGES
 from qatflow.quantization import graph, observer, ranges
-from qatflow.quantization.quantizers import fake_quant_per_channel, fake_quant_per_tensor
+from qatflow.quantization.quantizers import (
+    channel_amax,
+    fake_quant_bias,
+    fake_quant_per_channel,
+    fake_quant_per_tensor,
+)
 
 
 @keras.saving.register_keras_serializable(package="qatflow")
@@ -21,7 +26,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
         layer: the float layer; its weights stay trainable float variables.
         input_indices: which inputs get per-tensor Q/DQ (``[0]`` for a single-input layer).
         weight_axes: weight attribute -> output-channel axis, for per-channel weight Q/DQ
-            from the weights' current abs-max at every call.
+            from the weights' current abs-max at every call. A layer whose input and
+            ``kernel`` are both quantized also has its bias rounded to the int32 unit
+            ``s_x * s_w`` that integer kernels add it in (``fake_quant_bias``).
         reason: why the layer is quantized (shown in the placement summary).
         activation_range: how input ranges evolve in training: ``"frozen"`` keeps the
             calibrated ranges; ``"ema"`` follows an exponential moving average of each
@@ -89,36 +96,58 @@ class QuantizeWrapper(keras.layers.Wrapper):
     def compute_output_shape(self, input_shape: Any) -> Any:
         return self.layer.compute_output_shape(input_shape)
 
-    def _quantize_input(self, x: tf.Tensor, slot: int, training: bool) -> tf.Tensor:
+    def _quantize_input(
+        self, x: tf.Tensor, slot: int, training: bool
+    ) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """``x`` fake-quantized and the range used (None while calibration observes)."""
         watcher = observer.current()
         if watcher is not None:
             watcher(self, slot, x)
-            return x
-        if training:
-            return fake_quant_per_tensor(x, ranges.training_amax(self, slot, x))
-        return fake_quant_per_tensor(x, ranges.inference_amax(self, slot))
+            return x, None
+        amax = (
+            ranges.training_amax(self, slot, x) if training else ranges.inference_amax(self, slot)
+        )
+        return fake_quant_per_tensor(x, amax), amax
 
     def call(self, inputs: Any, training: bool | None = None, **kwargs: Any) -> Any:
         training = bool(training)
+        input_amax = None
         if isinstance(inputs, list | tuple):
             quantized = list(inputs)
             for slot, index in enumerate(self.input_indices):
-                quantized[index] = self._quantize_input(quantized[index], slot, training)
+                quantized[index] = self._quantize_input(quantized[index], slot, training)[0]
             inputs = quantized
         elif self.input_indices:
-            inputs = self._quantize_input(inputs, 0, training)
+            inputs, input_amax = self._quantize_input(inputs, 0, training)
         if not self.weight_axes:
             return self.layer(inputs, training=training, **kwargs)
-        return self._call_with_quantized_weights(inputs, training, **kwargs)
+        return self._call_with_quantized_weights(inputs, training, input_amax, **kwargs)
 
     def quantized_weight(self, attr: str) -> tf.Tensor:
         """The fake-quantized value of the weight ``attr`` (per-channel, current abs-max)."""
         variable = getattr(self.layer, attr)
         return fake_quant_per_channel(tf.convert_to_tensor(variable.value), self.weight_axes[attr])
 
-    def _call_with_quantized_weights(self, inputs: Any, training: bool, **kwargs: Any) -> Any:
+    def quantized_bias(self, kernel: str, input_amax: tf.Tensor) -> tf.Tensor:
+        """The bias rounded to the units of ``input_amax`` times ``kernel``'s channel scales."""
+        layer = self.layer
+        weights = tf.convert_to_tensor(getattr(layer, kernel).value)
+        weight_amax = channel_amax(weights, self.weight_axes[kernel])
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            # Output channel i * multiplier + m uses input channel i's scale.
+            weight_amax = tf.repeat(weight_amax, layer.depth_multiplier)
+        return fake_quant_bias(tf.convert_to_tensor(layer.bias.value), input_amax, weight_amax)
+
+    def _has_bias(self) -> bool:
+        return bool(getattr(self.layer, "use_bias", False)) and self.layer.bias is not None
+
+    def _call_with_quantized_weights(
+        self, inputs: Any, training: bool, input_amax: tf.Tensor | None, **kwargs: Any
+    ) -> Any:
         # The layer's own call runs with its weight variables read as their quantized values.
         mapping = [(getattr(self.layer, a), self.quantized_weight(a)) for a in self.weight_axes]
+        if input_amax is not None and "kernel" in self.weight_axes and self._has_bias():
+            mapping.append((self.layer.bias, self.quantized_bias("kernel", input_amax)))
         with StatelessScope(state_mapping=mapping):
             return self.layer(inputs, training=training, **kwargs)
 
@@ -167,7 +196,9 @@ class SeparableQuantizeWrapper(QuantizeWrapper):
     def quantizer_labels(self) -> list[str]:
         return [*super().quantizer_labels, "pointwise"]
 
-    def _call_with_quantized_weights(self, inputs: Any, training: bool, **kwargs: Any) -> Any:
+    def _call_with_quantized_weights(
+        self, inputs: Any, training: bool, input_amax: tf.Tensor | None, **kwargs: Any
+    ) -> Any:
         layer = self.layer
         x = keras.ops.depthwise_conv(
             inputs,
@@ -177,7 +208,7 @@ class SeparableQuantizeWrapper(QuantizeWrapper):
             data_format=layer.data_format,
             dilation_rate=layer.dilation_rate,
         )
-        x = self._quantize_input(x, len(self.input_indices), training)
+        x, pointwise_amax = self._quantize_input(x, len(self.input_indices), training)
         x = keras.ops.conv(
             x,
             self.quantized_weight("pointwise_kernel"),
@@ -188,5 +219,10 @@ class SeparableQuantizeWrapper(QuantizeWrapper):
             channel_axis = -1 if layer.data_format == "channels_last" else 1
             shape = [1] * len(x.shape)
             shape[channel_axis] = layer.filters
-            x = x + keras.ops.reshape(layer.bias, shape)
+            bias = (
+                layer.bias
+                if pointwise_amax is None
+                else self.quantized_bias("pointwise_kernel", pointwise_amax)
+            )
+            x = x + keras.ops.reshape(bias, shape)
         return layer.activation(x) if layer.activation is not None else x
