@@ -28,11 +28,13 @@ them. Then, each part measured in one run:
    need it).
 2. **Fidelity** on models trained briefly here on Fashion-MNIST: the demo model (28x28x1, also
    on images thresholded to 0/1, the saturation worst case) and ResNet50, MobileNetV2
-   (alpha 0.35) and EfficientNetB0 at 32x32x3. For each: Keras FP32 accuracy, PTQ
+   (alpha 0.35), EfficientNetB0, ResNet50V2 and DenseNet121 at 32x32x3 and InceptionV3 at
+   75x75x3. For each: Keras FP32 accuracy, PTQ
    (quantize + percentile calibration) -> export -> ``build_engine`` (fidelity data: the
    calibration images), then on held-out test images the engine's top-1 agreement with the
-   Keras QDQ model and with the ONNX reference (``run_reference``), its accuracy, its encoding
-   and its build-time fidelity report.
+   Keras QDQ model and with the ONNX reference (``run_reference``), the gate's measures on them
+   (decided agreement, p99 error and tolerance: ``compare_outputs``), its accuracy, its
+   encoding and its build-time fidelity report.
 
 A step that fails (an export, a build) is recorded with its error text in the table and the
 bench goes on with the next one.
@@ -297,10 +299,21 @@ class FidelityRow:
     integer_ops: str = NONE
     seconds: float = 0.0
     error: str | None = None
+    heldout: dict[str, Any] = field(default_factory=dict)
 
 
 def _pct(value: float | None) -> str:
     return NONE if value is None else f"{value:.2%}"
+
+
+def heldout_cell(report: Mapping[str, Any]) -> str:
+    """The held-out images' decided agreement and p99 error against the reference."""
+    if not report:
+        return NONE
+    return (
+        f"{report['decided_agreement']:.2%} of {report['decided_samples']}; "
+        f"{report['p99_abs_error']:.2g} / {report['tolerance']:.2g}"
+    )
 
 
 def fidelity_table(rows: Sequence[FidelityRow], test_images: int) -> str:
@@ -312,6 +325,7 @@ def fidelity_table(rows: Sequence[FidelityRow], test_images: int) -> str:
         "engine",
         "engine vs Keras QDQ",
         "engine vs ONNX reference",
+        "held-out vs reference: decided; p99 / tol",
         "encoding (rewrite)",
         "integer conv/matmul",
         "build-time fidelity",
@@ -330,6 +344,7 @@ def fidelity_table(rows: Sequence[FidelityRow], test_images: int) -> str:
                 _pct(row.engine_accuracy),
                 _pct(row.agree_keras),
                 _pct(row.agree_reference),
+                heldout_cell(row.heldout),
                 row.encoding or NONE,
                 row.integer_ops,
                 check,
@@ -749,6 +764,9 @@ FIDELITY_MODELS = (
     FidelityModel("ResNet50", 32, 3),
     FidelityModel("MobileNetV2 (alpha 0.35)", 32, 3),
     FidelityModel("EfficientNetB0", 32, 3),
+    FidelityModel("ResNet50V2", 32, 3),
+    FidelityModel("DenseNet121", 32, 3),
+    FidelityModel("InceptionV3", 75, 3),  # its smallest input
 )
 
 
@@ -850,11 +868,13 @@ def fidelity_model(
         row.build = dict(engine.metadata.fidelity)
         row.integer_ops = _op_share(built, threads)
         step = "evaluation"
-        got = _top1(np.concatenate([engine.run(b) for b in _batches(x_test, 64)]))
-        reference = _top1(run_reference(onnx.load(str(source)), {engine.input_name: x_test})[0])
+        outputs = np.concatenate([engine.run(b) for b in _batches(x_test, 64)])
+        reference_outputs = run_reference(onnx.load(str(source)), {engine.input_name: x_test})[0]
+        got, reference = _top1(outputs), _top1(reference_outputs)
         row.engine_accuracy = float(np.mean(got == y_test))
         row.agree_keras = float(np.mean(got == keras_qdq))
         row.agree_reference = float(np.mean(got == reference))
+        row.heldout = compare_outputs(reference_outputs, outputs, data="test").to_dict()
     except Exception as exc:
         row.error = f"{step}: {short_error(exc)}"
         print(f"  {spec.name}: {row.error}", flush=True)
@@ -927,7 +947,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--models",
         nargs="+",
         help=f"latency: some of {list(LATENCY_MODELS)}; fidelity: some of "
-        "demo ResNet50 MobileNetV2 EfficientNetB0",
+        "demo ResNet50 MobileNetV2 EfficientNetB0 ResNet50V2 DenseNet121 InceptionV3",
     )
     parser.add_argument("--size", type=int, default=224, help="latency input size (224)")
     parser.add_argument(

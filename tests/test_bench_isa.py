@@ -143,9 +143,20 @@ def test_fidelity_table_and_error_cells():
     table = isa_bench.fidelity_table(rows, 1000)
     assert table.startswith("top-1 on 1000 Fashion-MNIST test images")
     cells = _cells(table.split("\n\n", 1)[1])
-    assert cells["demo"][:6] == ["80.00%", "79.00%", "79.50%", "99.00%", "100.00%", "u8s8"]
+    assert cells["demo"][:7] == ["80.00%", "79.00%", "79.50%", "99.00%", "100.00%", "-", "u8s8"]
     assert cells["EfficientNetB0"][1] == "-"
     assert cells["EfficientNetB0"][-2] == "failed: build_engine: boom / bad"
+
+
+def test_heldout_cell():
+    assert isa_bench.heldout_cell({}) == "-"
+    report = {
+        "decided_agreement": 1.0,
+        "decided_samples": 882,
+        "p99_abs_error": 0.3812,
+        "tolerance": 0.5104,
+    }
+    assert isa_bench.heldout_cell(report) == "100.00% of 882; 0.38 / 0.51"
 
 
 def test_verdict_cell():
