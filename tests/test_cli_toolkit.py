@@ -63,6 +63,18 @@ def test_quantize_export_validate(tmp_path, fp32_model, calibration_file, capsys
     assert report["ok"] and report["quantized_ops"] == 6
 
 
+@pytest.mark.parametrize("flag", ["--fold-batch-norm", "--no-fold-batch-norm"])
+def test_batch_norm_folding_flag(tmp_path, fp32_model, flag, capsys):
+    q = tmp_path / "q.keras"
+    assert main(["quantize", str(fp32_model), "--output", str(q), flag]) == 0
+    rows = {row["layer"]: row for row in json.loads((tmp_path / "q.placement.json").read_text())}
+    why = rows["stem_bn"]["why"]
+    if flag == "--fold-batch-norm":
+        assert rows["stem_bn"]["layer_class"] == "FoldedBatchNorm" and "folded into" in why
+    else:
+        assert rows["stem_bn"]["layer_class"] == "BatchNormalization" and "TensorRT folds" in why
+
+
 def test_partial_mode_with_spec_file(tmp_path, fp32_model, calibration_file, capsys):
     spec = tmp_path / "spec.yaml"
     spec.write_text("layers:\n  - name: stem_conv\n")

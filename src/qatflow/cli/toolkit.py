@@ -15,6 +15,7 @@ from qatflow.params import (
     QUANTIZE,
     QUANTIZE_MODES,
     help_of,
+    help_text,
 )
 
 _QUANTIZE_EPILOG = """\
@@ -95,7 +96,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--fold-batch-norm",
         action=argparse.BooleanOptionalAction,
         default=QUANTIZE.fold_batch_norm,
-        help=help_of(QUANTIZE, "fold_batch_norm") + "; --no-fold-batch-norm leaves them for "
+        help=help_text(QUANTIZE, "fold_batch_norm") + "; --no-fold-batch-norm leaves them for "
         "the runtime to fold after quantization, which rounds (default: %(default)s)",
     )
     quantize.add_argument(
