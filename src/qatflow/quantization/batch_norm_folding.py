@@ -5,10 +5,11 @@ affine map. Folded into that layer's kernel and bias *before* the weights are qu
 exported Q/DQ graph has no batch norm left, and every runtime that fuses the layer into an
 integer kernel computes exactly what the graph says. Left in, TensorRT and ONNX Runtime fold it
 into weights that are already quantized, which rounds them a second time: the engine then
-differs from its reference (docs/exact-int8.md, "Batch norm folded before quantization").
+differs from its reference (docs/exact-int8.md, "Batch norm and bias folded before
+quantization").
 
 During QAT a folded model trains without batch norm: the moving statistics are frozen into the
-weights, as in the last phase of TFMOT's and PyTorch's QAT recipes.
+weights, as PyTorch's QAT recipe freezes them for its last epochs (``freeze_bn_stats``).
 """
 
 from __future__ import annotations
@@ -169,9 +170,7 @@ def fold_batch_norms(
     for original, copy in copies:
         fold = by_layer.get(id(original))
         if fold is None:
-            copy.set_weights(original.get_weights())
-            if hasattr(copy, "finalize_state"):
-                copy.finalize_state()
+            graph.copy_state(original, copy)
             continue
         values = folded_weights(fold)
         for variable in copy.weights:

@@ -66,3 +66,12 @@ def consumers(layer: keras.layers.Layer, model: keras.Model) -> list[keras.layer
 def topological_index(model: keras.Model) -> dict[int, int]:
     """Position of each layer (by id) in ``model.layers``, which Keras keeps in graph order."""
     return {id(layer): i for i, layer in enumerate(model.layers)}
+
+
+def copy_state(original: keras.layers.Layer, copy: keras.layers.Layer) -> None:
+    """Give a cloned layer ``original``'s weights and the state derived from them."""
+    copy.set_weights(original.get_weights())
+    # Adapted preprocessing layers (Normalization's mean and variance) derive their state
+    # from their weights: recompute it, as Keras does after loading a file.
+    if hasattr(copy, "finalize_state"):
+        copy.finalize_state()

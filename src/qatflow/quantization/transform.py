@@ -127,9 +127,5 @@ def quantize_model(
 
     quantized = keras.models.clone_model(model, clone_function=clone, recursive=True)
     for original, copy in copies:
-        copy.set_weights(original.get_weights())
-        # Adapted preprocessing layers (Normalization's mean and variance) derive their state
-        # from their weights: recompute it, as Keras does after loading a file.
-        if hasattr(copy, "finalize_state"):
-            copy.finalize_state()
+        graph.copy_state(original, copy)
     return quantized
