@@ -51,7 +51,7 @@ from qatflow.onnx.ort_int8 import (
     rewrite_for_ort_int8,
 )
 from qatflow.onnx.reference import run_optimized, run_reference
-from qatflow.runtimes.cpu_int8 import detect
+from qatflow.runtimes.cpu_int8 import choose_encoding, detect
 from qatflow.runtimes.fidelity import compare_outputs
 
 # Bit-exact in practice (0.0 measured); room for one float32 rounding of the logits.
@@ -282,9 +282,11 @@ def check_engine(
     feeds: Feeds,
     calibration: list[Feeds] | None,
 ) -> dict[str, Any]:
-    """Rewrite, load with every ORT optimization, run; finite logits of the reference's shape."""
+    """Rewrite, encode for this CPU (``auto``: U8S8 kernels saturate without VNNI), load with
+    every ORT optimization, run; finite logits of the reference's shape."""
     reference = run_reference(exported, feeds)[0]
     rewritten = rewrite_for_ort_int8(exported, calibration=calibration)
+    encode_weights(rewritten, choose_encoding("auto"))
     onnx.checker.check_model(rewritten)
     ops = ort_optimized_op_counts(rewritten)
     result = run_optimized(rewritten, feeds)[0]
