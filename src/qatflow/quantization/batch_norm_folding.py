@@ -158,11 +158,8 @@ def fold_batch_norms(
     def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
         if id(layer) in norms:
             return FoldedBatchNorm(folded_into=norms[id(layer)], name=layer.name)
-        fold = by_layer.get(id(layer))
-        config: dict[str, Any] = layer.get_config()
-        if fold is not None:
-            config["use_bias"] = True
-        copy = layer.__class__.from_config(config)
+        takes_fold = id(layer) in by_layer
+        copy = graph.copy_layer(layer, use_bias=True) if takes_fold else graph.copy_layer(layer)
         copies.append((layer, copy))
         return copy
 

@@ -68,6 +68,11 @@ def topological_index(model: keras.Model) -> dict[int, int]:
     return {id(layer): i for i, layer in enumerate(model.layers)}
 
 
+def copy_layer(layer: keras.layers.Layer, **changes: object) -> keras.layers.Layer:
+    """A new, unbuilt layer of ``layer``'s class and config, with ``changes`` to the config."""
+    return layer.__class__.from_config({**layer.get_config(), **changes})
+
+
 def copy_state(original: keras.layers.Layer, copy: keras.layers.Layer) -> None:
     """Give a cloned layer ``original``'s weights and the state derived from them."""
     copy.set_weights(original.get_weights())

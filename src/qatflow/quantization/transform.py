@@ -57,10 +57,6 @@ def check_quantizable(model: Any) -> None:
                 )
 
 
-def _copy_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
-    return layer.__class__.from_config(layer.get_config())
-
-
 def quantize_model(
     model: keras.Model,
     mode: QuantizeMode | str = QUANTIZE.mode,
@@ -103,14 +99,14 @@ def quantize_model(
     plan = planned(model)
     if fold_batch_norm:
         # A batch norm that the placement quantizes (a spec or case asked for it) stays.
-        kept = [key for key, placement in plan.items() if placement.quantized]
+        kept = {key for key, placement in plan.items() if placement.quantized}
         folded, folds = fold_batch_norms(model, keep=kept)
         if folds:
             model, plan = folded, planned(folded)
     copies: list[tuple[keras.layers.Layer, keras.layers.Layer]] = []
 
     def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
-        copy = _copy_layer(layer)
+        copy = graph.copy_layer(layer)
         copies.append((layer, copy))
         placement: Placement | None = plan.get(id(layer))
         if placement is None or not placement.quantized:

@@ -472,13 +472,13 @@ def _search_rewrites(trials: _Trials, rewriting: bool) -> _Attempt:
 
     Tried in turn: the fast rewrite (accepted with p99 within ``FITTED_REWRITE_MARGIN`` of the
     tolerance: its requantization points are calibrated on the check's samples), the exact
-    one, then the exact one with only the last ``k``
-    of the Convs it runs in integer still integer, ``k`` found by bisection (deep nets amplify
-    the rounding of each integer Conv, most of all the early ones), and last with none (every
-    pass bit-exact). The earlier Convs stay float exactly: unfolded beside their batch norms,
-    or kept from fusing (``rewrite_for_ort_int8``'s ``integer_convs``). The bisection picks the
-    largest ``k`` that passes on the check's samples, so it asks for room: p99 within
-    ``FITTED_REWRITE_MARGIN`` of the tolerance, so that other data pass too.
+    one, then the exact one with only the last ``k`` of the Convs it runs in integer still
+    integer, ``k`` found by bisection (deep nets amplify the rounding of each integer Conv,
+    most of all the early ones), and last with none (every pass bit-exact). The earlier Convs
+    stay float exactly: unfolded beside their batch norms, or kept from fusing
+    (``rewrite_for_ort_int8``'s ``integer_convs``). The bisection picks the largest ``k`` that
+    passes on the check's samples, so it asks for room: p99 within ``FITTED_REWRITE_MARGIN`` of
+    the tolerance, so that other data pass too.
     """
     if not rewriting:
         return trials.attempt(FAST_REWRITE)
