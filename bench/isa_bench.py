@@ -11,8 +11,9 @@ them. Then, each part measured in one run:
    ``keras.applications`` ResNet50, MobileNetV2 and EfficientNetB0 (``weights=None``,
    224x224x3, 1000 classes, batch-norm statistics from Fashion-MNIST images via
    ``bench.ort_int8_bench.data_init_batchnorm``), side by side with calls interleaved in blocks:
-   the FP32 engine (``build_engine`` of the FP32 ONNX), the qatflow INT8 engine (PTQ on a few
-   Fashion-MNIST-as-RGB images, ``encoding="auto"``) and ONNX Runtime's own ``quantize_static``
+   the FP32 engine (``build_engine`` of the FP32 ONNX), the qatflow INT8 engine (placed for
+   ONNX Runtime, ``quantize_model(runtime="onnxruntime")``; PTQ on a few Fashion-MNIST-as-RGB
+   images, ``encoding="auto"``) and ONNX Runtime's own ``quantize_static``
    (QDQ, per-channel, uint8 activations) with int8 weights (U8S8) and with uint8 weights (U8U8),
    run as saved in a plain session. Each table gives p50, the speed-up over FP32, the ratio to
    the ``quantize_static`` configuration that is exact on this CPU (U8S8 where its kernels do not
@@ -29,8 +30,8 @@ them. Then, each part measured in one run:
 2. **Fidelity** on models trained briefly here on Fashion-MNIST: the demo model (28x28x1, also
    on images thresholded to 0/1, the saturation worst case) and ResNet50, MobileNetV2
    (alpha 0.35), EfficientNetB0, ResNet50V2 and DenseNet121 at 32x32x3 and InceptionV3 at
-   75x75x3. For each: Keras FP32 accuracy, PTQ
-   (quantize + percentile calibration) -> export -> ``build_engine`` (fidelity data: the
+   75x75x3. For each: Keras FP32 accuracy, PTQ (quantize placed for ONNX Runtime +
+   percentile calibration) -> export -> ``build_engine`` (fidelity data: the
    calibration images), then on held-out test images the engine's top-1 agreement with the
    Keras QDQ model and with the ONNX reference (``run_reference``), the gate's measures on them
    (decided agreement, p99 error and tolerance: ``compare_outputs``), its accuracy, its
@@ -687,7 +688,7 @@ def prepare_latency_models(
             print(f"  {name}: {errors[FP32]}", flush=True)
             continue
         try:
-            qmodel = qatflow.quantize_model(model)
+            qmodel = qatflow.quantize_model(model, runtime="onnxruntime")
             batch = min(8, len(images))
             qatflow.calibrate(
                 qmodel,
@@ -850,7 +851,7 @@ def fidelity_model(
         model.fit(x_train, y_train, batch_size=64, epochs=epochs, verbose=0)
         row.fp32_accuracy = float(np.mean(_top1(model.predict(x_test, verbose=0)) == y_test))
         step = "PTQ"
-        qmodel = qatflow.quantize_model(model)
+        qmodel = qatflow.quantize_model(model, runtime="onnxruntime")
         qatflow.calibrate(
             qmodel, x_calib, method="percentile", num_batches=-(-calibration // 64), batch_size=64
         )

@@ -75,6 +75,18 @@ def test_batch_norm_folding_flag(tmp_path, fp32_model, flag, capsys):
         assert rows["stem_bn"]["layer_class"] == "BatchNormalization" and "TensorRT folds" in why
 
 
+@pytest.mark.parametrize(
+    ("runtime", "add_inputs"), [("tensorrt", "1 of 2"), ("onnxruntime", "all 2")]
+)
+def test_runtime_flag_sets_the_residual_placement(tmp_path, fp32_model, runtime, add_inputs):
+    q = tmp_path / "q.keras"
+    assert main(["quantize", str(fp32_model), "--output", str(q), "--runtime", runtime]) == 0
+    rows = json.loads((tmp_path / "q.placement.json").read_text())
+    adds = [row for row in rows if row["layer_class"] == "Add"]
+    assert adds and all(row["input_quantized"].startswith(add_inputs) for row in adds)
+    assert all(row["why"] == f"case:residual for {runtime}" for row in adds)
+
+
 def test_partial_mode_with_spec_file(tmp_path, fp32_model, calibration_file, capsys):
     spec = tmp_path / "spec.yaml"
     spec.write_text("layers:\n  - name: stem_conv\n")

@@ -51,6 +51,7 @@ from qatflow.onnx.ort_int8 import (
     rewrite_for_ort_int8,
 )
 from qatflow.onnx.reference import run_optimized, run_reference
+from qatflow.quantization.graph import iter_models
 from qatflow.runtimes.cpu_int8 import choose_encoding, detect
 from qatflow.runtimes.fidelity import compare_outputs
 
@@ -148,9 +149,12 @@ SMALL_MODELS: dict[str, tuple[Callable[[], keras.Model], tuple[int, int, int], i
 }
 
 
-def export(model: keras.Model, calibration: np.ndarray, path: Path) -> onnx.ModelProto:
-    """The pipeline under test: quantize_model, calibrate (max), export_onnx."""
-    quantized = qatflow.quantize_model(model)
+def export(
+    model: keras.Model, calibration: np.ndarray, path: Path, runtime: str = "tensorrt"
+) -> onnx.ModelProto:
+    """The pipeline under test: quantize_model (placed for ``runtime``), calibrate (max),
+    export_onnx."""
+    quantized = qatflow.quantize_model(model, runtime=runtime)
     qatflow.calibrate(quantized, calibration, method="max", num_batches=2, batch_size=4)
     return onnx.load(str(qatflow.export_onnx(quantized, path)))
 
@@ -296,6 +300,7 @@ def check_engine(
     report = compare_outputs(reference, result, data="fashion-mnist")
     stats = {
         "qlinearconv": ops["QLinearConv"],
+        "qlinearadd": ops["QLinearAdd"],
         "convs": conv_count(exported),
         "conv_transpose": ops["ConvTranspose"],
         "max_diff": float(np.abs(result - reference).max()) / span,
@@ -452,8 +457,8 @@ def test_application_family(family: str, tmp_path: Path, record_property: Any) -
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(SMALL_MODELS))
-def test_trained_small_model(name: str, tmp_path: Path, record_property: Any) -> None:
+def trained(name: str) -> tuple[keras.Model, np.ndarray]:
+    """The small model ``name`` trained for 2 epochs, and its training images."""
     build, shape, classes = SMALL_MODELS[name]
     keras.utils.set_random_seed(0)
     model = build()
@@ -463,6 +468,13 @@ def test_trained_small_model(name: str, tmp_path: Path, record_property: Any) ->
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     model.fit(train, fashion_labels(2048) % classes, batch_size=64, epochs=2, verbose=0)
+    return model, train
+
+
+@pytest.mark.parametrize("name", list(SMALL_MODELS))
+def test_trained_small_model(name: str, tmp_path: Path, record_property: Any) -> None:
+    shape = SMALL_MODELS[name][1]
+    model, train = trained(name)
     exported = export(model, train[:8], tmp_path / "model.onnx")
     input_name = exported.graph.input[0].name
     test = {input_name: fashion(256, shape, train=False)}
@@ -485,3 +497,23 @@ def test_trained_small_model(name: str, tmp_path: Path, record_property: Any) ->
     transposed = sum(n.op_type == "ConvTranspose" for n in exported.graph.node)
     assert results["calibrated"]["conv_transpose"] == transposed
     assert results["calibrated"]["qlinearconv"] == convs
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "unet_like"])
+def test_placement_for_onnxruntime_runs_every_residual_add_in_integer(
+    name: str, tmp_path: Path
+) -> None:
+    """Placed for ONNX Runtime (every residual Add input quantized), the engine runs each Add
+    as QLinearAdd and every Conv in integer, and still passes the gate."""
+    shape = SMALL_MODELS[name][1]
+    model, train = trained(name)
+    exported = export(model, train[:8], tmp_path / "model.onnx", runtime="onnxruntime")
+    input_name = exported.graph.input[0].name
+    test = {input_name: fashion(256, shape, train=False)}
+    result = check_engine(exported, test, [{input_name: train[:64]}])
+    assert result["passed"], f"{name}: {result['fidelity']}"
+    adds = sum(
+        isinstance(layer, keras.layers.Add) for m in iter_models(model) for layer in m.layers
+    )
+    assert adds and result["qlinearadd"] == adds
+    assert result["qlinearconv"] == result["convs"]

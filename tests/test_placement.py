@@ -88,7 +88,7 @@ def test_summary_table(resnet50):
     summary = summarize(qmodel)
     row = summary.row("conv2_block1_add")
     assert row.input_quantized == "1 of 2: [0]"
-    assert row.why == "case:resnet_v1"
+    assert row.why == "case:resnet_v1 for tensorrt"
     assert summary.row("conv1_bn").why.startswith("left in float")
     text = summary.to_text()
     assert "conv1_conv" in text and "71 of" in text
@@ -101,6 +101,23 @@ def test_small_model_residual_rule():
     assert wrapper(qmodel, "id_add").input_indices == (0,)
     # Projection: both conv branches; the later-created main path (input 1) stays float.
     assert wrapper(qmodel, "proj_add").input_indices == (0,)
+
+
+def test_onnxruntime_placement_quantizes_every_residual_input():
+    qmodel = qatflow.quantize_model(small_cnn(), runtime="onnxruntime")
+    for name in ("id_add", "proj_add"):
+        assert wrapper(qmodel, name).input_indices == (0, 1)
+    assert summarize(qmodel).row("proj_add").why == "case:residual for onnxruntime"
+    # A spec still overrides the runtime's rule.
+    spec = QuantizationSpec()
+    spec.add("id_add", quantization_index=[1])
+    overridden = qatflow.quantize_model(small_cnn(), spec=spec, runtime="onnxruntime")
+    assert wrapper(overridden, "id_add").input_indices == (1,)
+
+
+def test_an_unknown_runtime_is_refused():
+    with pytest.raises(QuantizationError, match=r"runtime must be one of .*'openvino'"):
+        qatflow.quantize_model(small_cnn(), runtime="openvino")
 
 
 def test_partial_mode_by_name_and_class():

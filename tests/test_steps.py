@@ -14,7 +14,7 @@ from tests.chain import write_npz
 from qatflow import steps
 from qatflow.comparison import Comparison
 from qatflow.data import DatasetInfo
-from qatflow.errors import DataError, ModelError, StorageError
+from qatflow.errors import DataError, ModelError, QuantizationError, StorageError
 from qatflow.evaluation import EvaluationResult
 from qatflow.onnx.parity import read_export_check
 from qatflow.publish import verdict
@@ -243,3 +243,10 @@ def test_check_inputs_names_what_is_missing(tmp_path: Path) -> None:
         steps.check_inputs("demo", "")
     with pytest.raises(ModelError, match="missing.keras"):
         steps.check_inputs(str(tmp_path / "missing.keras"), "fashion-mnist")
+
+
+def test_quantize_refuses_an_unknown_runtime_before_loading(tmp_path: Path) -> None:
+    # The model file does not exist: the runtime is checked first, and nothing is written.
+    with pytest.raises(QuantizationError, match=r"runtime \(--runtime\) .*'openvino'"):
+        steps.quantize(tmp_path / "missing.keras", tmp_path / "q.keras", runtime="openvino")
+    assert not any(tmp_path.iterdir())

@@ -12,13 +12,15 @@ def quantize_calibrate(
     dataset: Input[Dataset],
     quantized: Output[Model],
     placement: Output[Markdown],
+    runtime: str,
     calibration_method: str = "max",
     calibration_batches: int = 16,
     percentile: float = 99.99,
     activation_range: str = "frozen",
     spec: str = "",
 ) -> None:
-    """Quantize the FP32 model and calibrate it on the dataset's calibration split.
+    """Quantize the FP32 model for the engine ``runtime`` (the one the pipeline is compiled
+    for) and calibrate it on the dataset's calibration split.
 
     ``percentile`` applies to ``calibration_method`` ``percentile``; ``activation_range`` is
     how ranges evolve in QAT (``frozen`` or ``ema``); ``spec`` is a YAML file of placement
@@ -43,6 +45,7 @@ def quantize_calibrate(
         percentile=percentile,
         activation_range=activation_range,
         spec_path=spec or None,
+        runtime=runtime,
     )
     shutil.copyfile(outputs.placement_markdown, placement.path)
     quantized.framework = "keras"
@@ -52,5 +55,6 @@ def quantize_calibrate(
             "precision": "int8",
             "calibration_method": calibration_method,
             "calibration_batches": calibration_batches,
+            "runtime": runtime,
         }
     )

@@ -149,7 +149,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--runtime",
         choices=RUNTIMES,
         default=ENGINE.runtime,
-        help="engine runtime; tensorrt needs TensorRT and a GPU here (default: %(default)s)",
+        help="engine runtime, which the Q/DQ placement is for too; tensorrt needs TensorRT and "
+        "a GPU here (default: %(default)s)",
     )
     run.add_argument(
         "--accuracy-gate",
@@ -209,8 +210,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--runtime",
         choices=RUNTIMES,
         default=CLUSTER_RUNTIME,
-        help="engine runtime; onnxruntime runs the engine tasks on CPU without GPU requests "
-        "(default: %(default)s)",
+        help="engine runtime, which the Q/DQ placement is for too; onnxruntime runs the engine "
+        "tasks on CPU without GPU requests (default: %(default)s)",
     )
     compile_.add_argument(
         "--gpu-node-selector",

@@ -156,7 +156,8 @@ def build_pipeline(
                 or s3:// URI (empty = none).
             activation_range: activation ranges during QAT: frozen (the calibrated ones) or
                 ema (a moving average).
-            runtime: engine runtime (tensorrt on the cluster, onnxruntime locally).
+            runtime: engine runtime (tensorrt on the cluster, onnxruntime locally); the Q/DQ
+                placement is for it too.
             batch_profile_min: smallest batch the engine accepts.
             batch_profile_opt: batch the engine is tuned for.
             batch_profile_max: largest batch the engine accepts.
@@ -198,6 +199,7 @@ def build_pipeline(
             percentile=percentile,
             activation_range=activation_range,
             spec=quantization_spec,
+            runtime=runtime,
         )
         settings(quantized, "quantize + calibrate (PTQ)", cache=True)
         qat = qat_finetune(

@@ -92,6 +92,12 @@ class QuantizeParams:
         "fold each batch norm after a convolution or Dense layer into its weights before "
         "quantizing them, so INT8 engines compute exactly what the Q/DQ graph says",
     )
+    runtime: RuntimeName = param(
+        "tensorrt",
+        "the engine runtime the placement is for: tensorrt leaves one convolution branch of "
+        "each residual Add in float for its Conv+Add fusion; onnxruntime quantizes every "
+        "input, so the Add and the convolutions before it run in integer",
+    )
 
 
 @dataclass(frozen=True)
@@ -246,6 +252,8 @@ PIPELINE_FIXED: Mapping[Ref, str] = {
     Ref(FINETUNE, "optimizer"): "the QAT recipe's optimizer (docs/training.md)",
     Ref(EXPORT, "opset"): "the opset the exporter and the validator are tested with",
     Ref(ENGINE, "runtime"): "set when the pipeline is compiled (`runtime`), not per run",
+    Ref(QUANTIZE, "runtime"): "the compiled `runtime`: the placement is for the engine the "
+    "pipeline builds",
     Ref(EVALUATE, "warmup"): "benchmark hygiene, not a result",
     Ref(EVALUATE, "throughput_batch"): "one batch size keeps throughput comparable across runs",
     Ref(COMPARE, "title"): "the report names the run in its provenance header",

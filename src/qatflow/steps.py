@@ -49,6 +49,7 @@ from qatflow.params import (
     MODEL,
     PUBLISH,
     QUANTIZE,
+    RUNTIMES,
 )
 from qatflow.storage import atomic_output, write_json
 
@@ -400,6 +401,7 @@ def quantize(
     percentile: float = QUANTIZE.percentile,
     activation_range: str = QUANTIZE.activation_range,
     fold_batch_norm: bool = QUANTIZE.fold_batch_norm,
+    runtime: str = QUANTIZE.runtime,
     strict: bool = False,
     weights: str | None = None,
     overwrite: bool = False,
@@ -410,9 +412,14 @@ def quantize(
     calibration split instead of ``calibration_data``.
     Without either the ranges stay unset: export refuses such a model until
     ``qatflow.calibrate`` has run. The calibration images must fit the model's input, checked
-    before any work. ``weights`` is a weights file for a ``keras.applications`` name. The
-    placement summary is written beside the model.
+    before any work. ``weights`` is a weights file for a ``keras.applications`` name.
+    ``runtime`` is the engine runtime the placement is for. The placement summary is written
+    beside the model.
     """
+    if runtime not in RUNTIMES:
+        raise QuantizationError(
+            f"runtime (--runtime) must be one of {list(RUNTIMES)}, got {runtime!r}"
+        )
     require_model(model_path)
     require_file(weights, "weights file (--weights)")
     require_file(spec_path, "placement spec (--spec)")
@@ -455,6 +462,7 @@ def quantize(
             strict=strict,
             activation_range=activation_range,
             fold_batch_norm=fold_batch_norm,
+            runtime=runtime,
         )
         calibrated = data is not None
         if calibrated:

@@ -11,7 +11,9 @@ from tests.chain import Chain, artifact
 from qatflow.errors import QuantizationError
 
 
-def _run(chain: Chain, tmp_path: Path, method: str) -> tuple[dsl.Model, dsl.Markdown]:
+def _run(
+    chain: Chain, tmp_path: Path, method: str, runtime: str = "tensorrt"
+) -> tuple[dsl.Model, dsl.Markdown]:
     quantized = artifact(dsl.Model, tmp_path / "quantized")
     placement = artifact(dsl.Markdown, tmp_path / "placement")
     quantize_calibrate.python_func(
@@ -19,6 +21,7 @@ def _run(chain: Chain, tmp_path: Path, method: str) -> tuple[dsl.Model, dsl.Mark
         dataset=artifact(dsl.Dataset, chain.dataset),
         quantized=quantized,
         placement=placement,
+        runtime=runtime,
         calibration_method=method,
         calibration_batches=2,
     )
@@ -41,8 +44,22 @@ def test_quantized_model_and_placement(chain: Chain, tmp_path: Path) -> None:
         "precision": "int8",
         "calibration_method": "percentile",
         "calibration_batches": 2,
+        "runtime": "tensorrt",
         "framework": "keras",
     }
+
+
+def _add_inputs(quantized: dsl.Model) -> str:
+    rows = json.loads((Path(quantized.path) / "model.placement.json").read_text())
+    return next(row["input_quantized"] for row in rows if row["layer_class"] == "Add")
+
+
+def test_the_placement_is_for_the_pipeline_runtime(chain: Chain, tmp_path: Path) -> None:
+    tensorrt, _ = _run(chain, tmp_path / "trt", "max")
+    onnxruntime, _ = _run(chain, tmp_path / "ort", "max", runtime="onnxruntime")
+    assert onnxruntime.metadata["runtime"] == "onnxruntime"
+    assert _add_inputs(tensorrt) == "1 of 2: [1]"  # the convolution branch stays float
+    assert _add_inputs(onnxruntime) == "all 2"
 
 
 def test_unknown_method_leaves_no_model(chain: Chain, tmp_path: Path) -> None:
@@ -63,6 +80,7 @@ def test_spec_percentile_and_activation_range(chain: Chain, tmp_path: Path) -> N
         dataset=artifact(dsl.Dataset, chain.dataset),
         quantized=quantized,
         placement=artifact(dsl.Markdown, tmp_path / "placement"),
+        runtime="tensorrt",
         calibration_method="percentile",
         calibration_batches=1,
         percentile=99.0,
@@ -84,6 +102,7 @@ def test_percentile_out_of_range_leaves_no_model(chain: Chain, tmp_path: Path) -
             dataset=artifact(dsl.Dataset, chain.dataset),
             quantized=artifact(dsl.Model, tmp_path / "quantized"),
             placement=artifact(dsl.Markdown, tmp_path / "placement"),
+            runtime="tensorrt",
             calibration_method="percentile",
             percentile=0.0,
         )

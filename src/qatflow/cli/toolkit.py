@@ -14,6 +14,7 @@ from qatflow.params import (
     EXPORT,
     QUANTIZE,
     QUANTIZE_MODES,
+    RUNTIMES,
     help_of,
     help_text,
 )
@@ -100,6 +101,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "the runtime to fold after quantization, which rounds (default: %(default)s)",
     )
     quantize.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default=QUANTIZE.runtime,
+        help=help_of(QUANTIZE, "runtime"),
+    )
+    quantize.add_argument(
         "--strict", action="store_true", help="fail on layer classes qatflow does not know"
     )
     add_overwrite(quantize)
@@ -154,6 +161,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         percentile=args.percentile,
         activation_range=args.activation_range,
         fold_batch_norm=args.fold_batch_norm,
+        runtime=args.runtime,
         strict=args.strict,
         weights=args.weights,
         overwrite=args.overwrite,

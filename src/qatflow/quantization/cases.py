@@ -10,6 +10,7 @@ from typing import Literal
 
 import keras
 
+from qatflow.params import QUANTIZE, RuntimeName
 from qatflow.quantization import graph
 from qatflow.quantization.batch_norm_folding import FoldedBatchNorm
 from qatflow.quantization.spec import QuantizationSpec
@@ -34,9 +35,16 @@ _WEIGHTED = (
 
 
 class QDQCase:
-    """Base class of pattern cases. Override ``case``; ``info`` is shown in summaries."""
+    """Base class of pattern cases. Override ``case``; ``info`` is shown in summaries.
+
+    ``runtime`` is the engine runtime the placement is for (``QuantizeParams.runtime``); the
+    residual rule depends on it (``residual_inputs_to_quantize``).
+    """
 
     name = "custom"
+
+    def __init__(self, runtime: RuntimeName = QUANTIZE.runtime) -> None:
+        self.runtime = runtime
 
     def case(self, model: keras.Model, spec: QuantizationSpec) -> QuantizationSpec:
         """Return the entries this case adds for ``model`` (``spec`` is what is placed so far)."""
@@ -59,7 +67,7 @@ class QDQCase:
         """Entries for every Add by the residual rule (see ``residual_inputs_to_quantize``)."""
         out = QuantizationSpec()
         for owner, layer in _layers_of(model, keras.layers.Add):
-            indices = residual_inputs_to_quantize(layer, owner)
+            indices = residual_inputs_to_quantize(layer, owner, self.runtime)
             if indices:
                 out.add(
                     layer.name,
@@ -71,8 +79,8 @@ class QDQCase:
 
     @property
     def source(self) -> str:
-        """How entries of this case are labelled in the summary."""
-        return f"case:{self.name}"
+        """How entries of this case are labelled in the summary: its name and runtime."""
+        return f"case:{self.name} for {self.runtime}"
 
 
 def is_conv_branch(layer: keras.layers.Layer, model: keras.Model) -> bool:
@@ -96,13 +104,19 @@ def is_conv_branch(layer: keras.layers.Layer, model: keras.Model) -> bool:
     return False
 
 
-def residual_inputs_to_quantize(layer: keras.layers.Layer, model: keras.Model) -> list[int]:
-    """Inputs of a residual Add that get Q/DQ: all but one fusible convolution branch.
+def residual_inputs_to_quantize(
+    layer: keras.layers.Layer, model: keras.Model, runtime: RuntimeName = QUANTIZE.runtime
+) -> list[int]:
+    """Inputs of a residual Add that get Q/DQ, for the engine ``runtime``.
 
-    The convolution branch left in float is the one computed last (the main path), so
-    TensorRT fuses Conv+Add with the other inputs already in INT8.
+    TensorRT: all but one fusible convolution branch. The branch left in float is the one
+    computed last (the main path), so TensorRT fuses Conv+Add with the other inputs already
+    in INT8. ONNX Runtime has no such fusion: every input, so that the Add runs as
+    QLinearAdd and the convolutions before it write int8 (docs/exact-int8.md measures it).
     """
     parents = graph.producers(layer, model)
+    if runtime == "onnxruntime":
+        return list(range(len(parents)))
     order = graph.topological_index(model)
     conv_inputs = [i for i, p in enumerate(parents) if is_conv_branch(p, model)]
     if not conv_inputs:
@@ -199,10 +213,10 @@ _BY_MODEL_NAME: list[tuple[str, type[QDQCase]]] = [
 ]
 
 
-def cases_for_model(model: keras.Model) -> list[QDQCase]:
+def cases_for_model(model: keras.Model, runtime: RuntimeName = QUANTIZE.runtime) -> list[QDQCase]:
     """Pick the built-in cases for a model: by keras.applications name, else the residual rule."""
     names = [m.name.lower() for m in graph.iter_models(model)]
     for prefix, case_class in _BY_MODEL_NAME:
         if any(n.startswith(prefix) for n in names):
-            return [case_class()]
-    return [ResidualAddCase()]
+            return [case_class(runtime)]
+    return [ResidualAddCase(runtime)]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import keras
 
 from qatflow.errors import QuantizationError
-from qatflow.params import QUANTIZE, QUANTIZE_MODES, QuantizeMode
+from qatflow.params import QUANTIZE, QUANTIZE_MODES, RUNTIMES, QuantizeMode, RuntimeName
 from qatflow.quantization import graph
 from qatflow.quantization.cases import QDQCase, cases_for_model, residual_inputs_to_quantize
 from qatflow.quantization.registry import DEFAULT_REGISTRY, LayerRegistry
@@ -101,16 +102,19 @@ def plan_placement(
     cases: Iterable[QDQCase] | None = None,
     strict: bool = False,
     registry: LayerRegistry | None = None,
+    runtime: RuntimeName | str = QUANTIZE.runtime,
 ) -> dict[int, Placement]:
     """Decide the placement for every layer of ``model`` and its nested models, keyed by id.
 
     Order of precedence: defaults (full mode only) < automatic cases (full mode only) <
     the user's cases < the user's spec. The defaults come from ``registry``
-    (``DEFAULT_REGISTRY`` when None).
+    (``DEFAULT_REGISTRY`` when None); the automatic cases place for the engine ``runtime``.
     """
     layers = DEFAULT_REGISTRY if registry is None else registry
     if mode not in QUANTIZE_MODES:
         raise QuantizationError(f"mode must be 'full' or 'partial', got {mode!r}")
+    if runtime not in RUNTIMES:
+        raise QuantizationError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
     if mode == "partial" and not spec and not cases:
         raise QuantizationError("partial mode quantizes only what the spec names: pass a spec")
     spec = spec or QuantizationSpec()
@@ -122,7 +126,8 @@ def plan_placement(
     ]
     _check_spec_names(spec, [layer for _, layer in owned])
     entries = QuantizationSpec()
-    all_cases = list(cases_for_model(model) if mode == "full" else []) + list(cases or [])
+    automatic = cases_for_model(model, cast(RuntimeName, runtime)) if mode == "full" else []
+    all_cases = automatic + list(cases or [])
     for case in all_cases:
         entries.extend(case.case(model, entries))
     entries.extend(spec)

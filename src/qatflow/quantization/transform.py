@@ -8,7 +8,7 @@ from typing import Any
 import keras
 
 from qatflow.errors import ModelError
-from qatflow.params import QUANTIZE, QuantizeMode
+from qatflow.params import QUANTIZE, QuantizeMode, RuntimeName
 from qatflow.quantization import graph
 from qatflow.quantization.batch_norm_folding import fold_batch_norms
 from qatflow.quantization.cases import QDQCase
@@ -67,6 +67,7 @@ def quantize_model(
     activation_range: str = QUANTIZE.activation_range,
     registry: LayerRegistry | None = None,
     fold_batch_norm: bool = QUANTIZE.fold_batch_norm,
+    runtime: RuntimeName | str = QUANTIZE.runtime,
 ) -> keras.Model:
     """Return a copy of ``model`` with TensorRT-style Q/DQ; ``model`` itself is left untouched.
 
@@ -86,6 +87,10 @@ def quantize_model(
             are the ones every runtime computes with. It is replaced by a ``FoldedBatchNorm``
             pass-through of the same name. A batch norm that the placement quantizes stays.
             ``model`` keeps its batch norms either way.
+        runtime: the engine runtime the placement is for, ``"tensorrt"`` or
+            ``"onnxruntime"``: it decides which inputs of a residual Add get Q/DQ
+            (``cases.residual_inputs_to_quantize``). Either placement is correct on either
+            runtime; the one placed for it is faster.
 
     Activation ranges start uncalibrated: run ``qatflow.calibrate`` before use.
     """
@@ -93,7 +98,13 @@ def quantize_model(
 
     def planned(model: keras.Model) -> dict[int, Placement]:
         return plan_placement(
-            model, mode=mode, spec=spec, cases=cases, strict=strict, registry=registry
+            model,
+            mode=mode,
+            spec=spec,
+            cases=cases,
+            strict=strict,
+            registry=registry,
+            runtime=runtime,
         )
 
     plan = planned(model)
