@@ -39,15 +39,66 @@ def test_only_the_named_convs_are_folded(count: int) -> None:
     assert integer_convs(rewritten) == names[3 - count :]
 
 
-def test_all_or_none_in_integer_is_the_folded_or_the_unfolded_rewrite() -> None:
+def test_all_in_integer_is_the_folded_rewrite_and_none_the_unfolded_one_all_float() -> None:
     model = batch_norm_chain(3)
 
-    def graph(**options: object) -> bytes:
-        return rewrite_for_ort_int8(model, **EXACT, **options).graph.SerializeToString()  # type: ignore[arg-type]
+    def graph(**options: object) -> onnx.ModelProto:
+        return rewrite_for_ort_int8(model, **EXACT, **options)  # type: ignore[arg-type]
 
-    names = integer_convs(rewrite_for_ort_int8(model, **EXACT))
-    assert graph(integer_convs=()) == graph(fold_affine=False)
-    assert graph(integer_convs=names) == graph()
+    names = integer_convs(graph())
+    assert graph(integer_convs=names).graph == graph().graph
+    # None in integer: the unfolded rewrite, plus an identity Max before the Q of every other
+    # op ORT would run as an integer kernel (here the GAP), so that it runs none.
+    none, unfolded = graph(integer_convs=()), graph(fold_affine=False)
+    added = [n for n in none.graph.node if n not in unfolded.graph.node]
+    assert [n.op_type for n in added] == ["GlobalAveragePool", "Max"]
+    assert not any(op.startswith("QLinear") for op in ort_optimized_op_counts(none))
+
+
+def _residual_add_and_pool() -> onnx.ModelProto:
+    """Q/DQ(x), Q/DQ(y) -> Add -> Q/DQ -> GlobalAveragePool -> Q/DQ: both ops would become
+    QLinearAdd and QLinearGlobalAveragePool, which round with precomputed scale ratios."""
+    inits = [
+        onnx.numpy_helper.from_array(np.array(value, np.float32), name)
+        for name, value in (("sx", 0.0213), ("sy", 0.0371), ("ss", 0.0419), ("sp", 0.0067))
+    ] + [onnx.numpy_helper.from_array(np.array(0, np.int8), "zero")]
+    helper = onnx.helper
+
+    def qdq(source: str, scale: str) -> list[onnx.NodeProto]:
+        return [
+            helper.make_node("QuantizeLinear", [source, scale, "zero"], [f"{source}_q"]),
+            helper.make_node("DequantizeLinear", [f"{source}_q", scale, "zero"], [f"{source}_dq"]),
+        ]
+
+    nodes = [
+        *qdq("x", "sx"),
+        *qdq("y", "sy"),
+        helper.make_node("Add", ["x_dq", "y_dq"], ["s"], name="residual"),
+        *qdq("s", "ss"),
+        helper.make_node("GlobalAveragePool", ["s_dq"], ["p"], name="pool"),
+        *qdq("p", "sp"),
+    ]
+    shape = [None, 8, 14, 14]
+    graph = helper.make_graph(
+        nodes,
+        "add_pool",
+        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, shape) for n in ("x", "y")],
+        [helper.make_tensor_value_info("p_dq", onnx.TensorProto.FLOAT, [None, 8, 1, 1])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_with_no_conv_in_integer_no_op_runs_as_an_integer_kernel() -> None:
+    model = _residual_add_and_pool()
+    fast = ort_optimized_op_counts(rewrite_for_ort_int8(model, **EXACT))
+    assert fast["QLinearAdd"] == 1 and fast["QLinearGlobalAveragePool"] == 1
+    none = rewrite_for_ort_int8(model, **EXACT, integer_convs=())
+    assert not any(op.startswith("QLinear") for op in ort_optimized_op_counts(none))
+    rng = np.random.default_rng(0)
+    feeds = {name: rng.normal(0, 1.5, (64, 8, 14, 14)).astype(np.float32) for name in "xy"}
+    fused = session(none, optimize=True).run(None, feeds)[0]
+    np.testing.assert_array_equal(fused, run_reference(model, feeds)[0])
 
 
 def test_partly_integer_rewrites_keep_the_source_math() -> None:
@@ -73,7 +124,11 @@ def test_a_conv_kept_float_is_bit_exact_and_runs_in_float(encoding: str) -> None
     for graph in (full, kept):
         encode_weights(graph, encoding)  # type: ignore[arg-type]
     assert integer_convs(full) and not integer_convs(kept)
-    assert [n.op_type for n in kept.graph.node].count("Max") == len(integer_convs(full))
+    producers = {out: node.op_type for node in kept.graph.node for out in node.output}
+    after_conv = [
+        n for n in kept.graph.node if n.op_type == "Max" and producers[n.input[0]] == "Conv"
+    ]
+    assert len(after_conv) == len(integer_convs(full))
     plain = session(full, optimize=False).run(None, feeds)[0]
     np.testing.assert_array_equal(session(kept, optimize=False).run(None, feeds)[0], plain)
     full_ops, kept_ops = ort_optimized_op_counts(full), ort_optimized_op_counts(kept)

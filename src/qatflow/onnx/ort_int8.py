@@ -1113,21 +1113,43 @@ def _narrow_relu_outputs(rw: _Rewriter) -> None:
         rw.reindex()
 
 
-def _keep_convs_float(rw: _Rewriter, integer: Collection[str] | None) -> None:
+def _fuses_into_integer_kernel(rw: _Rewriter, node: onnx.NodeProto) -> bool:
+    """True for a non-Conv op ORT's selectors turn into an integer kernel (QLinearAdd,
+    QLinearGlobalAveragePool, ...): every input a DQ output or a constant, and a Q reads it."""
+    if node.op_type not in _INTEGER_OPS - {"Conv", "MatMul", "Gemm"}:
+        return False
+    producers = [rw.index.producer.get(name) for name in node.input]
+    dequantized = [p is not None and p.op_type == _DQ for p in producers]
+    constant = [rw.is_const(name) for name in node.input]
+    return (
+        any(dequantized)
+        and all(d or c for d, c in zip(dequantized, constant, strict=True))
+        and any(reader.op_type == _Q for reader in rw.consumers(node.output[0]))
+    )
+
+
+def _keep_float(rw: _Rewriter, integer: Collection[str] | None) -> None:
     """Keep each integer-kernel Conv not named in ``integer`` float: an identity ``Max`` of its
     output alone goes before its Qs, so ORT's selectors no longer see ``DQ -> Conv -> Q``.
 
-    Bit-exact: the Conv, its bias and its weights are as they were (ORT folds neither the
-    runtime weight DequantizeLinear nor the Max away).
+    With no Conv named (the all-float engine, the gate's exact fallback), every other op that
+    would become an integer kernel stays float the same way: those kernels round with
+    precomputed scale ratios and flip an output by one step now and then (measured on an
+    AVX2-only CPU: QLinearGlobalAveragePool and QLinearAdd). Bit-exact: the ops, biases and
+    weights are as they were (ORT folds neither the runtime weight DequantizeLinear nor the
+    Max away).
     """
     if integer is None:
         return
-    for conv in [n for n in rw.graph.node if n.op_type == "Conv"]:
-        if conv.name in integer or integer_kernel_scales(rw.index, conv) is None:
+    for node in list(rw.graph.node):
+        if node.op_type == "Conv":
+            if node.name in integer or integer_kernel_scales(rw.index, node) is None:
+                continue
+        elif integer or not _fuses_into_integer_kernel(rw, node):
             continue
-        original = conv.output[0]  # its Qs keep reading this name, now the Max's
-        conv.output[0] = rw.fresh(f"{original}_float")
-        rw.add_node("Max", [conv.output[0]], original)
+        original = node.output[0]  # its Qs keep reading this name, now the Max's
+        node.output[0] = rw.fresh(f"{original}_float")
+        rw.add_node("Max", [node.output[0]], original)
         rw.stats["kept_float"] += 1
     rw.reindex()
 
@@ -1173,9 +1195,11 @@ def rewrite_for_ort_int8(
         integer_convs: the names of the Conv nodes allowed to run as integer kernels; None
             allows all. The others stay float exactly: batch norm is not folded into them, and
             one that would still be an integer kernel gets an identity Max before its Q
-            (``keep_float``). Deep nets amplify the rounding of each integer Conv; keeping the
-            early ones float bounds the error (docs/exact-int8.md). Unnamed or duplicate-named
-            nodes are named first, so every Conv of the result has its own name
+            (``keep_float``); with none named, so does every other op that would become an
+            integer kernel, which makes the result bit-exact. Deep nets amplify the rounding
+            of each integer Conv; keeping the early ones float bounds the error
+            (docs/exact-int8.md). Unnamed or duplicate-named nodes are named first, so every
+            Conv of the result has its own name
             (:func:`qatflow.onnx.integer_kernels.integer_convs` lists the integer ones).
 
     Returns:
@@ -1227,7 +1251,7 @@ def rewrite_for_ort_int8(
         "pad_fold": _fold_pad_into_conv,
         "swish": _fuse_swish,
         "narrow": _narrow_relu_outputs,
-        "keep_float": lambda rw: _keep_convs_float(rw, allowed),
+        "keep_float": lambda rw: _keep_float(rw, allowed),
     }
     for stage in STAGES[: STAGES.index(until) + 1]:
         if stage != "affine_fold" or fold_affine:
