@@ -156,5 +156,8 @@ def test_qatflow_tf_logs_keeps_the_raw_output(tiny: Path) -> None:
         **{tf_quiet.ENV: "1"},
     )
     assert done.returncode == 0, done.stderr
-    # What the other test proves absent is really printed by this TensorFlow.
-    assert "absl::InitializeLog" in done.stderr and "oneDNN" in done.stderr
+    # What the other test proves absent is really printed by this TensorFlow. Which notices
+    # depends on the CPU: TensorFlow turns oneDNN on by default only with AVX-512 VNNI, BF16
+    # or AMX, so an AVX2-only AMD prints no oneDNN line.
+    assert "absl::InitializeLog" in done.stderr
+    assert sum(fragment in done.stderr for fragment in FRAGMENTS) >= 2, done.stderr
