@@ -72,6 +72,8 @@ from qatflow.runtimes.fidelity import compare_outputs
 
 CPUINFO = Path("/proc/cpuinfo")
 LATENCY_MODELS = ("ResNet50", "MobileNetV2", "EfficientNetB0")
+# Every engine here is an ONNX Runtime one, so the Q/DQ placement is ONNX Runtime's.
+PLACEMENT_RUNTIME = "onnxruntime"
 FP32 = "FP32"
 QATFLOW = "qatflow INT8"
 STATIC = {"u8s8": "quantize_static U8S8", "u8u8": "quantize_static U8U8"}
@@ -688,7 +690,7 @@ def prepare_latency_models(
             print(f"  {name}: {errors[FP32]}", flush=True)
             continue
         try:
-            qmodel = qatflow.quantize_model(model, runtime="onnxruntime")
+            qmodel = qatflow.quantize_model(model, runtime=PLACEMENT_RUNTIME)
             batch = min(8, len(images))
             qatflow.calibrate(
                 qmodel,
@@ -851,7 +853,7 @@ def fidelity_model(
         model.fit(x_train, y_train, batch_size=64, epochs=epochs, verbose=0)
         row.fp32_accuracy = float(np.mean(_top1(model.predict(x_test, verbose=0)) == y_test))
         step = "PTQ"
-        qmodel = qatflow.quantize_model(model, runtime="onnxruntime")
+        qmodel = qatflow.quantize_model(model, runtime=PLACEMENT_RUNTIME)
         qatflow.calibrate(
             qmodel, x_calib, method="percentile", num_batches=-(-calibration // 64), batch_size=64
         )

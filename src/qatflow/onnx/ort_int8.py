@@ -1115,15 +1115,11 @@ def _narrow_relu_outputs(rw: _Rewriter) -> None:
 
 def _fuses_into_integer_kernel(rw: _Rewriter, node: onnx.NodeProto) -> bool:
     """True for a non-Conv op ORT's selectors turn into an integer kernel (QLinearAdd,
-    QLinearGlobalAveragePool, ...): every input a DQ output or a constant, and a Q reads it."""
-    if node.op_type not in _INTEGER_OPS - {"Conv", "MatMul", "Gemm"}:
-        return False
-    producers = [rw.index.producer.get(name) for name in node.input]
-    dequantized = [p is not None and p.op_type == _DQ for p in producers]
-    constant = [rw.is_const(name) for name in node.input]
+    QLinearGlobalAveragePool, ...): integer inputs (``_has_integer_inputs``) and a Q reads it.
+    MatMul and Gemm are left out: their integer kernels write float."""
     return (
-        any(dequantized)
-        and all(d or c for d, c in zip(dequantized, constant, strict=True))
+        node.op_type not in ("Conv", "MatMul", "Gemm")
+        and _has_integer_inputs(rw, node)
         and any(reader.op_type == _Q for reader in rw.consumers(node.output[0]))
     )
 
