@@ -65,6 +65,7 @@ os.environ.setdefault("QATFLOW_NO_PROGRESS", "1")
 import numpy as np
 import onnx
 
+from bench import PLACEMENT_RUNTIME
 from qatflow.onnx.reference import run_reference
 from qatflow.runtimes import build_engine, load_engine
 from qatflow.runtimes.cpu_int8 import INT8_FLAGS, CpuInt8, choose_encoding, detect
@@ -72,8 +73,6 @@ from qatflow.runtimes.fidelity import compare_outputs
 
 CPUINFO = Path("/proc/cpuinfo")
 LATENCY_MODELS = ("ResNet50", "MobileNetV2", "EfficientNetB0")
-# Every engine here is an ONNX Runtime one, so the Q/DQ placement is ONNX Runtime's.
-PLACEMENT_RUNTIME = "onnxruntime"
 FP32 = "FP32"
 QATFLOW = "qatflow INT8"
 STATIC = {"u8s8": "quantize_static U8S8", "u8u8": "quantize_static U8U8"}

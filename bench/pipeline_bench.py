@@ -3,7 +3,7 @@
 Two parts, each measured in one run:
 
 1. Latency, ResNet50 at 224x224 (``weights=None``: latency does not depend on the weights),
-   batch 1, two threads and one: FP32, qatflow INT8 (TensorRT-style Q/DQ, built with
+   batch 1, two threads and one: FP32, qatflow INT8 (Q/DQ placed for ONNX Runtime, built with
    ``qatflow.build_engine``; PTQ and QAT give the same graph) and ``quantize_static`` (QDQ,
    per-channel, uint8 activations), then ORT's per-node profile grouped by kernel class
    (``bench.kernel_profile``). Targets: INT8 >= 3.5x faster than FP32 and <= 1.0x the
@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 
 import qatflow
+from bench import PLACEMENT_RUNTIME
 from bench.kernel_profile import (
     KernelClasses,
     conv_ceiling,
@@ -98,7 +99,7 @@ def resnet50_latency(thread_counts: Sequence[int], runs: int) -> dict[int, dict[
     calibration = rng.random((8, 224, 224, 3), dtype=np.float32)
     model = keras.applications.ResNet50(weights=None, classifier_activation=None)
     initialize_batchnorm(model, calibration)
-    qmodel = qatflow.quantize_model(model)
+    qmodel = qatflow.quantize_model(model, runtime=PLACEMENT_RUNTIME)
     qatflow.calibrate(qmodel, calibration, num_batches=2, batch_size=4)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,11 +163,11 @@ def demo_accuracy(
         work = Path(tmp)
         fp32 = keras.models.load_model(pretrain(data, work / "fp32.keras"))
         keras_models: dict[str, keras.Model] = {"fp32": fp32}
-        ptq = qatflow.quantize_model(fp32)
+        ptq = qatflow.quantize_model(fp32, runtime=PLACEMENT_RUNTIME)
         qatflow.calibrate(ptq, data.calibration, method="percentile", num_batches=4)
         keras_models["ptq_int8"] = ptq
         for mode in ("frozen", "ema"):
-            qat = qatflow.quantize_model(fp32, activation_range=mode)
+            qat = qatflow.quantize_model(fp32, activation_range=mode, runtime=PLACEMENT_RUNTIME)
             qatflow.calibrate(qat, data.calibration, method="percentile", num_batches=4)
             result = finetune(
                 qat,
