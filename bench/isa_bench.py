@@ -195,8 +195,15 @@ def verdict(fidelity: Mapping[str, Any] | None) -> str:
     of = f" of {decided}" if decided is not None else ""
     return (
         f"{word}: {fidelity['agreement']:.1%} agree, {fidelity['decided_agreement']:.1%}{of} "
-        f"decided, p99 {fidelity['p99_abs_error']:.3g} (tol {fidelity['tolerance']:.3g})"
+        f"decided{_proves(fidelity)}, p99 {fidelity['p99_abs_error']:.3g} "
+        f"(tol {fidelity['tolerance']:.3g})"
     )
+
+
+def _proves(report: Mapping[str, Any]) -> str:
+    """What the decided samples prove (95 % lower bound), where the report records it."""
+    proven = report.get("proven_agreement")
+    return "" if proven is None else f" (proves {proven:.2%})"
 
 
 def _rewrite_name(rewrite: Mapping[str, Any]) -> str:
@@ -313,7 +320,7 @@ def heldout_cell(report: Mapping[str, Any]) -> str:
     if not report:
         return NONE
     return (
-        f"{report['decided_agreement']:.2%} of {report['decided_samples']}; "
+        f"{report['decided_agreement']:.2%} of {report['decided_samples']}{_proves(report)}; "
         f"{report['p99_abs_error']:.2g} / {report['tolerance']:.2g}"
     )
 

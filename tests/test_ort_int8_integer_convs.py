@@ -46,7 +46,13 @@ def test_all_in_integer_is_the_folded_rewrite_and_none_the_unfolded_one_all_floa
         return rewrite_for_ort_int8(model, **EXACT, **options)  # type: ignore[arg-type]
 
     names = integer_convs(graph())
-    assert graph(integer_convs=names).graph == graph().graph
+    # Every Conv named: the folded rewrite, with only the GAP kept float by an identity Max.
+    every, full = graph(integer_convs=names), graph()
+    assert [n.op_type for n in every.graph.node if n not in full.graph.node] == [
+        "GlobalAveragePool",
+        "Max",
+    ]
+    assert integer_convs(every) == names
     # None in integer: the unfolded rewrite, plus an identity Max before the Q of every other
     # op ORT would run as an integer kernel (here the GAP), so that it runs none.
     none, unfolded = graph(integer_convs=()), graph(fold_affine=False)
@@ -99,6 +105,18 @@ def test_with_no_conv_in_integer_no_op_runs_as_an_integer_kernel() -> None:
     feeds = {name: rng.normal(0, 1.5, (64, 8, 14, 14)).astype(np.float32) for name in "xy"}
     fused = session(none, optimize=True).run(None, feeds)[0]
     np.testing.assert_array_equal(fused, run_reference(model, feeds)[0])
+
+
+def test_with_some_convs_in_integer_the_other_integer_kernels_stay_float() -> None:
+    """A partial engine runs only the named Convs in integer: the non-Conv kernels (here the
+    GAP) round with precomputed scale ratios, so they stay float too."""
+    model = batch_norm_chain(3)
+    names = integer_convs(rewrite_for_ort_int8(model, **EXACT))
+    full = ort_optimized_op_counts(rewrite_for_ort_int8(model, **EXACT))
+    assert full["QLinearConv"] == 3 and full["QLinearGlobalAveragePool"] == 1
+    last = rewrite_for_ort_int8(model, **EXACT, integer_convs=names[-1:])
+    partial = ort_optimized_op_counts(last)
+    assert partial["QLinearConv"] == 1 and "QLinearGlobalAveragePool" not in partial
 
 
 def test_partly_integer_rewrites_keep_the_source_math() -> None:

@@ -128,10 +128,12 @@ def test_fidelity_column_explanation_and_section(
         section
     )
     assert (
-        "| qat_int8 | 99.90% pass | 100.00 of 980 (need 99.90) | 0.0125 (1) | 0.02 "
+        "| qat_int8 | 99.90% pass | 100.00 of 980 (need 99.90; proves 99.72) | 0.0125 (1) | 0.02 "
         "| calibration images (64) | u8s8 / avx512_vnni | 87.5% / 96.7% |"
     ) in section
-    assert "| ptq_int8 | 61.25% FAIL | 61.25 of 980 (need 99.90) | 2.25 (1) | 3.5 |" in section
+    assert (
+        "| ptq_int8 | 61.25% FAIL | 61.25 of 980 (need 99.90; proves 60.25) | 2.25 (1) | 3.5 |"
+    ) in section
 
     page = files.html.read_text()
     assert "<th" in page and ">Fidelity</th>" in page and ">Encoding / ISA</th>" in page

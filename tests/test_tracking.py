@@ -377,11 +377,13 @@ def test_engine_fidelity_is_logged_per_variant(
     assert set(FIDELITY_METRICS) == {
         "fidelity_agreement_pct",
         "fidelity_decided_agreement_pct",
+        "fidelity_proven_agreement_pct",
         "fidelity_p99_abs_error",
     }
     assert set(qat.metrics) == set(METRIC_KEYS) | set(FIDELITY_METRICS)
     assert qat.metrics["fidelity_agreement_pct"] == pytest.approx(99.9)  # percent, like top-1
     assert qat.metrics["fidelity_decided_agreement_pct"] == 100.0
+    assert qat.metrics["fidelity_proven_agreement_pct"] == pytest.approx(99.725)
     assert qat.metrics["fidelity_p99_abs_error"] == pytest.approx(0.0125)
     assert {key: qat.params[key] for key in ENGINE_PARAMS} == {
         "engine_encoding": "u8u8",
@@ -406,6 +408,7 @@ def test_partial_fidelity_logs_what_is_there(
     tracker = Tracker(tmp_path / "out", tracking_uri=uri)
     run = tracker.start_variant_run(tracker.start_pipeline_run(), "qat_int8")
     check = {**fidelity_report(), "p99_abs_error": None, "decided_agreement": float("nan")}
+    del check["proven_agreement"]  # an engine built before the bound was recorded
     tracker.log_engine_fidelity(run, check, {"isa": "avx512_vnni"})
     data = MlflowClient(uri).get_run(run).data
     assert data.metrics == {"fidelity_agreement_pct": pytest.approx(99.9)}

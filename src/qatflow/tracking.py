@@ -59,6 +59,7 @@ HEADLINE_METRICS = (ACCURACY_METRIC, DELTA_METRIC, LATENCY_METRIC, SPEEDUP_METRI
 FIDELITY_METRICS = {
     "fidelity_agreement_pct": ("agreement", 100.0),
     "fidelity_decided_agreement_pct": ("decided_agreement", 100.0),
+    "fidelity_proven_agreement_pct": ("proven_agreement", 100.0),
     "fidelity_p99_abs_error": ("p99_abs_error", 1.0),
 }
 # Kernel provenance of a variant's engine (EvaluationResult.engine): param -> provenance key.

@@ -293,7 +293,8 @@ def _fidelity(comparison: Comparison, results: Mapping[str, EvaluationResult]) -
         f"{FIDELITY_EXPLANATION}. It passes when the p99 of the per-sample max absolute logit "
         "error is within the tolerance (a share of the reference's output range) and top-1 "
         "agreement reaches the minimum on the samples the reference decides by more than the "
-        "tolerance (*decided*). *Integer kernels*: the share of the engine's compute nodes, "
+        "tolerance (*decided*); *proves*: the agreement those samples prove, a one-sided 95 % "
+        "lower confidence bound. *Integer kernels*: the share of the engine's compute nodes, "
         "and of ONNX Runtime's profiled kernel time, that run as integer kernels."
     )
     return note + "\n\n" + markdown_table(headers, rows, numeric=False)
@@ -304,8 +305,12 @@ def _fidelity_cells(name: str, result: EvaluationResult) -> list[str]:
     decided = _number(check.get("decided_agreement"), lambda v: f"{100 * v:.2f}")
     if decided != NONE_MARK and check.get("decided_samples") is not None:
         decided += f" of {check['decided_samples']}"
-    if decided != NONE_MARK:
-        decided += _number(check.get("min_agreement"), lambda v: f" (need {100 * v:.2f})", "")
+    notes = [
+        _number(check.get("min_agreement"), lambda v: f"need {100 * v:.2f}", ""),
+        _number(check.get("proven_agreement"), lambda v: f"proves {100 * v:.2f}", ""),
+    ]
+    if decided != NONE_MARK and any(notes):
+        decided += f" ({'; '.join(note for note in notes if note)})"
     p99 = _number(check.get("p99_abs_error"), "{:.4g}".format)
     if p99 != NONE_MARK:
         p99 += f" ({_number(check.get('tolerance'), '{:.4g}'.format)})"
