@@ -46,13 +46,7 @@ def test_all_in_integer_is_the_folded_rewrite_and_none_the_unfolded_one_all_floa
         return rewrite_for_ort_int8(model, **EXACT, **options)  # type: ignore[arg-type]
 
     names = integer_convs(graph())
-    # Every Conv named: the folded rewrite, with only the GAP kept float by an identity Max.
-    every, full = graph(integer_convs=names), graph()
-    assert [n.op_type for n in every.graph.node if n not in full.graph.node] == [
-        "GlobalAveragePool",
-        "Max",
-    ]
-    assert integer_convs(every) == names
+    assert graph(integer_convs=names).graph == graph().graph
     # None in integer: the unfolded rewrite, plus an identity Max before the Q of every other
     # op ORT would run as an integer kernel (here the GAP), so that it runs none.
     none, unfolded = graph(integer_convs=()), graph(fold_affine=False)
@@ -107,16 +101,69 @@ def test_with_no_conv_in_integer_no_op_runs_as_an_integer_kernel() -> None:
     np.testing.assert_array_equal(fused, run_reference(model, feeds)[0])
 
 
-def test_with_some_convs_in_integer_the_other_integer_kernels_stay_float() -> None:
-    """A partial engine runs only the named Convs in integer: the non-Conv kernels (here the
-    GAP) round with precomputed scale ratios, so they stay float too."""
-    model = batch_norm_chain(3)
-    names = integer_convs(rewrite_for_ort_int8(model, **EXACT))
+def _add_then_conv() -> onnx.ModelProto:
+    """Q/DQ(x), Q/DQ(y) -> Add -> Q/DQ -> Conv(1x1) -> Q/DQ: a non-Conv integer kernel (the
+    QLinearAdd) before a Conv."""
+    helper, rng = onnx.helper, np.random.default_rng(0)
+    weights = rng.normal(0, 1, (8, 8, 1, 1))
+    w_scale = (np.abs(weights).reshape(8, -1).max(axis=1) / 127).astype(np.float32)
+    inits = [
+        onnx.numpy_helper.from_array(np.array(value, np.float32), name)
+        for name, value in (("sx", 0.0213), ("sy", 0.0371), ("ss", 0.0419), ("so", 0.0831))
+    ] + [
+        onnx.numpy_helper.from_array(np.array(0, np.int8), "zero"),
+        onnx.numpy_helper.from_array(np.zeros(8, np.int8), "w_zero"),
+        onnx.numpy_helper.from_array(
+            np.rint(weights / w_scale[:, None, None, None]).astype(np.int8), "w"
+        ),
+        onnx.numpy_helper.from_array(w_scale, "w_scale"),
+    ]
+
+    def qdq(source: str, scale: str) -> list[onnx.NodeProto]:
+        return [
+            helper.make_node("QuantizeLinear", [source, scale, "zero"], [f"{source}_q"]),
+            helper.make_node("DequantizeLinear", [f"{source}_q", scale, "zero"], [f"{source}_dq"]),
+        ]
+
+    nodes = [
+        *qdq("x", "sx"),
+        *qdq("y", "sy"),
+        helper.make_node("Add", ["x_dq", "y_dq"], ["s"], name="residual"),
+        *qdq("s", "ss"),
+        helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["wd"], axis=0),
+        helper.make_node("Conv", ["s_dq", "wd"], ["c"], name="conv"),
+        *qdq("c", "so"),
+    ]
+    shape = [None, 8, 6, 6]
+    graph = helper.make_graph(
+        nodes,
+        "add_conv",
+        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, shape) for n in ("x", "y")],
+        [helper.make_tensor_value_info("c_dq", onnx.TensorProto.FLOAT, shape)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_non_conv_integer_kernels_before_the_first_integer_conv_stay_float() -> None:
+    """A partial engine's integer part is the tail of the graph: a QLinearAdd before the first
+    named Conv rounds with precomputed scale ratios, so it stays float; one after it (the GAP of
+    ``batch_norm_chain``) stays integer."""
+    model = _add_then_conv()
     full = ort_optimized_op_counts(rewrite_for_ort_int8(model, **EXACT))
-    assert full["QLinearConv"] == 3 and full["QLinearGlobalAveragePool"] == 1
-    last = rewrite_for_ort_int8(model, **EXACT, integer_convs=names[-1:])
-    partial = ort_optimized_op_counts(last)
-    assert partial["QLinearConv"] == 1 and "QLinearGlobalAveragePool" not in partial
+    assert full["QLinearAdd"] == 1 and full["QLinearConv"] == 1
+    named = rewrite_for_ort_int8(model, **EXACT, integer_convs=["conv"])
+    partial = ort_optimized_op_counts(named)
+    assert partial["QLinearConv"] == 1 and "QLinearAdd" not in partial
+    rng = np.random.default_rng(1)
+    feeds = {name: rng.normal(0, 1.5, (16, 8, 6, 6)).astype(np.float32) for name in "xy"}
+    np.testing.assert_array_equal(
+        session(named, optimize=False).run(None, feeds)[0], run_reference(model, feeds)[0]
+    )
+    chain = batch_norm_chain(3)
+    last = integer_convs(rewrite_for_ort_int8(chain, **EXACT))[-1:]
+    tail = ort_optimized_op_counts(rewrite_for_ort_int8(chain, **EXACT, integer_convs=last))
+    assert tail["QLinearConv"] == 1 and tail["QLinearGlobalAveragePool"] == 1
 
 
 def test_partly_integer_rewrites_keep_the_source_math() -> None:

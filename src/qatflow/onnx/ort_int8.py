@@ -25,8 +25,8 @@ when the Q's zero-point is the type minimum). This module rewrites the ONNX grap
    does not fuse itself once a DQ feeds it (docs/exact-int8.md, "Why the rewrite was slower"),
    each uint8 ReLU output stored as the 7-bit values TensorRT keeps (zero-point 0), on
    which U8S8 kernels cannot saturate (docs/exact-int8.md, "The narrow stage"), and, with
-   ``integer_convs``, the other Convs and every non-Conv integer kernel kept float (an
-   identity Max before their Q).
+   ``integer_convs``, the other Convs and the non-Conv integer kernels before the first
+   named Conv kept float (an identity Max before their Q).
 
 See docs/ort-int8.md for the measured speed and accuracy of each option.
 """
@@ -1130,20 +1130,25 @@ def _keep_float(rw: _Rewriter, integer: Collection[str] | None) -> None:
     output alone goes before its Qs, so ORT's selectors no longer see ``DQ -> Conv -> Q``.
 
     Every other op that would become an integer kernel (QLinearAdd, QLinearMul,
-    QLinearGlobalAveragePool, ...) stays float the same way, whichever Convs are named: those
-    kernels round with precomputed scale ratios and flip an output by one step now and then,
-    which a deep net amplifies whichever Convs run in integer (measured: EfficientNetB0's
-    squeeze-excite pools and products, docs/exact-int8.md, "Partial engines keep the other
-    integer kernels float"). Bit-exact: the ops, biases and weights are as they were (ORT
-    folds neither the runtime weight DequantizeLinear nor the Max away).
+    QLinearGlobalAveragePool, ...) and comes before the first named Conv in graph order stays
+    float the same way (all of them when none is named): those kernels round with precomputed
+    scale ratios and flip an output by one step now and then, which a deep net amplifies
+    (measured: EfficientNetB0's squeeze-excite pools and products, docs/exact-int8.md,
+    "Partial engines keep the other integer kernels float"). The integer part of a partial
+    engine is thus the tail of the graph. Bit-exact: the ops, biases and weights are as they
+    were (ORT folds neither the runtime weight DequantizeLinear nor the Max away).
     """
     if integer is None:
         return
-    for node in list(rw.graph.node):
+    nodes = list(rw.graph.node)  # in graph order (reindex sorts topologically)
+    first = next(
+        (i for i, n in enumerate(nodes) if n.op_type == "Conv" and n.name in integer), None
+    )
+    for position, node in enumerate(nodes):
         if node.op_type == "Conv":
             if node.name in integer or integer_kernel_scales(rw.index, node) is None:
                 continue
-        elif not _fuses_into_integer_kernel(rw, node):
+        elif (first is not None and position > first) or not _fuses_into_integer_kernel(rw, node):
             continue
         original = node.output[0]  # its Qs keep reading this name, now the Max's
         node.output[0] = rw.fresh(f"{original}_float")
@@ -1193,8 +1198,9 @@ def rewrite_for_ort_int8(
         integer_convs: the names of the Conv nodes allowed to run as integer kernels; None
             allows all. The others stay float exactly: batch norm is not folded into them, and
             one that would still be an integer kernel gets an identity Max before its Q
-            (``keep_float``); so does every non-Conv op that would become an integer kernel,
-            so with none named the result is bit-exact. Deep nets amplify the rounding
+            (``keep_float``); so does every non-Conv op that would become an integer kernel
+            before the first named Conv, so with none named the result is bit-exact. Deep
+            nets amplify the rounding
             of each integer Conv; keeping the early ones float bounds the error
             (docs/exact-int8.md). Unnamed or duplicate-named nodes are named first, so every
             Conv of the result has its own name

@@ -476,8 +476,8 @@ def _search_rewrites(trials: _Trials, rewriting: bool) -> _Attempt:
     integer, ``k`` found by bisection (deep nets amplify the rounding of each integer Conv,
     most of all the early ones), and last with none (every pass bit-exact). The earlier Convs
     stay float exactly: unfolded beside their batch norms, or kept from fusing
-    (``rewrite_for_ort_int8``'s ``integer_convs``), and so do the non-Conv integer kernels of
-    these partial engines. The bisection picks the largest ``k`` that
+    (``rewrite_for_ort_int8``'s ``integer_convs``), and so do the non-Conv integer kernels
+    before them. The bisection picks the largest ``k`` that
     passes on the check's samples, so it asks for room: p99 within ``FITTED_REWRITE_MARGIN`` of
     the tolerance, so that other data pass too.
     """
