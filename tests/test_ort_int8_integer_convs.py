@@ -55,38 +55,61 @@ def test_all_in_integer_is_the_folded_rewrite_and_none_the_unfolded_one_all_floa
     assert not any(op.startswith("QLinear") for op in ort_optimized_op_counts(none))
 
 
+def _qdq(source: str, scale: str) -> list[onnx.NodeProto]:
+    """Q/DQ of ``source`` with the scalar ``scale`` and the int8 zero-point ``zero``."""
+    return [
+        onnx.helper.make_node("QuantizeLinear", [source, scale, "zero"], [f"{source}_q"]),
+        onnx.helper.make_node("DequantizeLinear", [f"{source}_q", scale, "zero"], [f"{source}_dq"]),
+    ]
+
+
+def _after_residual_add(
+    name: str,
+    tail: list[onnx.NodeProto],
+    output: tuple[str, list[int | None]],
+    inits: list[onnx.TensorProto],
+    scales: dict[str, float],
+    size: int,
+) -> onnx.ModelProto:
+    """Q/DQ(x), Q/DQ(y) -> Add -> Q/DQ(``s``) -> ``tail`` (reading ``s_dq``, writing
+    ``output``), inputs ``[N, 8, size, size]``; ``scales``: ``sx``, ``sy``, ``ss`` and the
+    tail's."""
+    helper = onnx.helper
+    nodes = [
+        *_qdq("x", "sx"),
+        *_qdq("y", "sy"),
+        helper.make_node("Add", ["x_dq", "y_dq"], ["s"], name="residual"),
+        *_qdq("s", "ss"),
+        *tail,
+    ]
+    scalars = [
+        onnx.numpy_helper.from_array(np.array(value, np.float32), key)
+        for key, value in scales.items()
+    ]
+    zero = onnx.numpy_helper.from_array(np.array(0, np.int8), "zero")
+    shape = [None, 8, size, size]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, shape) for n in ("x", "y")],
+        [helper.make_tensor_value_info(output[0], onnx.TensorProto.FLOAT, output[1])],
+        [*scalars, zero, *inits],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+_RESIDUAL_SCALES = {"sx": 0.0213, "sy": 0.0371, "ss": 0.0419}
+
+
 def _residual_add_and_pool() -> onnx.ModelProto:
     """Q/DQ(x), Q/DQ(y) -> Add -> Q/DQ -> GlobalAveragePool -> Q/DQ: both ops would become
     QLinearAdd and QLinearGlobalAveragePool, which round with precomputed scale ratios."""
-    inits = [
-        onnx.numpy_helper.from_array(np.array(value, np.float32), name)
-        for name, value in (("sx", 0.0213), ("sy", 0.0371), ("ss", 0.0419), ("sp", 0.0067))
-    ] + [onnx.numpy_helper.from_array(np.array(0, np.int8), "zero")]
-    helper = onnx.helper
-
-    def qdq(source: str, scale: str) -> list[onnx.NodeProto]:
-        return [
-            helper.make_node("QuantizeLinear", [source, scale, "zero"], [f"{source}_q"]),
-            helper.make_node("DequantizeLinear", [f"{source}_q", scale, "zero"], [f"{source}_dq"]),
-        ]
-
-    nodes = [
-        *qdq("x", "sx"),
-        *qdq("y", "sy"),
-        helper.make_node("Add", ["x_dq", "y_dq"], ["s"], name="residual"),
-        *qdq("s", "ss"),
-        helper.make_node("GlobalAveragePool", ["s_dq"], ["p"], name="pool"),
-        *qdq("p", "sp"),
+    pool = [
+        onnx.helper.make_node("GlobalAveragePool", ["s_dq"], ["p"], name="pool"),
+        *_qdq("p", "sp"),
     ]
-    shape = [None, 8, 14, 14]
-    graph = helper.make_graph(
-        nodes,
-        "add_pool",
-        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, shape) for n in ("x", "y")],
-        [helper.make_tensor_value_info("p_dq", onnx.TensorProto.FLOAT, [None, 8, 1, 1])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    scales = {**_RESIDUAL_SCALES, "sp": 0.0067}
+    return _after_residual_add("add_pool", pool, ("p_dq", [None, 8, 1, 1]), [], scales, 14)
 
 
 def test_with_no_conv_in_integer_no_op_runs_as_an_integer_kernel() -> None:
@@ -104,45 +127,22 @@ def test_with_no_conv_in_integer_no_op_runs_as_an_integer_kernel() -> None:
 def _add_then_conv() -> onnx.ModelProto:
     """Q/DQ(x), Q/DQ(y) -> Add -> Q/DQ -> Conv(1x1) -> Q/DQ: a non-Conv integer kernel (the
     QLinearAdd) before a Conv."""
-    helper, rng = onnx.helper, np.random.default_rng(0)
-    weights = rng.normal(0, 1, (8, 8, 1, 1))
+    weights = np.random.default_rng(0).normal(0, 1, (8, 8, 1, 1))
     w_scale = (np.abs(weights).reshape(8, -1).max(axis=1) / 127).astype(np.float32)
     inits = [
-        onnx.numpy_helper.from_array(np.array(value, np.float32), name)
-        for name, value in (("sx", 0.0213), ("sy", 0.0371), ("ss", 0.0419), ("so", 0.0831))
-    ] + [
-        onnx.numpy_helper.from_array(np.array(0, np.int8), "zero"),
         onnx.numpy_helper.from_array(np.zeros(8, np.int8), "w_zero"),
         onnx.numpy_helper.from_array(
             np.rint(weights / w_scale[:, None, None, None]).astype(np.int8), "w"
         ),
         onnx.numpy_helper.from_array(w_scale, "w_scale"),
     ]
-
-    def qdq(source: str, scale: str) -> list[onnx.NodeProto]:
-        return [
-            helper.make_node("QuantizeLinear", [source, scale, "zero"], [f"{source}_q"]),
-            helper.make_node("DequantizeLinear", [f"{source}_q", scale, "zero"], [f"{source}_dq"]),
-        ]
-
-    nodes = [
-        *qdq("x", "sx"),
-        *qdq("y", "sy"),
-        helper.make_node("Add", ["x_dq", "y_dq"], ["s"], name="residual"),
-        *qdq("s", "ss"),
-        helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["wd"], axis=0),
-        helper.make_node("Conv", ["s_dq", "wd"], ["c"], name="conv"),
-        *qdq("c", "so"),
+    conv = [
+        onnx.helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["wd"], axis=0),
+        onnx.helper.make_node("Conv", ["s_dq", "wd"], ["c"], name="conv"),
+        *_qdq("c", "so"),
     ]
-    shape = [None, 8, 6, 6]
-    graph = helper.make_graph(
-        nodes,
-        "add_conv",
-        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, shape) for n in ("x", "y")],
-        [helper.make_tensor_value_info("c_dq", onnx.TensorProto.FLOAT, shape)],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    scales = {**_RESIDUAL_SCALES, "so": 0.0831}
+    return _after_residual_add("add_conv", conv, ("c_dq", [None, 8, 6, 6]), inits, scales, 6)
 
 
 def test_non_conv_integer_kernels_before_the_first_integer_conv_stay_float() -> None:
