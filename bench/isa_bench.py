@@ -195,9 +195,17 @@ def verdict(fidelity: Mapping[str, Any] | None) -> str:
     of = f" of {decided}" if decided is not None else ""
     return (
         f"{word}: {fidelity['agreement']:.1%} agree, {fidelity['decided_agreement']:.1%}{of} "
-        f"decided{_proves(fidelity)}, p99 {fidelity['p99_abs_error']:.3g} "
+        f"decided{_proves(fidelity)},{_beyond(fidelity)} p99 {fidelity['p99_abs_error']:.3g} "
         f"(tol {fidelity['tolerance']:.3g})"
     )
+
+
+def _beyond(report: Mapping[str, Any]) -> str:
+    """How many samples lie beyond the tolerance (of how many allowed), where recorded."""
+    beyond = report.get("beyond_tolerance")
+    if beyond is None:
+        return ""
+    return f" {beyond} of {report['samples']} beyond tol (at most {report['max_beyond']}),"
 
 
 def _proves(report: Mapping[str, Any]) -> str:
@@ -316,12 +324,14 @@ def _pct(value: float | None) -> str:
 
 
 def heldout_cell(report: Mapping[str, Any]) -> str:
-    """The held-out images' decided agreement and p99 error against the reference."""
+    """The held-out images' decided agreement, samples beyond the tolerance and p99 error
+    against the reference."""
     if not report:
         return NONE
     return (
         f"{report['decided_agreement']:.2%} of {report['decided_samples']}{_proves(report)}; "
-        f"{report['p99_abs_error']:.2g} / {report['tolerance']:.2g}"
+        f"{report['beyond_tolerance']} beyond; {report['p99_abs_error']:.2g} / "
+        f"{report['tolerance']:.2g}"
     )
 
 
@@ -334,7 +344,7 @@ def fidelity_table(rows: Sequence[FidelityRow], test_images: int) -> str:
         "engine",
         "engine vs Keras QDQ",
         "engine vs ONNX reference",
-        "held-out vs reference: decided; p99 / tol",
+        "held-out vs reference: decided; beyond tol; p99 / tol",
         "encoding (rewrite)",
         "integer conv/matmul",
         "build-time fidelity",
@@ -451,14 +461,18 @@ def build_failure(error: BaseException) -> str:
     diverging tensor when its message has them, else the start of the message."""
     text = " ".join(str(error).split())
     agreement = re.search(r"top-1 agreement ([\d.]+%) over (\d+) samples", text)
-    error_p99 = re.search(r"p99 \|error\| (\S+) \(tolerance (\S+)\)", text)
-    if not (agreement and error_p99):
+    tail = re.search(
+        r"(\d+) beyond the tolerance (\S+) \(at most (\d+) allowed\), p99 \|error\| ([^,]+)",
+        text,
+    )
+    if not (agreement and tail):
         return short_error(error)
     where = re.search(r"; (first diverging tensor .*?\)|no quantized tensor diverges[^.]*)", text)
     found = f"; {where.group(1)}" if where else ""
+    beyond, tolerance, allowed, p99 = tail.groups()
     gist = (
-        f"FAILED, {agreement.group(1)} agree over {agreement.group(2)}, p99 {error_p99.group(1)} "
-        f"(tol {error_p99.group(2)}){found}"
+        f"FAILED, {agreement.group(1)} agree over {agreement.group(2)}, {beyond} beyond tol "
+        f"{tolerance} (at most {allowed}), p99 {p99}{found}"
     )
     return short_error(gist)
 

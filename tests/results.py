@@ -70,6 +70,8 @@ def fidelity_report(agreement: float = 0.999, *, passed: bool = True) -> dict[st
         "output_range": 20.0,
         "tolerance": 1.0,
         "min_agreement": 0.999,
+        "beyond_tolerance": 0 if passed else 40,
+        "max_beyond": 1,
         "data": "calibration images (64)",
         "passed": passed,
         "diverging_tensor": None if passed else "conv1/quant:0",

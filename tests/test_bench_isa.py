@@ -28,6 +28,7 @@ from tests.int8_models import saturating_cnn
 
 from qatflow.errors import RuntimeBackendError
 from qatflow.runtimes.cpu_int8 import CpuInt8, detect
+from qatflow.runtimes.fidelity import FidelityReport
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSED = {
@@ -153,10 +154,11 @@ def test_heldout_cell():
     report = {
         "decided_agreement": 1.0,
         "decided_samples": 882,
+        "beyond_tolerance": 3,
         "p99_abs_error": 0.3812,
         "tolerance": 0.5104,
     }
-    assert isa_bench.heldout_cell(report) == "100.00% of 882; 0.38 / 0.51"
+    assert isa_bench.heldout_cell(report) == "100.00% of 882; 3 beyond; 0.38 / 0.51"
 
 
 def test_verdict_cell():
@@ -165,21 +167,40 @@ def test_verdict_cell():
     assert isa_bench.verdict(report) == (
         "**FAIL**: 50.0% agree, 100.0% of 10 decided, p99 0.001 (tol 0.05)"
     )
+    tail = {**report, "samples": 12, "beyond_tolerance": 2, "max_beyond": 0}
+    assert isa_bench.verdict(tail) == (
+        "**FAIL**: 50.0% agree, 100.0% of 10 decided, 2 of 12 beyond tol (at most 0), "
+        "p99 0.001 (tol 0.05)"
+    )
 
 
 def test_short_error_and_build_failure_gist():
     assert isa_bench.short_error(ValueError("a\n  b")) == "ValueError: a b"
     assert len(isa_bench.short_error("x" * 500, limit=50)) == 50
+    report = FidelityReport(
+        samples=300,
+        agreement=0.5467,
+        decided_samples=280,
+        decided_agreement=0.561,
+        proven_agreement=0.51,
+        max_abs_error=0.97,
+        p99_abs_error=0.94,
+        output_range=1.0,
+        tolerance=0.05,
+        min_agreement=0.999,
+        beyond_tolerance=290,
+        max_beyond=0,
+        data="300 samples",
+        passed=False,
+    )
     message = (
         "m.onnx: the ONNX Runtime engine (encoding u8s8, CPU avx2 (no VNNI)) disagrees with its "
-        "reference: fidelity FAILED: top-1 agreement 54.67% over 300 samples (56.10% over the "
-        "280 ...); p99 |error| 0.94 (tolerance 0.05), max 0.97; data: 300 samples; first "
-        "diverging tensor 'stem_q' (42.0% of its values differ by more than one step). No "
-        "engine was written."
+        f"reference: {report.summary()}; first diverging tensor 'stem_q' (42.0% of its values "
+        "differ by more than one step). No engine was written."
     )
     assert isa_bench.build_failure(RuntimeError(message)) == (
-        "FAILED, 54.67% agree over 300, p99 0.94 (tol 0.05); first diverging tensor 'stem_q' "
-        "(42.0% of its values differ by more than one step)"
+        "FAILED, 54.67% agree over 300, 290 beyond tol 0.05 (at most 0), p99 0.94; first "
+        "diverging tensor 'stem_q' (42.0% of its values differ by more than one step)"
     )
     assert isa_bench.build_failure(RuntimeError("other")) == "RuntimeError: other"
 

@@ -58,6 +58,25 @@ def test_large_errors_fail_even_when_top1_agrees() -> None:
     assert report.p99_abs_error > report.tolerance
 
 
+def test_a_few_samples_far_beyond_the_tolerance_fail_although_p99_and_top1_pass() -> None:
+    """Integer kernels that diverge do so on a few inputs, by far (EfficientNetB0: 0.8 % of the
+    images moved by up to ten tolerances): at most 0.1 % of the samples may lie beyond."""
+    ref = logits(2000)
+    got = ref.copy()
+    lowest = ref.argmin(axis=1)
+    got[:2, lowest[:2]] -= 10.0  # two of 2,000 far off, top-1 kept: 0.1 %, allowed
+    allowed = compare_outputs(ref, got, data="two far")
+    assert allowed.passed and (allowed.beyond_tolerance, allowed.max_beyond) == (2, 2)
+    got[2:6, lowest[2:6]] -= 10.0  # six: p99 and the decided agreement would still pass
+    refused = compare_outputs(ref, got, data="six far")
+    assert refused.p99_abs_error <= refused.tolerance and refused.beyond_tolerance == 6
+    assert not refused.passed
+    assert "6 beyond the tolerance" in refused.summary()
+    assert "(at most 2 allowed)" in refused.summary()
+    few = compare_outputs(ref[:256], got[:256], data="256")
+    assert few.max_beyond == 0 and not few.passed
+
+
 def test_shape_mismatch_is_an_error() -> None:
     with pytest.raises(ValueError, match="shape"):
         compare_outputs(np.zeros((4, 10)), np.zeros((4, 5)), data="x")

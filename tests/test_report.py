@@ -121,18 +121,19 @@ def test_fidelity_column_explanation_and_section(
     section = markdown.split("## Build-time fidelity\n\n", 1)[1].split("\n## ", 1)[0]
     assert section.startswith(FIDELITY_EXPLANATION + ". It passes when")
     assert (
-        "| Variant | Fidelity | Decided agreement (%) | p99 abs error (tolerance) | Max abs error "
-        "| Checked on | Encoding / ISA | Integer kernels (nodes / time) |"
+        "| Variant | Fidelity | Decided agreement (%) | Beyond tolerance (allowed) | Tolerance "
+        "| p99 / max abs error | Checked on | Encoding / ISA | Integer kernels (nodes / time) |"
     ) in section
     assert f"| fp32 | {NONE_MARK} | {NONE_MARK} | {NONE_MARK} | {NONE_MARK} | {NONE_MARK} |" in (
         section
     )
     assert (
-        "| qat_int8 | 99.90% pass | 100.00 of 980 (need 99.90; proves 99.72) | 0.0125 (1) | 0.02 "
-        "| calibration images (64) | u8s8 / avx512_vnni | 87.5% / 96.7% |"
+        "| qat_int8 | 99.90% pass | 100.00 of 980 (need 99.90; proves 99.72) | 0 of 1000 (1) | 1 "
+        "| 0.0125 / 0.02 | calibration images (64) | u8s8 / avx512_vnni | 87.5% / 96.7% |"
     ) in section
     assert (
-        "| ptq_int8 | 61.25% FAIL | 61.25 of 980 (need 99.90; proves 60.25) | 2.25 (1) | 3.5 |"
+        "| ptq_int8 | 61.25% FAIL | 61.25 of 980 (need 99.90; proves 60.25) | 40 of 1000 (1) | 1 "
+        "| 2.25 / 3.5 |"
     ) in section
 
     page = files.html.read_text()

@@ -379,6 +379,7 @@ def test_engine_fidelity_is_logged_per_variant(
         "fidelity_decided_agreement_pct",
         "fidelity_proven_agreement_pct",
         "fidelity_p99_abs_error",
+        "fidelity_samples_beyond_tolerance",
     }
     assert set(qat.metrics) == set(METRIC_KEYS) | set(FIDELITY_METRICS)
     assert qat.metrics["fidelity_agreement_pct"] == pytest.approx(99.9)  # percent, like top-1
@@ -393,6 +394,7 @@ def test_engine_fidelity_is_logged_per_variant(
     assert ptq.tags[FIDELITY_TAG] == "failed"
     assert ptq.metrics["fidelity_agreement_pct"] == pytest.approx(61.25)
     assert ptq.metrics["fidelity_p99_abs_error"] == pytest.approx(2.25)
+    assert ptq.metrics["fidelity_samples_beyond_tolerance"] == 40
     assert ptq.params["engine_isa"] == "avx2 (no VNNI)"
     # Nothing measured, nothing logged: no zeros that would look like a failed check.
     assert set(fp32.metrics) == set(METRIC_KEYS)
@@ -408,7 +410,8 @@ def test_partial_fidelity_logs_what_is_there(
     tracker = Tracker(tmp_path / "out", tracking_uri=uri)
     run = tracker.start_variant_run(tracker.start_pipeline_run(), "qat_int8")
     check = {**fidelity_report(), "p99_abs_error": None, "decided_agreement": float("nan")}
-    del check["proven_agreement"]  # an engine built before the bound was recorded
+    for key in ("proven_agreement", "beyond_tolerance"):  # an engine built before they were
+        del check[key]
     tracker.log_engine_fidelity(run, check, {"isa": "avx512_vnni"})
     data = MlflowClient(uri).get_run(run).data
     assert data.metrics == {"fidelity_agreement_pct": pytest.approx(99.9)}

@@ -61,6 +61,7 @@ FIDELITY_METRICS = {
     "fidelity_decided_agreement_pct": ("decided_agreement", 100.0),
     "fidelity_proven_agreement_pct": ("proven_agreement", 100.0),
     "fidelity_p99_abs_error": ("p99_abs_error", 1.0),
+    "fidelity_samples_beyond_tolerance": ("beyond_tolerance", 1.0),
 }
 # Kernel provenance of a variant's engine (EvaluationResult.engine): param -> provenance key.
 ENGINE_PARAMS = {"engine_encoding": "encoding", "engine_isa": "isa"}

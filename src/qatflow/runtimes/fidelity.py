@@ -9,11 +9,18 @@ two classes. So the gate compares decisions where the reference makes one:
 * ``tolerance``: a logit tolerance, ``DEFAULT_TOLERANCE`` of the reference's typical output
   range (the median over samples of max - min across classes, so that a few outlier samples
   cannot widen it);
-* pass when the 99th percentile of per-sample max ``|engine - reference|`` is within the
-  tolerance, and top-1 agreement is at least ``DEFAULT_MIN_AGREEMENT`` over the samples whose
-  reference top-1 leads its runner-up by more than the tolerance (``decided``).
+* pass when at most ``MAX_BEYOND_SHARE`` of the samples (rounded down: none of 256) have a
+  max ``|engine - reference|`` beyond the tolerance, and top-1 agreement is at least
+  ``DEFAULT_MIN_AGREEMENT`` over the samples whose reference top-1 leads its runner-up by more
+  than the tolerance (``decided``).
 
-Plain top-1 agreement over all samples and the max error are recorded beside the verdict, and
+The tail rule is there because integer kernels that diverge do so on a few inputs, by far: an
+EfficientNetB0 engine whose 99th-percentile error was within the tolerance moved 0.8 % of
+held-out images by up to ten tolerances and flipped 0.35 % of the decided ones
+(docs/exact-int8.md, "The tail criterion"). A 99th percentile lets 1 % of the samples be
+arbitrarily wrong; the tail rule lets 0.1 %, the share the agreement bound allows to flip.
+Plain top-1 agreement over all samples, the 99th-percentile and the max error are recorded
+beside the verdict, and
 so is what the sample proves: ``proven_agreement``, the one-sided 95 % lower confidence bound
 on the decided agreement (Wilson's score bound; closed form, so no SciPy). 256 samples with no
 disagreement prove about 98.7 %; proving 99.9 % takes some 2,700 decided samples.
@@ -41,7 +48,8 @@ from qatflow.onnx.reference import run_optimized, run_reference
 
 DEFAULT_MIN_AGREEMENT = 0.999
 DEFAULT_TOLERANCE = 0.05
-ERROR_PERCENTILE = 99.0
+MAX_BEYOND_SHARE = 0.001  # of the samples, whose max |error| may exceed the tolerance
+ERROR_PERCENTILE = 99.0  # recorded, and the margin a fitted rewrite needs (onnxruntime_backend)
 CONFIDENCE_Z = 1.6449  # one-sided 95 %
 
 Feeds = Mapping[str, np.ndarray]
@@ -61,6 +69,8 @@ class FidelityReport:
     output_range: float
     tolerance: float
     min_agreement: float
+    beyond_tolerance: int  # samples whose max |error| exceeds the tolerance
+    max_beyond: int  # the most the gate allows: MAX_BEYOND_SHARE of the samples, rounded down
     data: str
     passed: bool
     diverging_tensor: str | None = None
@@ -78,8 +88,9 @@ class FidelityReport:
             f"samples ({self.decided_agreement:.2%} over the {self.decided_samples} the "
             f"reference decides by more than {self.tolerance:.4g}, need "
             f">= {self.min_agreement:.1%}; proves >= {self.proven_agreement:.2%} at 95% "
-            f"confidence); p99 |error| {self.p99_abs_error:.4g} "
-            f"(tolerance {self.tolerance:.4g}), max {self.max_abs_error:.4g}; data: {self.data}"
+            f"confidence); {self.beyond_tolerance} beyond the tolerance {self.tolerance:.4g} "
+            f"(at most {self.max_beyond} allowed), p99 |error| {self.p99_abs_error:.4g}, "
+            f"max {self.max_abs_error:.4g}; data: {self.data}"
         )
 
 
@@ -115,8 +126,8 @@ def compare_outputs(
     margin = ordered[:, -1] - ordered[:, -2] if ref.shape[1] > 1 else np.full(len(ref), np.inf)
     decided = margin > allowed
     decided_agreement = float(agree[decided].mean()) if decided.any() else 1.0
-    p99 = float(np.percentile(errors, ERROR_PERCENTILE)) if len(errors) else 0.0
-    passed = bool(len(ref)) and decided_agreement >= min_agreement and p99 <= allowed
+    beyond, max_beyond = int(np.sum(errors > allowed)), int(MAX_BEYOND_SHARE * len(ref))
+    passed = bool(len(ref)) and decided_agreement >= min_agreement and beyond <= max_beyond
     return FidelityReport(
         samples=len(ref),
         agreement=float(agree.mean()) if len(ref) else 0.0,
@@ -124,10 +135,12 @@ def compare_outputs(
         decided_agreement=decided_agreement,
         proven_agreement=proven_agreement(int(agree[decided].sum()), int(decided.sum())),
         max_abs_error=float(errors.max()) if len(errors) else 0.0,
-        p99_abs_error=p99,
+        p99_abs_error=float(np.percentile(errors, ERROR_PERCENTILE)) if len(errors) else 0.0,
         output_range=span,
         tolerance=allowed,
         min_agreement=min_agreement,
+        beyond_tolerance=beyond,
+        max_beyond=max_beyond,
         data=data,
         passed=passed,
     )
@@ -163,6 +176,8 @@ def ideal_integer_check(
         "agreement": ideal.agreement,
         "decided_agreement": ideal.decided_agreement,
         "p99_abs_error": ideal.p99_abs_error,
+        "beyond_tolerance": ideal.beyond_tolerance,
+        "samples": ideal.samples,
         "passed": ideal.passed,
     }
 
@@ -172,8 +187,9 @@ def ideal_integer_line(record: Mapping[str, Any]) -> str:
     verdict = "passes" if record["passed"] else "fails too: the network amplifies rounding"
     return (
         f"an ideal integer engine of this model (batch norms folded, int32 biases, run as float "
-        f"math) agrees on {record['decided_agreement']:.2%} of the decided samples with p99 "
-        f"|error| {record['p99_abs_error']:.4g}, so it {verdict}"
+        f"math) agrees on {record['decided_agreement']:.2%} of the decided samples, "
+        f"{record['beyond_tolerance']} of {record['samples']} beyond the tolerance, p99 |error| "
+        f"{record['p99_abs_error']:.4g}, so it {verdict}"
     )
 
 

@@ -461,6 +461,7 @@ class _Trials:
                 **tried.record(),
                 "agreement": tried.report.agreement,
                 "decided_agreement": tried.report.decided_agreement,
+                "beyond_tolerance": tried.report.beyond_tolerance,
                 "p99_abs_error": tried.report.p99_abs_error,
                 "p99_required": margin * tried.report.tolerance,
             }
