@@ -318,9 +318,9 @@ def _fidelity_cells(name: str, result: EvaluationResult) -> list[str]:
     if decided != NONE_MARK and any(notes):
         decided += f" ({'; '.join(note for note in notes if note)})"
     beyond = _number(check.get("beyond_tolerance"), lambda v: f"{v:.0f}")
-    if beyond != NONE_MARK and check.get("samples") is not None:
-        beyond += f" of {check['samples']}"
-    beyond += _number(check.get("max_beyond"), lambda v: f" ({v:.0f})", "")
+    if beyond != NONE_MARK:
+        beyond += _number(check.get("samples"), lambda v: f" of {v:.0f}", "")
+        beyond += _number(check.get("max_beyond"), lambda v: f" ({v:.0f})", "")
     errors = [_number(check.get(key), "{:.4g}".format) for key in ERROR_KEYS]
     error_cell = NONE_MARK if set(errors) == {NONE_MARK} else " / ".join(errors)
     return [

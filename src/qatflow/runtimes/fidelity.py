@@ -19,11 +19,11 @@ EfficientNetB0 engine whose 99th-percentile error was within the tolerance moved
 held-out images by up to ten tolerances and flipped 0.35 % of the decided ones
 (docs/exact-int8.md, "The tail criterion"). A 99th percentile lets 1 % of the samples be
 arbitrarily wrong; the tail rule lets 0.1 %, the share the agreement bound allows to flip.
-Plain top-1 agreement over all samples, the 99th-percentile and the max error are recorded
-beside the verdict, and
-so is what the sample proves: ``proven_agreement``, the one-sided 95 % lower confidence bound
-on the decided agreement (Wilson's score bound; closed form, so no SciPy). 256 samples with no
-disagreement prove about 98.7 %; proving 99.9 % takes some 2,700 decided samples.
+Plain top-1 agreement over all samples, the 99th percentile and the max error are recorded
+beside the verdict, and so is what the sample proves: ``proven_agreement``, the one-sided
+95 % lower confidence bound on the decided agreement (Wilson's score bound; closed form, so no
+SciPy). 256 samples with no disagreement prove about 98.7 %; proving 99.9 % takes some 2,700
+decided samples.
 A saturating kernel (U8S8 without VNNI) moves most logits by a large part of the range and
 fails both conditions by far.
 
