@@ -24,15 +24,16 @@ them. Then, each part measured in one run:
    ``--save DIR`` keeps the ONNX files and calibration images; ``--from DIR`` times such a
    folder on another machine with no TensorFlow at all (or on the same one as a CPU without
    VNNI: ``CPUID_MASK=avx2 LD_PRELOAD=bench/cpuid_mask.so``, where the kernel offers CPUID
-   faulting; this module imports only numpy, onnx, onnxruntime, ``qatflow.runtimes`` and
-   ``qatflow.onnx.reference`` at its top level; Keras is imported inside the functions that
-   need it).
+   faulting; this module imports only numpy, onnx, onnxruntime, ``qatflow.runtimes``,
+   ``qatflow.onnx.reference`` and ``qatflow.params`` at its top level; Keras is imported
+   inside the functions that need it).
 2. **Fidelity** on models trained briefly here on Fashion-MNIST: the demo model (28x28x1, also
    on images thresholded to 0/1, the saturation worst case) and ResNet50, MobileNetV2
    (alpha 0.35), EfficientNetB0, ResNet50V2 and DenseNet121 at 32x32x3 and InceptionV3 at
    75x75x3. For each: Keras FP32 accuracy, PTQ (quantize placed for ONNX Runtime +
-   percentile calibration) -> export -> ``build_engine`` (fidelity data: the
-   calibration images), then on held-out test images the engine's top-1 agreement with the
+   percentile calibration) -> export -> ``build_engine`` (fidelity data: ``--fidelity-check``
+   further training images, used neither to train nor to calibrate, as the pipeline checks on
+   its validation split), then on held-out test images the engine's top-1 agreement with the
    Keras QDQ model and with the ONNX reference (``run_reference``), the gate's measures on them
    (decided agreement, p99 error and tolerance: ``compare_outputs``), its accuracy, its
    encoding and its build-time fidelity report.
@@ -67,6 +68,7 @@ import onnx
 
 from bench import PLACEMENT_RUNTIME
 from qatflow.onnx.reference import run_reference
+from qatflow.params import ENGINE
 from qatflow.runtimes import build_engine, load_engine
 from qatflow.runtimes.cpu_int8 import INT8_FLAGS, CpuInt8, choose_encoding, detect
 from qatflow.runtimes.fidelity import compare_outputs
@@ -849,6 +851,7 @@ def fidelity_model(
     epochs: int,
     test: int,
     calibration: int,
+    check: int,
     threads: int,
     work: Path,
 ) -> FidelityRow:
@@ -864,6 +867,7 @@ def fidelity_model(
         keras.utils.set_random_seed(0)
         x_train, y_train = fashion_split("train", train, 0, spec)
         x_calib, _ = fashion_split("train", calibration, train, spec)
+        x_check, _ = fashion_split("train", check, train + calibration, spec)
         x_test, y_test = fashion_split("test", test, 0, spec)
         model, logits = build_fidelity_model(spec)
         model.compile(
@@ -884,7 +888,11 @@ def fidelity_model(
         source = qatflow.export_onnx(qmodel, work / f"{tag}.onnx")
         step = "build_engine"
         built = build_engine(
-            source, work / f"{tag}.engine.onnx", fidelity_data=x_calib, threads=threads
+            source,
+            work / f"{tag}.engine.onnx",
+            fidelity_data=x_check,
+            fidelity_samples=check,
+            threads=threads,
         )
         engine = load_engine(built, threads=threads)
         row.encoding = engine_encoding(engine.metadata.build_options)
@@ -913,6 +921,7 @@ def fidelity_part(
     epochs: int,
     test: int,
     calibration: int,
+    check: int,
     threads: int,
     models: Sequence[str] | None = None,
 ) -> list[FidelityRow]:
@@ -930,6 +939,7 @@ def fidelity_part(
                     epochs=epochs,
                     test=test,
                     calibration=calibration,
+                    check=check,
                     threads=threads,
                     work=Path(tmp),
                 )
@@ -937,7 +947,8 @@ def fidelity_part(
             print(f"  {spec.name}: {rows[-1].seconds:.0f} s", flush=True)
     print(
         f"\nFidelity, PTQ engines ({train} training images, {epochs} epoch(s), "
-        f"{calibration} calibration images), {isa_label(detect(), mask=cpuid_mask())}\n"
+        f"{calibration} calibration images, checked on {check} others), "
+        f"{isa_label(detect(), mask=cpuid_mask())}\n"
     )
     print(fidelity_table(rows, test), flush=True)
     return rows
@@ -985,6 +996,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--fidelity-calibration", type=int, default=256, help="fidelity calibration images"
     )
+    parser.add_argument(
+        "--fidelity-check",
+        type=int,
+        default=ENGINE.fidelity_samples,
+        help="images (neither trained nor calibrated on) each engine is checked on at build "
+        "(default: %(default)s, build_engine's default)",
+    )
     return parser.parse_args(argv)
 
 
@@ -1019,6 +1037,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             epochs=args.epochs,
             test=args.test,
             calibration=args.fidelity_calibration,
+            check=args.fidelity_check,
             threads=args.threads,
             models=args.models,
         )

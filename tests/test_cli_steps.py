@@ -11,6 +11,7 @@ from tests.model_zoo import small_cnn
 from qatflow.cli import main
 from qatflow.comparison import Comparison
 from qatflow.evaluation import EvaluationResult
+from qatflow.runtimes import load_engine
 
 
 def test_the_whole_flow_by_hand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -42,7 +43,10 @@ def test_the_whole_flow_by_hand(tmp_path: Path, capsys: pytest.CaptureFixture[st
     for name, model in (("fp32", fp32), ("qat_int8", qat)):
         onnx_path, engine = tmp_path / f"{name}.onnx", tmp_path / f"{name}.engine.onnx"
         qatflow("export", model, "-o", onnx_path)
-        qatflow("build-engine", onnx_path, "-o", engine, "--batch-profile", 1, 4, 32)
+        # The INT8 engine is checked on 48 images: the dataset's validation split, then
+        # calibration.
+        check = ["--dataset", data, "--fidelity-samples", 48] if name == "qat_int8" else []
+        qatflow("build-engine", onnx_path, "-o", engine, "--batch-profile", 1, 4, 32, *check)
         results[name] = tmp_path / f"{name}.json"
         reference = ["--reference", results["fp32"]] if name != "fp32" else []
         out = qatflow(
@@ -50,6 +54,7 @@ def test_the_whole_flow_by_hand(tmp_path: Path, capsys: pytest.CaptureFixture[st
             "--warmup", 1, "--throughput-batch", 8, "--threads", 1, "--max-batches", 2, *reference,
         )  # fmt: skip
         assert "top-1" in out and "latency p50" in out and "onnxruntime" in out
+    assert load_engine(tmp_path / "qat_int8.engine.onnx").metadata.fidelity["samples"] == 48
     qat_result = EvaluationResult.load(results["qat_int8"])
     assert qat_result.num_samples == 64 and qat_result.agreement is not None
 

@@ -145,6 +145,7 @@ def test_parameters_and_defaults(compiled: tuple[dict[str, Any], dict[str, Any]]
         "batch_profile_opt": 8,
         "batch_profile_max": 64,
         "int8_encoding": "auto",
+        "fidelity_samples": 1024,
         "latency_iterations": 200,
         "eval_max_batches": 0,
         "accuracy_gate": 1.0,

@@ -7,6 +7,7 @@ import json
 from dataclasses import FrozenInstanceError, dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from tests.chain import write_npz
@@ -14,7 +15,13 @@ from tests.chain import write_npz
 from qatflow import steps
 from qatflow.comparison import Comparison
 from qatflow.data import DatasetInfo
-from qatflow.errors import DataError, ModelError, QuantizationError, StorageError
+from qatflow.errors import (
+    DataError,
+    ModelError,
+    QuantizationError,
+    RuntimeBackendError,
+    StorageError,
+)
 from qatflow.evaluation import EvaluationResult
 from qatflow.onnx.parity import read_export_check
 from qatflow.publish import verdict
@@ -158,6 +165,39 @@ def test_build_engine_returns_the_engine_and_its_profile(run: Run) -> None:
     assert built.engine == run.root / "ptq_int8.engine.onnx"
     assert (built.runtime, built.batch_profile) == ("onnxruntime", (1, 4, 16))
     assert load_engine(built.engine).metadata.batch_profile == built.batch_profile
+
+
+def test_build_engine_checks_the_validation_split_first_then_the_calibration_split(
+    run: Run,
+) -> None:
+    from qatflow.data import load_dataset_from_spec
+
+    bundle = load_dataset_from_spec(run.data.spec)
+    held_out = np.concatenate([images for images, _ in bundle.validation])
+    calibration = np.concatenate([images for images, _ in bundle.calibration])
+    checked = np.concatenate([images for images, _ in steps.fidelity_data(run.data.spec)])
+    np.testing.assert_array_equal(checked, np.concatenate([held_out, calibration]))
+
+    samples = len(held_out) + 4  # all the held-out images, topped up from calibration
+    built = steps.build_engine(
+        run.exported["ptq_int8"].onnx,
+        run.root / "checked.engine.onnx",
+        batch_profile=(1, 4, 16),
+        dataset_spec=run.data.spec,
+        fidelity_samples=samples,
+    )
+    fidelity = load_engine(built.engine).metadata.fidelity
+    assert fidelity["samples"] == samples and fidelity["passed"]
+    assert fidelity["data"] == f"{samples} samples of the given data"
+
+
+def test_build_engine_refuses_a_bad_sample_count_before_any_work(run: Run) -> None:
+    output = run.root / "never.engine.onnx"
+    with pytest.raises(RuntimeBackendError, match="fidelity_samples must be at least 1, got 0"):
+        steps.build_engine(
+            run.exported["ptq_int8"].onnx, output, dataset_spec=run.data.spec, fidelity_samples=0
+        )
+    assert not output.exists()
 
 
 def test_evaluate_returns_the_evaluation(run: Run) -> None:

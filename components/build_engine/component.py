@@ -15,14 +15,16 @@ def build_engine(
     batch_opt: int = 8,
     batch_max: int = 64,
     encoding: str = "auto",
+    fidelity_samples: int = 1024,
     dataset: Input[Dataset] | None = None,
 ) -> None:
     """Build the engine for ``runtime`` (the one the pipeline is compiled for) with the batch
     profile (min, opt, max).
 
     Before it is written, the engine is checked against the ONNX model run as float math on
-    the calibration split of ``dataset`` (without one: synthetic inputs, kernels only); a
-    failed check fails the task. ``encoding`` (ONNX Runtime): ``auto``, ``u8s8`` or ``u8u8``.
+    ``fidelity_samples`` images of ``dataset``, its validation split first, then its
+    calibration split (without one: synthetic inputs, kernels only); a failed check fails the
+    task. ``encoding`` (ONNX Runtime): ``auto``, ``u8s8`` or ``u8u8``.
 
     ``engine`` is a folder: ``engine.plan`` plus its ``engine.plan.json`` metadata for
     TensorRT, or the optimized ``engine.onnx`` for ONNX Runtime. The default image is the
@@ -41,6 +43,7 @@ def build_engine(
         batch_profile=(batch_min, batch_opt, batch_max),
         dataset_spec=dataset.path if dataset is not None else None,
         encoding=encoding,
+        fidelity_samples=fidelity_samples,
     )
     engine.framework = built.runtime
     engine.metadata.update(

@@ -17,6 +17,7 @@ _COUNTS_FROM_1 = (
     "pretrain_epochs",
     "epochs",
     "calibration_batches",
+    "fidelity_samples",
     "latency_iterations",
     "batch_profile_min",
 )

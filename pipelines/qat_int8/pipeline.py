@@ -126,6 +126,7 @@ def build_pipeline(
         batch_profile_opt: int = pipeline_default("batch_profile_opt"),
         batch_profile_max: int = pipeline_default("batch_profile_max"),
         int8_encoding: str = pipeline_default("int8_encoding"),
+        fidelity_samples: int = pipeline_default("fidelity_samples"),
         latency_iterations: int = pipeline_default("latency_iterations"),
         eval_max_batches: int = pipeline_default("eval_max_batches"),
         accuracy_gate: float = pipeline_default("accuracy_gate"),
@@ -163,6 +164,8 @@ def build_pipeline(
             batch_profile_max: largest batch the engine accepts.
             int8_encoding: ONNX Runtime integer weight encoding: auto (exact for the CPU of
                 the engine node), u8s8 or u8u8.
+            fidelity_samples: images (validation split first, then calibration) each engine
+                is checked against its reference on before it is written.
             latency_iterations: timed single-image runs per evaluation.
             eval_max_batches: test batches to evaluate (0 = the whole test split).
             accuracy_gate: the accuracy gate in top-1 points: the largest top-1 drop of an
@@ -221,6 +224,7 @@ def build_pipeline(
                 batch_opt=batch_profile_opt,
                 batch_max=batch_profile_max,
                 encoding=int8_encoding,
+                fidelity_samples=fidelity_samples,
                 dataset=dataset,
             )
             settings(on_engine_node(engine), f"{variant}: build engine", cache=True)

@@ -126,6 +126,9 @@ class EngineParams:
         (1, 8, 64), "batch sizes the engine accepts (min, max) and is tuned for (opt)", "images"
     )
     encoding: str = param("auto", "ONNX Runtime integer weight encoding: auto, u8s8 or u8u8")
+    fidelity_samples: int = param(
+        1024, "images the engine is checked against its reference on before it is written", "images"
+    )
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,7 @@ PIPELINE_PARAMETERS: Mapping[str, Ref] = {
     "batch_profile_opt": Ref(ENGINE, "batch_profile", 1),
     "batch_profile_max": Ref(ENGINE, "batch_profile", 2),
     "int8_encoding": Ref(ENGINE, "encoding"),
+    "fidelity_samples": Ref(ENGINE, "fidelity_samples"),
     "latency_iterations": Ref(EVALUATE, "latency_iterations"),
     "eval_max_batches": Ref(EVALUATE, "max_batches"),
     "accuracy_gate": Ref(COMPARE, "accuracy_gate"),

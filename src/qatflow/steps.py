@@ -18,11 +18,12 @@ also the step's input is refused unless ``overwrite``.
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -652,43 +653,56 @@ def build_engine(
     batch_profile: tuple[int, int, int] = ENGINE.batch_profile,
     dataset_spec: PathLike | None = None,
     encoding: str = ENGINE.encoding,
+    fidelity_samples: int = ENGINE.fidelity_samples,
     overwrite: bool = False,
 ) -> EngineOutputs:
     """Build the runtime engine for an ONNX model (ONNX Runtime on CPU or TensorRT on a GPU).
 
-    The engine is checked against the ONNX run as float math before it is written: on the
-    calibration split of the dataset spec ``dataset_spec``, or without one on synthetic inputs,
-    which check the integer kernels only. ``encoding`` (ONNX Runtime only): ``auto``, ``u8s8``
-    or ``u8u8``. Whatever engine an earlier build left at the output (a TensorRT sidecar and
-    build log included) is replaced.
+    The engine is checked against the ONNX run as float math before it is written, on
+    ``fidelity_samples`` images of the dataset spec ``dataset_spec`` (see
+    :func:`fidelity_data`), or without one on synthetic inputs, which check the integer
+    kernels only. ``encoding`` (ONNX Runtime only): ``auto``, ``u8s8`` or ``u8u8``. Whatever
+    engine an earlier build left at the output (a TensorRT sidecar and build log included) is
+    replaced.
     """
     if runtime != "onnxruntime" and encoding != "auto":
         raise RuntimeBackendError(f"--encoding {encoding} applies to --runtime onnxruntime only")
     require_file(onnx_path, "ONNX model")
     require_file(dataset_spec, "dataset spec (--dataset)")
+    from qatflow import runtimes
+    from qatflow.runtimes.fidelity import check_sample_count
+
+    check_sample_count(fidelity_samples)
     name = Path(str(output_path)).name
     sides = [f"{name}.json", f"{name}.build-log.json"]
     with staged_outputs(
         output_path, inputs=[onnx_path], overwrite=overwrite, side_names=sides
     ) as out:
-        from qatflow import runtimes
-
         options: dict[str, Any] = {"encoding": encoding} if runtime == "onnxruntime" else {}
-        data = None
-        if dataset_spec is not None:
-            from qatflow.data import load_dataset_from_spec
-
-            data = load_dataset_from_spec(dataset_spec).calibration
         runtimes.build_engine(
             local_input(onnx_path, "ONNX model"),
             out.main,
             runtime=runtime,  # type: ignore[arg-type]
             batch_profile=batch_profile,
-            fidelity_data=data,
+            fidelity_data=None if dataset_spec is None else fidelity_data(dataset_spec),
+            fidelity_samples=fidelity_samples,
             **options,
         )
     low, opt, high = batch_profile
     return EngineOutputs(engine=out.final, runtime=runtime, batch_profile=(low, opt, high))
+
+
+def fidelity_data(dataset_spec: PathLike) -> Iterator[Any]:
+    """The batches an engine is checked on: the validation split, then the calibration split.
+
+    Held-out images first: they stand for the data the engine will serve, which neither the
+    weights nor the quantization ranges were fitted to; the calibration images top the check
+    up when the validation split is short (``build_engine`` takes as many as it needs).
+    """
+    from qatflow.data import load_dataset_from_spec
+
+    bundle = load_dataset_from_spec(dataset_spec)
+    return itertools.chain(bundle.validation, bundle.calibration)
 
 
 @dataclass(frozen=True)

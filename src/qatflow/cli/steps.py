@@ -188,8 +188,16 @@ def _register_engines(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     )
     engine.add_argument(
         "--dataset",
-        help="check the engine on this dataset's calibration split before it is written "
-        "(without it, synthetic inputs check the integer kernels only): " + _DATASET_HELP,
+        help="check the engine on this dataset before it is written: its validation split, "
+        "then its calibration split (without it, synthetic inputs check the integer kernels "
+        "only): " + _DATASET_HELP,
+    )
+    engine.add_argument(
+        "--fidelity-samples",
+        type=int,
+        default=ENGINE.fidelity_samples,
+        metavar="N",
+        help=help_of(ENGINE, "fidelity_samples"),
     )
     engine.add_argument(
         "--encoding",
@@ -325,6 +333,7 @@ def run_build_engine(args: argparse.Namespace) -> int:
         batch_profile=tuple(args.batch_profile),
         dataset_spec=args.dataset,
         encoding=args.encoding,
+        fidelity_samples=args.fidelity_samples,
         overwrite=args.overwrite,
     )
     print(f"wrote {built.engine}")

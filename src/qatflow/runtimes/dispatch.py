@@ -24,7 +24,7 @@ from qatflow.runtimes.base import (
     sidecar_path,
     validate_batch_profile,
 )
-from qatflow.runtimes.fidelity import FidelityCheck
+from qatflow.runtimes.fidelity import FidelityCheck, check_sample_count
 from qatflow.runtimes.onnxruntime_backend import OrtBuildOptions, build_ort_engine, load_ort_engine
 from qatflow.runtimes.tensorrt_backend import TensorRTBuildOptions, build_tensorrt_engine
 from qatflow.runtimes.tensorrt_inference import load_tensorrt_engine
@@ -51,7 +51,7 @@ def build_engine(
     *,
     batch_profile: tuple[int, int, int] = ENGINE.batch_profile,
     fidelity_data: Any = None,
-    fidelity_samples: int = 256,
+    fidelity_samples: int = ENGINE.fidelity_samples,
     **runtime_options: Any,
 ) -> Path:
     """Build an engine for ``runtime`` from an ONNX file, check it, and return the engine path.
@@ -75,11 +75,7 @@ def build_engine(
         raise RuntimeBackendError(f"ONNX file {source} does not exist")
     check_runnable(source)
     profile = validate_batch_profile(batch_profile)
-    if isinstance(fidelity_samples, bool) or not isinstance(fidelity_samples, int):
-        raise RuntimeBackendError(f"fidelity_samples must be an integer, got {fidelity_samples!r}")
-    if fidelity_samples < 1:
-        raise RuntimeBackendError(f"fidelity_samples must be at least 1, got {fidelity_samples}")
-    check = FidelityCheck(fidelity_data, fidelity_samples)
+    check = FidelityCheck(fidelity_data, check_sample_count(fidelity_samples))
     backend = BACKENDS[runtime]
     options = options_from_kwargs(backend.options, runtime, runtime_options)
     return backend.build(source, output, profile, options, check)
