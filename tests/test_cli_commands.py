@@ -114,3 +114,28 @@ def test_an_entry_point_adds_its_commands(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: entry_points)
     assert _commands(cli.build_parser()) == [*LIBRARY_COMMANDS, "hello"]
     assert cli.main(["hello"]) == 7
+
+
+INTERRUPTED_COMMAND = """
+import sys
+from qatflow.cli import main, toolkit
+
+class HalfBuilt:
+    def __del__(self):
+        raise AttributeError("finalizer of an object an interrupt left half-built")
+
+def interrupted(args):
+    toolkit.leftover = HalfBuilt()  # finalized at exit, as TensorFlow's are
+    raise KeyboardInterrupt
+
+toolkit.run_export = interrupted
+sys.exit(main(["export", "m.keras", "-o", "m.onnx"]))
+"""
+
+
+def test_an_interrupt_exits_130_with_one_line_and_no_finalizer_tracebacks() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED_COMMAND], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 130
+    assert done.stderr == "qatflow export: interrupted\n"

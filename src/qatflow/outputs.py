@@ -99,8 +99,8 @@ def staged_outputs(
         folder = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=parent))
     except OSError as exc:
         raise StorageError(f"cannot write {final}: {exc.strerror or exc}") from exc
-    staging = Staging(final, folder / name, side_names)
-    try:
+    try:  # at once: an interrupt from here on removes the folder
+        staging = Staging(final, folder / name, side_names)
         yield staging
         staging.commit()
     finally:

@@ -96,4 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"qatflow {args.command}: interrupted", file=sys.stderr)
+        # An interrupt inside an import (TensorFlow's) leaves half-built objects whose
+        # finalizers fail at exit; their "Exception ignored" tracebacks would bury the line above.
+        sys.unraisablehook = _ignore_unraisable
         return 130
+
+
+def _ignore_unraisable(_: object) -> None:
+    """Drop an exception raised where nothing can catch it (a finalizer at exit)."""
