@@ -228,7 +228,8 @@ def _rewrite_name(rewrite: Mapping[str, Any]) -> str:
 def engine_encoding(build_options: Mapping[str, Any]) -> str | None:
     """``"u8s8 (exact/calibrated)"``: an engine's encoding and the rewrite its build kept
     (relu/requantize, ``/integer k of n`` when partly integer), then the faster rewrites the
-    fidelity check refused with their decided agreement, from its ``build_options``."""
+    fidelity check refused with what it measured (:func:`_refusal`), from its
+    ``build_options``."""
     encoding = build_options.get("encoding")
     rewrite = build_options.get("rewrite") or {}
     if not (encoding and rewrite.get("relu") and rewrite.get("requantize")):
@@ -236,10 +237,20 @@ def engine_encoding(build_options: Mapping[str, Any]) -> str | None:
     text = f"{encoding} ({_rewrite_name(rewrite)})"
     refused = build_options.get("refused_rewrites") or []
     if refused:
-        text += "; refused " + ", ".join(
-            f"{_rewrite_name(r)} at {r['decided_agreement']:.1%}" for r in refused
-        )
+        text += "; refused " + ", ".join(_refusal(r) for r in refused)
     return text
+
+
+def _refusal(refused: Mapping[str, Any]) -> str:
+    """A refused rewrite and what its check measured: ``exact/none (99.5% decided, 1 beyond
+    tol)``, plus ``p99 over the margin`` where only the fitted rewrite's margin refused it."""
+    measured = [f"{refused['decided_agreement']:.1%} decided"]
+    if refused.get("beyond_tolerance") is not None:
+        measured.append(f"{refused['beyond_tolerance']} beyond tol")
+    required = refused.get("p99_required")
+    if required is not None and refused.get("p99_abs_error", 0.0) > required:
+        measured.append("p99 over the margin")
+    return f"{_rewrite_name(refused)} ({', '.join(measured)})"
 
 
 def short_error(error: BaseException | str, limit: int = 300) -> str:

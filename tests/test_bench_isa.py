@@ -226,10 +226,21 @@ def test_engine_encoding_names_the_rewrite_the_build_kept():
                 "fold_affine": True,
                 "decided_agreement": 0.508,
             },
+            {
+                "relu": "exact",
+                "requantize": "none",
+                "integer_last": 40,
+                "integer_candidates": 53,
+                "decided_agreement": 1.0,
+                "beyond_tolerance": 1,
+                "p99_abs_error": 0.41,
+                "p99_required": 0.39,
+            },
         ],
     }
     assert isa_bench.engine_encoding(partial) == (
-        "u8s8 (exact/none/integer 26 of 53); refused exact/calibrated at 50.8%"
+        "u8s8 (exact/none/integer 26 of 53); refused exact/calibrated (50.8% decided), "
+        "exact/none/integer 40 of 53 (100.0% decided, 1 beyond tol, p99 over the margin)"
     )
 
 
@@ -396,7 +407,7 @@ def test_time_folder_also_times_the_fast_rewrite_when_the_engine_is_a_fallback(
     rows, _ = isa_bench.time_folder(saved / "tiny", threads=1, runs=2, work=tmp_path)
     assert [row.variant for row in rows] == [FP32, QATFLOW, UNGATED, *VARIANTS[2:]]
     qatflow, ungated = rows[1], rows[2]
-    assert qatflow.p50_ms is not None and "refused exact/calibrated at 50.0%" in qatflow.encoding
+    assert qatflow.p50_ms is not None and "refused exact/calibrated (50.0% decided)" in qatflow.encoding
     assert ungated.p50_ms is not None and ungated.note == isa_bench.REFUSED_NOTE
 
 

@@ -13,6 +13,7 @@ from qatflow.runtimes.fidelity import (
     compare_outputs,
     fidelity_batches,
     first_divergence,
+    ideal_integer_line,
     input_range,
 )
 
@@ -118,3 +119,11 @@ def test_an_outlier_sample_does_not_widen_the_tolerance() -> None:
     report = compare_outputs(ref, got, data="outlier")
     assert report.output_range < 20 and report.tolerance < 1
     assert not report.passed
+
+
+def test_the_ideal_integer_line_reads_records_with_and_without_the_tail_count():
+    record = {"decided_agreement": 1.0, "p99_abs_error": 0.0, "passed": True}
+    older = ideal_integer_line(record)  # stored before the tail criterion
+    assert "beyond the tolerance" not in older and older.endswith("so it passes")
+    newer = ideal_integer_line({**record, "beyond_tolerance": 0, "samples": 1024})
+    assert "0 of 1024 beyond the tolerance, p99 |error| 0, so it passes" in newer

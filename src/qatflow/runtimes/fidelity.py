@@ -190,13 +190,15 @@ def ideal_integer_check(
 
 
 def ideal_integer_line(record: Mapping[str, Any]) -> str:
-    """One clause on an :func:`ideal_integer_check` record, for logs and error messages."""
+    """One clause on an :func:`ideal_integer_check` record, for logs and error messages (a
+    record stored before the tail criterion has no count beyond the tolerance)."""
     verdict = "passes" if record["passed"] else "fails too: the network amplifies rounding"
+    beyond = record.get("beyond_tolerance")
+    tail = "" if beyond is None else f"{beyond} of {record['samples']} beyond the tolerance, "
     return (
         f"an ideal integer engine of this model (batch norms folded, int32 biases, run as float "
-        f"math) agrees on {record['decided_agreement']:.2%} of the decided samples, "
-        f"{record['beyond_tolerance']} of {record['samples']} beyond the tolerance, p99 |error| "
-        f"{record['p99_abs_error']:.4g}, so it {verdict}"
+        f"math) agrees on {record['decided_agreement']:.2%} of the decided samples, {tail}"
+        f"p99 |error| {record['p99_abs_error']:.4g}, so it {verdict}"
     )
 
 
