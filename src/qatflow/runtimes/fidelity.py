@@ -312,7 +312,9 @@ class FidelityCheck:
     def batches(self, model: onnx.ModelProto, source: object) -> tuple[list[np.ndarray], str]:
         """:func:`fidelity_batches` for ``model``; bad data raises RuntimeBackendError."""
         try:
-            return fidelity_batches(model, self.data, max_samples=self.samples, source=self.source)
+            return fidelity_batches(
+                model, self.data, max_samples=self.samples, source=self.source
+            )
         except (ValueError, TypeError) as exc:
             raise RuntimeBackendError(f"{source}: fidelity data: {exc}") from exc
 
