@@ -686,7 +686,6 @@ def build_engine(
             batch_profile=batch_profile,
             fidelity_data=None if dataset_spec is None else fidelity_data(dataset_spec),
             fidelity_samples=fidelity_samples,
-            fidelity_source=f"the validation, then calibration split of {dataset_spec}",
             **options,
         )
     low, opt, high = batch_profile
