@@ -31,6 +31,7 @@ probability, where 256 samples (none allowed) caught it with 72 %. The Efficient
 passed a 256-sample check with 12 of its 16 Convs in integer; a 1,024-sample check kept 3, and
 that engine agreed on every decided held-out image (docs/exact-int8.md, "How many samples the
 check needs").
+
 A saturating kernel (U8S8 without VNNI) moves most logits by a large part of the range and
 fails both conditions by far.
 
