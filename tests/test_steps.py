@@ -188,7 +188,8 @@ def test_build_engine_checks_the_validation_split_first_then_the_calibration_spl
     )
     fidelity = load_engine(built.engine).metadata.fidelity
     assert fidelity["samples"] == samples and fidelity["passed"]
-    assert fidelity["data"] == f"{samples} samples of the given data"
+    where = f"the validation, then calibration split of {Path(str(run.data.spec)).name}"
+    assert fidelity["data"] == f"{samples} samples of {where}"
 
 
 def test_build_engine_refuses_a_bad_sample_count_before_any_work(run: Run) -> None:

@@ -686,10 +686,23 @@ def build_engine(
             batch_profile=batch_profile,
             fidelity_data=None if dataset_spec is None else fidelity_data(dataset_spec),
             fidelity_samples=fidelity_samples,
+            fidelity_source=fidelity_source(dataset_spec),
             **options,
         )
     low, opt, high = batch_profile
     return EngineOutputs(engine=out.final, runtime=runtime, batch_profile=(low, opt, high))
+
+
+def fidelity_source(dataset_spec: PathLike | None) -> str:
+    """What the engine's fidelity record calls :func:`fidelity_data`'s batches.
+
+    The spec's file name only: a report must not show the machine's paths.
+    """
+    from qatflow.runtimes.fidelity import GIVEN_DATA
+
+    if dataset_spec is None:
+        return GIVEN_DATA
+    return f"the validation, then calibration split of {Path(str(dataset_spec)).name}"
 
 
 def fidelity_data(dataset_spec: PathLike) -> Iterator[Any]:

@@ -24,7 +24,7 @@ from qatflow.runtimes.base import (
     sidecar_path,
     validate_batch_profile,
 )
-from qatflow.runtimes.fidelity import FidelityCheck, check_sample_count
+from qatflow.runtimes.fidelity import GIVEN_DATA, FidelityCheck, check_sample_count
 from qatflow.runtimes.onnxruntime_backend import OrtBuildOptions, build_ort_engine, load_ort_engine
 from qatflow.runtimes.tensorrt_backend import TensorRTBuildOptions, build_tensorrt_engine
 from qatflow.runtimes.tensorrt_inference import load_tensorrt_engine
@@ -52,13 +52,15 @@ def build_engine(
     batch_profile: tuple[int, int, int] = ENGINE.batch_profile,
     fidelity_data: Any = None,
     fidelity_samples: int = ENGINE.fidelity_samples,
+    fidelity_source: str = GIVEN_DATA,
     **runtime_options: Any,
 ) -> Path:
     """Build an engine for ``runtime`` from an ONNX file, check it, and return the engine path.
 
     Every engine is checked against its reference (the same ONNX run as float math) on
     ``fidelity_data`` (an array of inputs or an iterable of batches, at most
-    ``fidelity_samples`` samples; None: synthetic inputs over the input's quantization range)
+    ``fidelity_samples`` samples, recorded as "N samples of ``fidelity_source``"; None:
+    synthetic inputs over the input's quantization range)
     before it is written; an engine that fails the check is an error (see
     :mod:`qatflow.runtimes.fidelity`). A source graph with fatal problems (``validate_onnx``:
     the ONNX checker fails, or a Q/DQ scale is not positive and finite) is refused first.
@@ -75,7 +77,7 @@ def build_engine(
         raise RuntimeBackendError(f"ONNX file {source} does not exist")
     check_runnable(source)
     profile = validate_batch_profile(batch_profile)
-    check = FidelityCheck(fidelity_data, check_sample_count(fidelity_samples))
+    check = FidelityCheck(fidelity_data, check_sample_count(fidelity_samples), fidelity_source)
     backend = BACKENDS[runtime]
     options = options_from_kwargs(backend.options, runtime, runtime_options)
     return backend.build(source, output, profile, options, check)

@@ -247,6 +247,7 @@ def first_divergence(
 
 
 DEFAULT_SAMPLES = ENGINE.fidelity_samples
+GIVEN_DATA = "the given data"  # what the check's label calls data nobody named
 FidelityData = np.ndarray | Iterable[Any]
 
 
@@ -256,8 +257,10 @@ def fidelity_batches(
     *,
     max_samples: int = DEFAULT_SAMPLES,
     batch_size: int = 32,
+    source: str = GIVEN_DATA,
 ) -> tuple[list[np.ndarray], str]:
-    """Input batches to check an engine on, and a label saying where they came from.
+    """Input batches to check an engine on, and a label saying where they came from
+    (``"N samples of <source>"``).
 
     ``data``: an array of inputs (first axis the samples), or an iterable of batches (arrays, or
     ``(inputs, labels)`` tuples as a dataset yields); at most ``max_samples`` are used. Without
@@ -285,7 +288,7 @@ def fidelity_batches(
             break
     if not batches:
         raise ValueError("the fidelity data holds no samples")
-    return batches, f"{taken} samples of the given data"
+    return batches, f"{taken} samples of {source}"
 
 
 def check_sample_count(samples: object) -> int:
@@ -300,15 +303,17 @@ def check_sample_count(samples: object) -> int:
 
 @dataclass(frozen=True)
 class FidelityCheck:
-    """What ``build_engine`` checks an engine on: the data (see :func:`fidelity_batches`)."""
+    """What ``build_engine`` checks an engine on: the data (see :func:`fidelity_batches`), at
+    most ``samples`` of it, and what the recorded label calls it."""
 
     data: FidelityData | None = None
     samples: int = DEFAULT_SAMPLES
+    source: str = GIVEN_DATA
 
     def batches(self, model: onnx.ModelProto, source: object) -> tuple[list[np.ndarray], str]:
         """:func:`fidelity_batches` for ``model``; bad data raises RuntimeBackendError."""
         try:
-            return fidelity_batches(model, self.data, max_samples=self.samples)
+            return fidelity_batches(model, self.data, max_samples=self.samples, source=self.source)
         except (ValueError, TypeError) as exc:
             raise RuntimeBackendError(f"{source}: fidelity data: {exc}") from exc
 
