@@ -218,10 +218,13 @@ def _proves(report: Mapping[str, Any]) -> str:
 
 def _rewrite_name(rewrite: Mapping[str, Any]) -> str:
     """``exact/calibrated``, or ``exact/none/integer 26 of 53`` when only the last 26 of the 53
-    Convs the rewrite can run in integer do."""
+    Convs the rewrite can run in integer do; ``+constant weights`` when its float Convs read
+    constant weights."""
     partial = ""
     if rewrite.get("integer_last") is not None:
         partial = f"/integer {rewrite['integer_last']} of {rewrite.get('integer_candidates', '?')}"
+    if rewrite.get("float_weights") == "constant":
+        partial += "+constant weights"
     return f"{rewrite['relu']}/{rewrite['requantize']}{partial}"
 
 

@@ -210,6 +210,10 @@ def test_engine_encoding_names_the_rewrite_the_build_kept():
     assert isa_bench.engine_encoding(options) == "u8u8 (exact/none)"
     assert isa_bench.engine_encoding({"encoding": None, "rewrite": None}) is None
     assert isa_bench.engine_encoding({"encoding": "u8s8"}) == "u8s8"
+    constant = {"relu": "exact", "requantize": "none", "float_weights": "constant"}
+    assert isa_bench.engine_encoding({"encoding": "u8s8", "rewrite": constant}) == (
+        "u8s8 (exact/none+constant weights)"
+    )
     partial = {
         "encoding": "u8s8",
         "rewrite": {

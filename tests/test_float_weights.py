@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
+from onnx import numpy_helper
 from tests.int8_models import batch_norm_chain, near_binary
 
 from qatflow.onnx.encoding import encode_weights
@@ -15,7 +17,7 @@ from qatflow.onnx.float_weights import precompute_float_weights
 from qatflow.onnx.integer_kernels import integer_convs
 from qatflow.onnx.ort_int8 import rewrite_for_ort_int8
 from qatflow.onnx.reference import session
-from qatflow.runtimes import build_engine, load_engine
+from qatflow.runtimes import build_engine, load_engine, onnxruntime_backend
 from qatflow.tracking import onnx_signature
 
 EXACT = {"relu": "exact", "requantize": "none"}
@@ -68,13 +70,10 @@ def test_overridable_weights_keep_ort_from_folding_and_relayouting_the_float_con
 ) -> None:
     """Constant float weights would let ORT fold the batch norm into the Conv and move it to
     its NCHWc kernels (other rounding); overridable ones keep the Conv as it ran."""
-    faster, _ = precompute_float_weights(_engine_graph("u8s8", tmp_path))
-    constant = onnx.ModelProto()
-    constant.CopyFrom(faster)
-    initializers = {i.name for i in constant.graph.initializer}
-    inputs = [i for i in constant.graph.input if i.name not in initializers]
-    del constant.graph.input[:]
-    constant.graph.input.extend(inputs)
+    fused = _engine_graph("u8s8", tmp_path)
+    faster, _ = precompute_float_weights(fused)
+    constant, count = precompute_float_weights(fused, overridable=False)
+    assert count == 2 and [i.name for i in constant.graph.input] == ["x"]
 
     def ops(model: onnx.ModelProto, name: str) -> collections.Counter[str]:
         optimized = _ort_optimized(model, tmp_path / name, "ALL")
@@ -98,6 +97,37 @@ def test_an_engine_records_its_float_weights_and_takes_only_its_data_input(
     options = engine.metadata.build_options
     assert options["float_weights"] == options["optimized_ops"]["Conv"] == 3
     assert engine.metadata.fidelity["passed"]
+    # this small chain tolerates the constant form's rounding, so the faster form is kept
+    assert options["float_weights_constant"] and options["constant_weights_refused"] is None
     assert engine.input_name == "x"
     assert engine.run(near_binary(4)).shape == (4, 10)
     assert [spec.name for spec in onnx_signature(onnx.load(built)).inputs] == ["x"]
+
+
+def test_constant_weights_that_disagree_are_refused_and_the_overridable_engine_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A constant-weights form that computes other numbers (here: one float Conv's weights
+    doubled) fails its own check; the build keeps the overridable engine and records why."""
+
+    def doubled(model: onnx.ModelProto, *, overridable: bool = True) -> tuple[onnx.ModelProto, int]:
+        out, count = precompute_float_weights(model, overridable=overridable)
+        if not overridable:
+            conv = next(n for n in out.graph.node if n.op_type in ("Conv", "FusedConv"))
+            weight = next(i for i in out.graph.initializer if i.name == conv.input[1])
+            weight.CopyFrom(numpy_helper.from_array(2 * numpy_helper.to_array(weight), weight.name))
+        return out, count
+
+    monkeypatch.setattr(onnxruntime_backend, "precompute_float_weights", doubled)
+    source = tmp_path / "chain.onnx"
+    onnx.save(batch_norm_chain(3), source)
+    data = near_binary(64)
+    built = build_engine(source, tmp_path / "e.onnx", fidelity_data=data, int8_rewrite=False)
+    engine = load_engine(built)
+    options = engine.metadata.build_options
+    assert not options["float_weights_constant"]
+    refused = options["constant_weights_refused"]
+    assert refused["float_weights"] == "constant" and refused["beyond_tolerance"] > 0
+    assert options["refused_rewrites"] == []  # a float-weight form is no rewrite
+    assert engine.metadata.fidelity["passed"]
+    assert len(onnx.load(built).graph.input) == 4  # x and the 3 overridable weights

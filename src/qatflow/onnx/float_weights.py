@@ -3,11 +3,16 @@
 Once ONNX Runtime has fused the integer QDQ groups, each Conv it left in float still reads
 ``DequantizeLinear(int8 weights)``, which runs on every call. This pass stores those values as
 float32 initializers, computed by ONNX Runtime's own DequantizeLinear (so bit for bit what the
-engine computed), and lists them as graph inputs too. ONNX Runtime treats such an overridable
+engine computed).
+
+By default they are listed as graph inputs too. ONNX Runtime treats such an overridable
 initializer as a runtime value, not a constant: it folds no batch norm into it and keeps the
-Conv on the kernel it ran before (constant weights would move it to NCHWc, whose summation
-order moves deep nets past the fidelity tolerance; docs/exact-int8.md, "Float weights"). The
-engine computes exactly what it computed before, without the per-call dequantization.
+Conv on the kernel it ran before, so the engine computes exactly what it computed before,
+without the per-call dequantization. ``overridable=False`` stores plain constants instead:
+ONNX Runtime then folds the batch norms into them and moves the Convs to its NCHWc kernels,
+which is faster and sums in another order. Deep nets can amplify that rounding past the
+fidelity tolerance, so the build uses constants only where the engine still passes its check
+(docs/exact-int8.md, "Float weights").
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from qatflow.onnx.reference import run_reference
 _FLOAT_CONVS = frozenset({("", "Conv"), ("com.microsoft", "FusedConv")})
 
 
-def precompute_float_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """A copy of ``model`` whose float Convs read precomputed, overridable float weights, and
-    how many Convs that changed."""
+def precompute_float_weights(
+    model: onnx.ModelProto, *, overridable: bool = True
+) -> tuple[onnx.ModelProto, int]:
+    """A copy of ``model`` whose float Convs read precomputed float weights (graph inputs too
+    when ``overridable``), and how many Convs that changed."""
     index = GraphIndex(model.graph)
     dequantized = [dq for node in model.graph.node if (dq := _weight_dq(index, node))]
     if not dequantized:
@@ -44,9 +51,10 @@ def precompute_float_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, i
     for dq in dequantized:
         value = numpy_helper.from_array(values[dq.output[0]], dq.output[0])
         out.graph.initializer.append(value)
-        out.graph.input.append(
-            helper.make_tensor_value_info(value.name, value.data_type, list(value.dims))
-        )
+        if overridable:
+            out.graph.input.append(
+                helper.make_tensor_value_info(value.name, value.data_type, list(value.dims))
+            )
     drop_unused_initializers(out.graph)
     return out, len(dequantized)
 

@@ -3,7 +3,8 @@
 Build: ONNX graph passes (the int8 rewrite hook) -> ORT offline optimization at the
 ``extended`` level (QDQ pairs fused into integer kernels, no hardware-specific layout
 transforms) -> the float Convs' weights precomputed (``qatflow.onnx.float_weights``) -> the
-fidelity check -> metadata_props -> atomic save, checked to load in a plain InferenceSession.
+fidelity check (and, for an engine that passes, one more with those weights constant, kept if it
+passes too) -> metadata_props -> atomic save, checked to load in a plain InferenceSession.
 """
 
 from __future__ import annotations
@@ -303,7 +304,9 @@ def build_ort_engine(
         (input_name, output_name, chunk),
     )
     built = _search_rewrites(trials, quantized and options.int8_rewrite)
-    if not built.accepted:
+    if built.accepted:
+        built = trials.with_constant_weights(built)
+    else:
         raise _fidelity_error(
             source, built.prepared, input_name, inputs, built.report, encoding, trials.ideal
         )
@@ -338,6 +341,8 @@ def build_ort_engine(
             "graph_passes": [name for name, _ in passes],
             "optimized_ops": dict(sorted(ops.items())),
             "float_weights": built.float_weights,
+            "float_weights_constant": built.constant_weights,
+            "constant_weights_refused": trials.constant_refused,
             "integer_share": share,
         },
         device=detect().to_dict(),
@@ -377,17 +382,22 @@ class _Attempt:
     integer: _IntegerLast | None  # None: every Conv that can run in integer does
     passes: list[tuple[str, GraphPass]]
     prepared: onnx.ModelProto
-    optimized: onnx.ModelProto  # ORT's offline optimization, then precompute_float_weights
+    fused: onnx.ModelProto  # ORT's offline optimization
+    optimized: onnx.ModelProto  # fused, then precompute_float_weights
     float_weights: int  # float Convs given precomputed weights
     report: FidelityReport
     accepted: bool  # passed, within the search margin where one applies
+    constant_weights: bool = False  # the float weights are constants (NCHWc), not overridable
 
     def record(self) -> dict[str, Any]:
-        """The rewrite as the engine metadata records it (``integer_last`` only when partial)."""
+        """The rewrite as the engine metadata records it (``integer_last`` only when partial,
+        ``float_weights`` only when constant)."""
         record: dict[str, Any] = dict(zip(_REWRITE_KEYS, self.rewrite, strict=True))
         if self.integer is not None:
             record["integer_last"] = self.integer.count
             record["integer_candidates"] = len(self.integer.candidates)
+        if self.constant_weights:
+            record["float_weights"] = "constant"
         return record
 
 
@@ -406,6 +416,7 @@ class _Trials:
     reference: np.ndarray | None  # None: synthetic data, each engine vs its prepared graph
     io: tuple[str, str, int]  # input name, output name, batch chunk
     refused: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    constant_refused: dict[str, Any] | None = None  # the refused constant-weights check
     ideal: dict[str, Any] | None = None
 
     def outputs(self, model: onnx.ModelProto, threads: int | None = None) -> np.ndarray:
@@ -427,45 +438,73 @@ class _Trials:
             integer_convs=None if integer is None else integer.names,
         )
         prepared = _apply_passes(self.model, passes, self.source)
-        optimized, float_weights = precompute_float_weights(
-            _optimize(prepared, self.source, passes, self.threads, self.options)
+        fused = _optimize(prepared, self.source, passes, self.threads, self.options)
+        optimized, float_weights = precompute_float_weights(fused)
+        report, accepted = self._score(prepared, optimized, margin)
+        tried = _Attempt(
+            rewrite, integer, passes, prepared, fused, optimized, float_weights, report, accepted
         )
+        if not accepted:
+            self.refused.append(self._refuse(tried, margin))
+        return tried
+
+    def with_constant_weights(self, chosen: _Attempt) -> _Attempt:
+        """``chosen`` (an accepted attempt) with its float weights constant, if that passes too
+        with its p99 error within ``FITTED_REWRITE_MARGIN`` of the tolerance (the choice is
+        made on the check's samples), else ``chosen``.
+
+        Constant weights let ONNX Runtime fold batch norms into the float Convs and run them on
+        its NCHWc kernels (1.7-2x faster where measured), in another summation order; some nets
+        amplify that rounding past the tolerance (docs/exact-int8.md, "Float weights").
+        """
+        if not chosen.float_weights:
+            return chosen
+        optimized, _ = precompute_float_weights(chosen.fused, overridable=False)
+        report, accepted = self._score(chosen.prepared, optimized, FITTED_REWRITE_MARGIN)
+        tried = dataclasses.replace(
+            chosen, optimized=optimized, report=report, accepted=accepted, constant_weights=True
+        )
+        if accepted:
+            return tried
+        self.constant_refused = self._refuse(tried, FITTED_REWRITE_MARGIN, ideal=False)
+        return chosen
+
+    def _score(
+        self, prepared: onnx.ModelProto, optimized: onnx.ModelProto, margin: float
+    ) -> tuple[FidelityReport, bool]:
+        """``optimized`` checked against the reference (synthetic data: ``prepared``), and
+        whether it passes with its p99 error within ``margin`` of the tolerance."""
         expected = self.reference if self.reference is not None else self.outputs(prepared)
         report = compare_outputs(
             expected, self.outputs(optimized, self.threads), data=self.data_label
         )
-        accepted = report.passed and report.p99_abs_error <= margin * report.tolerance
-        tried = _Attempt(
-            rewrite, integer, passes, prepared, optimized, float_weights, report, accepted
-        )
-        if not accepted:
-            self._refuse(tried, margin)
-        return tried
+        return report, report.passed and report.p99_abs_error <= margin * report.tolerance
 
-    def _refuse(self, tried: _Attempt, margin: float) -> None:
-        if self.ideal is None and self.reference is not None and self.options.int8_rewrite:
+    def _refuse(self, tried: _Attempt, margin: float, *, ideal: bool = True) -> dict[str, Any]:
+        """Log a refused attempt and return its record; ``ideal``: with the ideal integer check
+        (once, with data), which says nothing about a float-weight form."""
+        wanted = ideal and self.options.int8_rewrite
+        if self.ideal is None and self.reference is not None and wanted:
             self.ideal = ideal_integer_check(
                 self.model, self.reference, self.outputs, data=self.data_label
             )
-        because = f"; {ideal_integer_line(self.ideal)}" if self.ideal else ""
+        because = f"; {ideal_integer_line(self.ideal)}" if self.ideal and ideal else ""
         if tried.report.passed:
             because = (
-                f"; p99 above {margin:.0%} of the tolerance, the margin a rewrite fitted to "
+                f"; p99 above {margin:.0%} of the tolerance, the margin a choice fitted to "
                 f"these samples needs{because}"
             )
         logger.warning(
             "%s: %s (rewrite %s)%s", self.source, tried.report.summary(), tried.record(), because
         )
-        self.refused.append(
-            {
-                **tried.record(),
-                "agreement": tried.report.agreement,
-                "decided_agreement": tried.report.decided_agreement,
-                "beyond_tolerance": tried.report.beyond_tolerance,
-                "p99_abs_error": tried.report.p99_abs_error,
-                "p99_required": margin * tried.report.tolerance,
-            }
-        )
+        return {
+            **tried.record(),
+            "agreement": tried.report.agreement,
+            "decided_agreement": tried.report.decided_agreement,
+            "beyond_tolerance": tried.report.beyond_tolerance,
+            "p99_abs_error": tried.report.p99_abs_error,
+            "p99_required": margin * tried.report.tolerance,
+        }
 
 
 def _search_rewrites(trials: _Trials, rewriting: bool) -> _Attempt:
