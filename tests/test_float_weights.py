@@ -13,11 +13,12 @@ from onnx import numpy_helper
 from tests.int8_models import batch_norm_chain, near_binary
 
 from qatflow.onnx.encoding import encode_weights
-from qatflow.onnx.float_weights import precompute_float_weights
+from qatflow.onnx.float_weights import overridable_form, precompute_float_weights
 from qatflow.onnx.integer_kernels import integer_convs
 from qatflow.onnx.ort_int8 import rewrite_for_ort_int8
 from qatflow.onnx.reference import session
 from qatflow.runtimes import build_engine, load_engine, onnxruntime_backend
+from qatflow.runtimes.cpu_int8 import CpuInt8, detect, float_kernels
 from qatflow.tracking import onnx_signature
 
 EXACT = {"relu": "exact", "requantize": "none"}
@@ -131,3 +132,36 @@ def test_constant_weights_that_disagree_are_refused_and_the_overridable_engine_k
     assert options["refused_rewrites"] == []  # a float-weight form is no rewrite
     assert engine.metadata.fidelity["passed"]
     assert len(onnx.load(built).graph.input) == 4  # x and the 3 overridable weights
+
+
+def test_a_cpu_with_other_float_kernels_loads_the_overridable_form_the_build_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Constant float weights run on NCHWc kernels that sum in an order of the CPU's float
+    kernel family; loaded on another family, the engine runs its overridable form instead."""
+    source = tmp_path / "chain.onnx"
+    onnx.save(batch_norm_chain(3), source)
+    built = build_engine(
+        source, tmp_path / "e.onnx", fidelity_data=near_binary(64), int8_rewrite=False
+    )
+    x = near_binary(16)
+    same = load_engine(built)
+    assert same.metadata.build_options["float_weights_constant"]
+    assert not same.session.get_overridable_initializers()
+    np.testing.assert_array_equal(same.run(x), _run(onnx.load(built), x))
+
+    here = detect()
+    other = ("avx2",) if here.float_kernels == "avx512" else ("avx512bw", "avx2")
+    monkeypatch.setattr(onnxruntime_backend, "detect", lambda: CpuInt8(other, here.exact))
+    moved = load_engine(built)
+    weights = {i.name for i in moved.session.get_overridable_initializers()}
+    assert len(weights) == 3
+    overridable = overridable_form(onnx.load(built))
+    assert weights == {i.name for i in overridable.graph.input} - {"x"}
+    np.testing.assert_array_equal(moved.run(x), _run(overridable, x))
+
+
+def test_float_kernel_families() -> None:
+    assert float_kernels(("amx_int8", "avx512_vnni", "avx512bw", "avx2")) == "avx512"
+    assert float_kernels(("avx_vnni", "avx2")) == "avx2"
+    assert float_kernels(()) == "other"

@@ -11,8 +11,9 @@ Conv on the kernel it ran before, so the engine computes exactly what it compute
 without the per-call dequantization. ``overridable=False`` stores plain constants instead:
 ONNX Runtime then folds the batch norms into them and moves the Convs to its NCHWc kernels,
 which is faster and sums in another order. Deep nets can amplify that rounding past the
-fidelity tolerance, so the build uses constants only where the engine still passes its check
-(docs/exact-int8.md, "Float weights").
+fidelity tolerance, so the build uses constants only where the engine still passes its check,
+and the loader goes back to the overridable form (:func:`overridable_form`) on a CPU whose
+float kernels differ from the build machine's (docs/exact-int8.md, "Float weights").
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from onnx import helper, numpy_helper
 from qatflow.onnx.graph import GraphIndex, drop_unused_initializers
 from qatflow.onnx.reference import run_reference
 
+# What marks an initializer as a float weight this pass stored (its doc_string).
+_MARK = "qatflow: precomputed float weight"
 # (domain, op) of the float convolutions ORT leaves; the weight is input 1 of both.
 _FLOAT_CONVS = frozenset({("", "Conv"), ("com.microsoft", "FusedConv")})
 
@@ -50,13 +53,31 @@ def precompute_float_weights(
     out.graph.node.extend(kept)
     for dq in dequantized:
         value = numpy_helper.from_array(values[dq.output[0]], dq.output[0])
+        value.doc_string = _MARK
         out.graph.initializer.append(value)
-        if overridable:
-            out.graph.input.append(
-                helper.make_tensor_value_info(value.name, value.data_type, list(value.dims))
-            )
     drop_unused_initializers(out.graph)
-    return out, len(dequantized)
+    return (overridable_form(out) if overridable else out), len(dequantized)
+
+
+def overridable_form(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every float weight :func:`precompute_float_weights` stored listed as a
+    graph input too: the same numbers on ORT's plain Conv kernels (a copy; ``model`` itself when
+    it has no such constant weights)."""
+    inputs = {value.name for value in model.graph.input}
+    constant = [
+        init
+        for init in model.graph.initializer
+        if init.doc_string == _MARK and init.name not in inputs
+    ]
+    if not constant:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.input.extend(
+        helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+        for init in constant
+    )
+    return out
 
 
 def _weight_dq(index: GraphIndex, node: onnx.NodeProto) -> onnx.NodeProto | None:

@@ -15,6 +15,7 @@ arithmetic, so it holds for whatever kernel ORT picks on this CPU.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -51,6 +52,11 @@ class CpuInt8:
                 return f"{flag} (no VNNI)"
         return "x86 without AVX2" if self.flags else "unknown"
 
+    @property
+    def float_kernels(self) -> str:
+        """The float kernel family ORT's MLAS runs here (:func:`float_kernels`)."""
+        return float_kernels(self.flags)
+
     def best_encoding(self) -> Encoding:
         """U8S8 where it is exact (the fast kernels), else U8U8."""
         if "u8s8" in self.exact:
@@ -64,6 +70,18 @@ class CpuInt8:
     def to_dict(self) -> dict[str, object]:
         """JSON-ready record for engine metadata and results."""
         return {"isa": self.isa, "flags": list(self.flags), "exact_encodings": list(self.exact)}
+
+
+def float_kernels(flags: Iterable[str]) -> str:
+    """``avx512``, ``avx2`` or ``other``: which float kernels MLAS picks on a CPU with ``flags``.
+
+    They sum in different orders: NCHWc convolutions block 16 channels with AVX-512 and 8 with
+    AVX2, so a Conv on them rounds differently from one family to the other (a random-weight
+    ResNet50 engine: up to 0.25 apart, 2026-12-03). ``avx512bw`` stands for AVX-512: every
+    AVX-512 CPU but the Xeon Phi has it.
+    """
+    present = set(flags)
+    return "avx512" if "avx512bw" in present else "avx2" if "avx2" in present else "other"
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, ...]:

@@ -25,7 +25,7 @@ import onnx
 
 from qatflow.errors import QatflowError, RuntimeBackendError
 from qatflow.onnx.encoding import Encoding, encode_weights
-from qatflow.onnx.float_weights import precompute_float_weights
+from qatflow.onnx.float_weights import overridable_form, precompute_float_weights
 from qatflow.onnx.validate import check_runnable
 from qatflow.runtimes.base import (
     BatchProfile,
@@ -47,6 +47,7 @@ from qatflow.runtimes.cpu_int8 import (
     EncodingChoice,
     choose_encoding,
     detect,
+    float_kernels,
 )
 from qatflow.runtimes.fidelity import (
     FidelityCheck,
@@ -746,7 +747,9 @@ def load_ort_engine(path: Path, *, threads: int | None = None) -> OnnxRuntimeEng
     session_options = _session_options(chosen, options.get("execution_mode", "sequential"), "all")
     try:
         session = ort.InferenceSession(
-            str(path), session_options, providers=["CPUExecutionProvider"]
+            _checked_form(path, model, metadata),
+            session_options,
+            providers=["CPUExecutionProvider"],
         )
     except Exception as exc:
         built = metadata.runtime_version or "an unknown version"
@@ -755,6 +758,32 @@ def load_ort_engine(path: Path, *, threads: int | None = None) -> OnnxRuntimeEng
             f"{built}): {exc}"
         ) from exc
     return OnnxRuntimeEngine(path, metadata, session, chosen)
+
+
+def _checked_form(path: Path, model: onnx.ModelProto, metadata: EngineMetadata) -> str | bytes:
+    """What the session runs: the file, or, for an engine whose float Convs read constant
+    weights built on a CPU with other float kernels, the overridable form, which its build
+    checked too.
+
+    Constant weights run on NCHWc kernels whose summation order depends on the CPU's float
+    kernel family (``cpu_int8.float_kernels``); the build checked them on its own. The
+    overridable form runs ORT's plain Conv kernels, which computed the same numbers on AVX-512
+    and AVX2 in every engine measured (docs/exact-int8.md, "Float weights").
+    """
+    if not metadata.build_options.get("float_weights_constant"):
+        return str(path)
+    built = float_kernels(metadata.device.get("flags") or ())
+    here = detect().float_kernels
+    if built == here:
+        return str(path)
+    logger.info(
+        "%s: built with constant float weights on %s float kernels; this CPU runs %s ones, so "
+        "its float Convs read the overridable form the build checked too",
+        path,
+        built,
+        here,
+    )
+    return overridable_form(model).SerializeToString()
 
 
 def check_encoding_exact(path: Path, metadata: EngineMetadata) -> None:
