@@ -693,8 +693,11 @@ def to_model_range(name: str, images: np.ndarray) -> np.ndarray:
 
 
 def _application(name: str, size: int) -> Any:
+    """The random-weight ``keras.applications`` net, seeded: what the gate keeps in integer
+    depends on the weights, so an unseeded run timed another engine each time."""
     import keras
 
+    keras.utils.set_random_seed(0)
     return getattr(keras.applications, name)(
         weights=None, input_shape=(size, size, 3), classes=1000, classifier_activation=None
     )
