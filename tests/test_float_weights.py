@@ -147,6 +147,7 @@ def test_a_cpu_with_other_float_kernels_loads_the_overridable_form_the_build_che
     x = near_binary(16)
     same = load_engine(built)
     assert same.metadata.build_options["float_weights_constant"]
+    assert "passed" in same.metadata.fidelity["details"]["overridable_weights"]
     assert not same.session.get_overridable_initializers()
     np.testing.assert_array_equal(same.run(x), _run(onnx.load(built), x))
 

@@ -465,8 +465,9 @@ class _Trials:
         tried = dataclasses.replace(
             chosen, optimized=optimized, report=report, accepted=accepted, constant_weights=True
         )
-        if accepted:
-            return tried
+        if accepted:  # the report keeps what the overridable form, the loader's fallback, scored
+            details = {**report.details, "overridable_weights": chosen.report.summary()}
+            return dataclasses.replace(tried, report=dataclasses.replace(report, details=details))
         self.constant_refused = self._refuse(tried, FITTED_REWRITE_MARGIN, ideal=False)
         return chosen
 
@@ -778,10 +779,11 @@ def _checked_form(path: Path, model: onnx.ModelProto, metadata: EngineMetadata) 
         return str(path)
     logger.info(
         "%s: built with constant float weights on %s float kernels; this CPU runs %s ones, so "
-        "its float Convs read the overridable form the build checked too",
+        "its float Convs read the overridable form the build checked too (%s)",
         path,
         built,
         here,
+        (metadata.fidelity.get("details") or {}).get("overridable_weights", "not recorded"),
     )
     return overridable_form(model).SerializeToString()
 
