@@ -51,12 +51,16 @@ def precompute_float_weights(
     ]
     del out.graph.node[:]
     out.graph.node.extend(kept)
+    stored = []
     for dq in dequantized:
         value = numpy_helper.from_array(values[dq.output[0]], dq.output[0])
         value.doc_string = _MARK
         out.graph.initializer.append(value)
+        stored.append(value)
     drop_unused_initializers(out.graph)
-    return (overridable_form(out) if overridable else out), len(dequantized)
+    if overridable:
+        _list_as_inputs(out.graph, stored)
+    return out, len(dequantized)
 
 
 def overridable_form(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -73,11 +77,16 @@ def overridable_form(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    out.graph.input.extend(
-        helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
-        for init in constant
-    )
+    _list_as_inputs(out.graph, constant)
     return out
+
+
+def _list_as_inputs(graph: onnx.GraphProto, initializers: list[onnx.TensorProto]) -> None:
+    """Make ``initializers`` of ``graph`` overridable: graph inputs too, in place."""
+    graph.input.extend(
+        helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+        for init in initializers
+    )
 
 
 def _weight_dq(index: GraphIndex, node: onnx.NodeProto) -> onnx.NodeProto | None:

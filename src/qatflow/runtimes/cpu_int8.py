@@ -52,11 +52,6 @@ class CpuInt8:
                 return f"{flag} (no VNNI)"
         return "x86 without AVX2" if self.flags else "unknown"
 
-    @property
-    def float_kernels(self) -> str:
-        """The float kernel family ORT's MLAS runs here (:func:`float_kernels`)."""
-        return float_kernels(self.flags)
-
     def best_encoding(self) -> Encoding:
         """U8S8 where it is exact (the fast kernels), else U8U8."""
         if "u8s8" in self.exact:

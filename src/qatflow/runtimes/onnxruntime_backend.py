@@ -383,6 +383,7 @@ class _Attempt:
     integer: _IntegerLast | None  # None: every Conv that can run in integer does
     passes: list[tuple[str, GraphPass]]
     prepared: onnx.ModelProto
+    expected: np.ndarray  # what it is checked against: the reference, or (synthetic) prepared's
     fused: onnx.ModelProto  # ORT's offline optimization
     optimized: onnx.ModelProto  # fused, then precompute_float_weights
     float_weights: int  # float Convs given precomputed weights
@@ -440,10 +441,20 @@ class _Trials:
         )
         prepared = _apply_passes(self.model, passes, self.source)
         fused = _optimize(prepared, self.source, passes, self.threads, self.options)
+        expected = self.reference if self.reference is not None else self.outputs(prepared)
         optimized, float_weights = precompute_float_weights(fused)
-        report, accepted = self._score(prepared, optimized, margin)
+        report, accepted = self._score(expected, optimized, margin)
         tried = _Attempt(
-            rewrite, integer, passes, prepared, fused, optimized, float_weights, report, accepted
+            rewrite,
+            integer,
+            passes,
+            prepared,
+            expected,
+            fused,
+            optimized,
+            float_weights,
+            report,
+            accepted,
         )
         if not accepted:
             self.refused.append(self._refuse(tried, margin))
@@ -461,7 +472,7 @@ class _Trials:
         if not chosen.float_weights:
             return chosen
         optimized, _ = precompute_float_weights(chosen.fused, overridable=False)
-        report, accepted = self._score(chosen.prepared, optimized, FITTED_REWRITE_MARGIN)
+        report, accepted = self._score(chosen.expected, optimized, FITTED_REWRITE_MARGIN)
         tried = dataclasses.replace(
             chosen, optimized=optimized, report=report, accepted=accepted, constant_weights=True
         )
@@ -472,11 +483,10 @@ class _Trials:
         return chosen
 
     def _score(
-        self, prepared: onnx.ModelProto, optimized: onnx.ModelProto, margin: float
+        self, expected: np.ndarray, optimized: onnx.ModelProto, margin: float
     ) -> tuple[FidelityReport, bool]:
-        """``optimized`` checked against the reference (synthetic data: ``prepared``), and
-        whether it passes with its p99 error within ``margin`` of the tolerance."""
-        expected = self.reference if self.reference is not None else self.outputs(prepared)
+        """``optimized`` checked against ``expected``, and whether it passes with its p99 error
+        within ``margin`` of the tolerance."""
         report = compare_outputs(
             expected, self.outputs(optimized, self.threads), data=self.data_label
         )
@@ -774,7 +784,7 @@ def _checked_form(path: Path, model: onnx.ModelProto, metadata: EngineMetadata) 
     if not metadata.build_options.get("float_weights_constant"):
         return str(path)
     built = float_kernels(metadata.device.get("flags") or ())
-    here = detect().float_kernels
+    here = float_kernels(detect().flags)
     if built == here:
         return str(path)
     logger.info(
